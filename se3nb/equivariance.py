@@ -30,21 +30,24 @@ def rotate_features(feats: Mapping[int, Tensor],  # {l: [N, C, 2l+1]}
 def _as_dict(out) -> dict[int, Tensor]:
     return {int(l): v for l, v in out.items()} if isinstance(out, Mapping) else {0: out}
 
-def equivariance_error(fn: Callable[[Tensor, dict[int, Tensor]], dict[int, Tensor] | Tensor],  # (pos, feats) -> outputs
+def equivariance_error(fn: Callable[..., dict[int, Tensor] | Tensor],  # (pos, feats[, edge_feats]) -> outputs
                        pos: Tensor,  # [N, 3]
                        feats: Mapping[int, Tensor],  # {l: [N, C, 2l+1]}
                        *,
+                       edge_feats: Mapping[int, Tensor] | None = None,  # {l: [E, C, 2l+1]}: rotated too and passed third
                        num_rotations: int = 10,
                        seed: int = 0,
                       ) -> Tensor:  # [num_rotations] relative errors
     "Relative equivariance error $\\max|f(Rx) - D(R)f(x)| / \\max|f(x)|$ for each of `num_rotations` random rotations."
     g = torch.Generator().manual_seed(seed)
-    out = _as_dict(fn(pos, dict(feats)))
+    call = (lambda p, f, R=None: fn(p, f)) if edge_feats is None else \
+           (lambda p, f, R=None: fn(p, f, dict(edge_feats) if R is None else rotate_features(edge_feats, R)))
+    out = _as_dict(call(pos, dict(feats)))
     scale = max(v.abs().max().item() for v in out.values()) or 1.0
     errors = []
     for _ in range(num_rotations):
         R = random_rotation(dtype=pos.dtype, generator=g).to(pos.device)
-        out_rot = _as_dict(fn(pos @ R.T, rotate_features(feats, R)))
+        out_rot = _as_dict(call(pos @ R.T, rotate_features(feats, R), R))
         expected = {l: (v if l == 0 or v.dim() < 3 else rotate_features({l: v}, R)[l]) for l, v in out.items()}
         errors.append(max((out_rot[l] - expected[l]).abs().max().item() for l in out) / scale)
     return torch.tensor(errors, dtype=torch.float64)
