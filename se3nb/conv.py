@@ -170,6 +170,9 @@ class TFNConv(nn.Module):
             name: RadialProfile(num_frequencies(ins, outs), channels_in[ins[0]], fiber_out[outs[0]],
                                 edge_dim=fiber_edge[0] + 1, use_layer_norm=use_layer_norm)
             for name, (ins, outs) in self.groups.items()})
+        # NVIDIA's lone (0 -> 0) kernel skips its constant basis Y_0 Q = 1/sqrt(4 pi): rescale so its weights mean the same
+        self.basis_scale = {name: math.sqrt(4 * math.pi) if (ins, outs) == ((0,), (0,)) else 1.0
+                            for name, (ins, outs) in self.groups.items()}
         self.self_interaction = nn.ParameterDict({
             str(l): nn.Parameter(torch.randn(c, fiber_in[l]) / math.sqrt(fiber_in[l]))
             for l, c in fiber_out.items() if self_interaction and l in fiber_in})
@@ -188,7 +191,7 @@ class TFNConv(nn.Module):
         out: dict[int, Tensor] = {}
         for name, (ins, outs) in self.groups.items():
             x = _gather_inputs(node_feats, edge_feats, src, ins)  # [E, C_in, D_in]
-            B = bases.get(ins, outs)  # [E, D_in, F, D_out]
+            B = bases.get(ins, outs) * self.basis_scale[name]  # [E, D_in, F, D_out]
             E, C_in, D_in = x.shape
             _, _, F, D_out = B.shape
             tmp_t = (x @ B.reshape(E, D_in, F * D_out)).view(E, C_in, F, D_out)  # [E, C_in, F, D_out]
