@@ -19,7 +19,8 @@ from .conv import EquivariantLinear, TFNConv
 
 # %% ../nbs/05_attention.ipynb #bac38a7f
 def _to_heads(feats: Mapping[int, Tensor], degrees: list[int], num_heads: int) -> Tensor:  # [rows, H, sum_l C_l (2l+1) / H]
-    return torch.cat([feats[l].reshape(feats[l].shape[0], num_heads, -1) for l in degrees], dim=-1)
+    return torch.cat([feats[l].reshape(feats[l].shape[0], num_heads, feats[l].shape[1] * feats[l].shape[2] // num_heads)
+                      for l in degrees], dim=-1)
 
 def attention_weights(key: Tensor,  # [E, H, d_head] keys per edge
                       query: Tensor,  # [N, H, d_head] queries per node

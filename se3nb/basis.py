@@ -72,7 +72,7 @@ def kernel_basis(Y: Tensor,  # [E, (J_max'+1)^2] spherical harmonics with J_max'
     M = basis_matrix(tuple(in_degrees), tuple(out_degrees), Y.device, Y.dtype)  # [(J+1)^2, D_in*F*D_out]
     D_in = sum(degree_to_dim(l) for l in in_degrees)
     D_out = sum(degree_to_dim(l) for l in out_degrees)
-    return (Y[:, :M.shape[0]] @ M).view(Y.shape[0], D_in, -1, D_out)  # [E, D_in, F, D_out]
+    return (Y[:, :M.shape[0]] @ M).view(Y.shape[0], D_in, num_frequencies(in_degrees, out_degrees), D_out)  # [E, D_in, F, D_out]
 
 # %% ../nbs/01_basis.ipynb #3ac2c76b
 def basis_equivariance_error(max_degree: int = 3, num_rotations: int = 20, dtype: torch.dtype = torch.float64, seed: int = 0
