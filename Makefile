@@ -1,13 +1,15 @@
 # se3nb developer commands. The README's two set-up commands are `make install` and `make test`.
 PY ?= python3
+TORCH ?= torch==2.13.0
 
 .PHONY: install test test-nbs test-py export clean-nbs check-sync
 
-install:  ## torch first (the CPU wheel is on this machine), then se3nb with its dev tools
-	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e ".[dev]"
+install:  ## torch first (the CPU wheel is on this machine; `make install TORCH=torch` elsewhere), then se3nb with its dev tools
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[dev]"
 
-test: test-py test-nbs  ## every test: pytest and the notebooks
+test: install  ## every test: pytest and the notebooks
+	$(MAKE) test-py test-nbs
 
 test-py:
 	$(PY) -m pytest -q tests
@@ -20,3 +22,16 @@ export:
 
 check-sync:  ## fail when nbdev_export or nbdev_clean would change tracked files
 	nbdev_export && nbdev_clean && git diff --exit-code --stat -- se3nb nbs
+
+# --- docs site and notebook outputs (tools/docs/) ---
+.PHONY: docs run-nbs check-nbs
+FLAGS ?=
+
+docs:  ## build the documentation site into site/ from the notebooks' stored outputs, offline (run `make run-nbs` first)
+	$(PY) tools/docs/build_docs.py
+
+run-nbs:  ## re-execute nbs/*.ipynb in place (skips #| notest, #| gpu, #| eval: false unless FLAGS="notest gpu") and stamp their outputs
+	$(PY) tools/docs/run_nbs.py --flags "$(FLAGS)" $(NBS)
+
+check-nbs:  ## fail when a notebook's committed outputs are stale (source changed since run-nbs), missing a plot, or an error
+	$(PY) tools/docs/check_nbs.py $(NBS)
