@@ -1,1 +1,8 @@
 __version__ = "0.1.0"
+
+# Hand-kept: the stable public API (STYLE.md §9). Everything else is reachable by module path but may change.
+from se3nb.fiber import Fiber
+from se3nb.graph import Graph
+from se3nb.model import ModelConfig, SE3Transformer, SE3TransformerPooled
+
+__all__ = ['Fiber', 'Graph', 'ModelConfig', 'SE3Transformer', 'SE3TransformerPooled']
