@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from .fiber import Fiber, degree_to_dim
 from .basis import Bases
@@ -53,6 +54,10 @@ class SE3Attention(nn.Module):
                 envelope: Tensor | None = None,  # [E]
                ) -> dict[int, Tensor]:  # {l: [N, C_v, 2l+1]}
         "Attention-weighted sum of the values of each node's incoming edges."
+        with record_function('se3nb.attention'):
+            return self._attend(value, key, query, graph, envelope)
+
+    def _attend(self, value, key, query, graph, envelope):
         H = self.num_heads
         k = _to_heads(key, self.key_fiber.degrees, H)  # [E, H, d]
         q = _to_heads(query, self.key_fiber.degrees, H)  # [N, H, d]

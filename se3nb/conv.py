@@ -12,6 +12,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from .fiber import Fiber, degree_to_dim
 from .basis import Bases, num_frequencies
@@ -193,15 +194,21 @@ class TFNConv(nn.Module):
         for name, (ins, outs) in self.groups.items():
             if ins not in inputs: inputs[ins] = _gather_inputs(node_feats, edge_feats, src, ins)
             x = inputs[ins]  # [E, C_in, D_in]
-            B = bases.get(ins, outs) * self.basis_scale[name]  # [E, D_in, F, D_out]
-            E, C_in, D_in = x.shape
-            _, _, F, D_out = B.shape
-            tmp_t = (x @ B.reshape(E, D_in, F * D_out)).view(E, C_in, F, D_out)  # [E, C_in, F, D_out]
-            tmp_t = tmp_t.permute(0, 3, 1, 2).reshape(E, D_out, C_in * F)  # [E, D_out, C_in*F]
+            with record_function('se3nb.bases'):
+                B = bases.get(ins, outs) * self.basis_scale[name]  # [E, D_in, F, D_out]
             radial = self.radial[name]
-            y = radial_kernel_product(radial.hidden(invariants), radial.net[-1].weight, tmp_t).transpose(1, 2)  # [E, C_out, D_out]
+            with record_function('se3nb.radial_mlp'):
+                h = radial.hidden(invariants)  # [E, mid]
+            with record_function('se3nb.kernel'):
+                E, C_in, D_in = x.shape
+                _, _, F, D_out = B.shape
+                tmp_t = (x @ B.reshape(E, D_in, F * D_out)).view(E, C_in, F, D_out)  # [E, C_in, F, D_out]
+                tmp_t = tmp_t.permute(0, 3, 1, 2).reshape(E, D_out, C_in * F)  # [E, D_out, C_in*F]
+                y = radial_kernel_product(h, radial.net[-1].weight, tmp_t).transpose(1, 2)  # [E, C_out, D_out]
             if edge_scale is not None: y = y * edge_scale.to(y.dtype)[:, None, None]
-            if self.pool: y = segment_sum(y, dst, rows)  # [N, C_out, D_out]
+            if self.pool:
+                with record_function('se3nb.aggregation'):
+                    y = segment_sum(y, dst, rows)  # [N, C_out, D_out]
             for l, part in zip(outs, torch.split(y, [degree_to_dim(l) for l in outs], dim=-1)):
                 out[l] = out[l] + part if l in out else part  # [rows, C_out, 2l+1]
         for key, W in self.self_interaction.items():

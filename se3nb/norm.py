@@ -10,6 +10,7 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 from .fiber import Fiber
 from .graph import Graph, graph_max_pool, graph_mean_pool
@@ -40,7 +41,7 @@ class NormNonlinearity(nn.Module):
                ) -> dict[int, Tensor]:  # {l: [N, C_l, 2l+1]}
         "Rescale every channel of every degree to its transformed norm."
         dtype = torch.promote_types(feats[self.fiber.degrees[0]].dtype, torch.float32)  # norms in float32 under autocast
-        with torch.autocast(feats[self.fiber.degrees[0]].device.type, enabled=False):
+        with record_function('se3nb.norm'), torch.autocast(feats[self.fiber.degrees[0]].device.type, enabled=False):
             norms = [feats[l].to(dtype).norm(dim=-1).clamp(min=NORM_CLAMP) for l in self.fiber.degrees]  # [N, C_l]
             new_norms = [self.nonlinearity(n) for n in self._normalize(norms)]  # [N, C_l]
         return {l: feats[l] * (new / norm).to(feats[l].dtype)[..., None]  # [N, C_l, 2l+1]
