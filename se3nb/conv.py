@@ -80,7 +80,8 @@ class _RadialKernelProduct(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         need_h, need_w, need_t = ctx.needs_input_grad
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros_like(weight) if need_w else None
+        acc = torch.promote_types(weight.dtype, torch.float32)  # sum weight gradients over edge blocks in >= float32
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
         grad_t = torch.empty_like(tmp_t) if need_t else None
         step = _edge_chunk(E, weight.shape[0])
         for s in range(0, E, step):
@@ -90,9 +91,9 @@ class _RadialKernelProduct(torch.autograd.Function):
                 torch.bmm(g, R, out=grad_t[s:s + step])
             if need_h or need_w:
                 grad_R = torch.bmm(g.transpose(1, 2), tmp_t[s:s + step]).view(-1, C_out * CF)  # [e, C_out*C_in*F]
-                if need_w: grad_w.addmm_(grad_R.T, h[s:s + step])
+                if need_w: grad_w.addmm_(grad_R.T.to(acc), h[s:s + step].to(acc))
                 if need_h: torch.mm(grad_R, weight, out=grad_h[s:s + step])
-        return grad_h, grad_w, grad_t
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), grad_t
 
 def radial_kernel_product(h: Tensor,  # [E, H] last hidden layer of the radial MLP
                           weight: Tensor,  # [C_out * C_in*F, H] its last weight
