@@ -7,8 +7,8 @@ __all__ = ['HARTREE_TO_EV', 'QM9_TASKS', 'QM9_ELEMENTS', 'ATOMIC_NUMBERS', 'BOND
            'QM9_SPLIT_SIZES', 'QM9_CSV_COLUMNS', 'BOND_PATHS', 'check_task', 'DataConfig', 'QM9FormatError',
            'RawMolecule', 'qm9_files', 'read_qm9', 'BondPerception', 'perceive_bonds', 'qm9_targets',
            'default_cache_dir', 'qm9_cache_key', 'preprocess_qm9', 'load_qm9', 'bond_report', 'GraphSample',
-           'GraphBatch', 'collate_graphs', 'QM9Dataset', 'split_sizes', 'qm9_split', 'TargetScaler', 'GraphDataModule',
-           'QM9DataModule', 'PointCloudDataset', 'main']
+           'GraphBatch', 'collate_graphs', 'molecule_sample', 'QM9Dataset', 'split_sizes', 'qm9_split', 'TargetScaler',
+           'GraphDataModule', 'QM9DataModule', 'PointCloudDataset', 'main']
 
 # %% ../nbs/08_data.ipynb #3ab57138
 import csv
@@ -107,6 +107,7 @@ class RawMolecule:
     elements: list[str]  # [n] element symbols
     pos: np.ndarray  # [n, 3] float64, Angstrom
     props: dict[str, float]  # raw CSV properties (QM9 units: Hartree, Debye, bohr^3, ...)
+    position: int = -1  # 0-based position in QM9 order (the index NVIDIA's split uses)
 
 QM9_CSV_COLUMNS = ('XYZ_file', 'Index', 'SMILES', 'N_atoms', 'Elements', 'XYZ_Ang', 'RotA_GHz', 'RotB_GHz', 'RotC_GHz',
                    'Dipole_debye', 'Polarizability_bohr3', 'HOMO_au', 'LUMO_au', 'HOMO_LUMO_gap_au', 'R2_bohr2', 'ZPVE_au',
@@ -163,10 +164,11 @@ def _parse_row(row: list[str], col: dict[str, int], where: str) -> RawMolecule:
 
 def read_qm9(data_dir: str | os.PathLike | None = None,  # folder with the CSV files; None = qm9pack
              max_molecules: int | None = None,  # stop after this many molecules
+             *, positions: set[int] | None = None,  # parse only these 0-based positions (QM9 order); None = all
             ) -> Iterator[RawMolecule]:
     "Stream the molecules of QM9 in order as `RawMolecule`s (a malformed row raises `QM9FormatError`)."
     csv.field_size_limit(1 << 28)
-    count = 0
+    count, last = 0, (max(positions) if positions else -1)
     for path in qm9_files(data_dir):
         with open(path, newline='') as f:
             reader = csv.reader(f)
@@ -177,8 +179,12 @@ def read_qm9(data_dir: str | os.PathLike | None = None,  # folder with the CSV f
             col = {c: i for i, c in enumerate(header)}
             for row in reader:
                 if max_molecules is not None and count >= max_molecules: return
+                if positions is not None and count > last: return
                 if not row: continue
-                yield _parse_row(row, col, f"{path.name} line {reader.line_num}")
+                if positions is None or count in positions:
+                    mol = _parse_row(row, col, f"{path.name} line {reader.line_num}")
+                    mol.position = count
+                    yield mol
                 count += 1
 
 # %% ../nbs/08_data.ipynb #621f91d9
@@ -301,34 +307,38 @@ def _source_id(files: Sequence[Path]) -> list:
         out.append([f.name, f.stat().st_size, head])
     return out
 
-def qm9_cache_key(data_dir: str | os.PathLike | None = None, max_molecules: int | None = None) -> dict:
+def qm9_cache_key(data_dir: str | os.PathLike | None = None, max_molecules: int | None = None,
+                  positions: Sequence[int] | None = None) -> dict:
     "Everything the preprocessed QM9 depends on (its hash names the cache file)."
+    subset = None if positions is None else hashlib.sha256(np.asarray(sorted(positions), dtype=np.int64).tobytes()).hexdigest()[:16]
     try:
         from rdkit import __version__ as rdkit_version
     except ImportError: rdkit_version = None
     return {'se3nb': se3nb.__version__, 'format': _CACHE_FORMAT, 'rdkit': rdkit_version,
-            'source': _source_id(qm9_files(data_dir)), 'max_molecules': max_molecules, 'bond_paths': list(BOND_PATHS)}
+            'source': _source_id(qm9_files(data_dir)), 'max_molecules': max_molecules, 'subset': subset,
+            'bond_paths': list(BOND_PATHS)}
 
 def _key_hash(key: dict) -> str: return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 # %% ../nbs/08_data.ipynb #cd389496
 def preprocess_qm9(data_dir: str | os.PathLike | None = None,  # folder with the CSV files; None = qm9pack
                    max_molecules: int | None = None,  # only the first n molecules
-                   *, progress: bool = True,  # tqdm bar
+                   *, positions: Sequence[int] | None = None,  # only these 0-based positions (QM9 order)
+                   progress: bool = True,  # tqdm bar
                   ) -> dict:
     "Parse QM9 and perceive bonds; returns a dict of flat tensors (the cache's content)."
-    total = max_molecules or QM9_NUM_MOLECULES
+    total = len(set(positions)) if positions is not None else (max_molecules or QM9_NUM_MOLECULES)
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=total, desc='QM9 preprocessing', unit='mol', mininterval=1.0)
-    pos, z, bonds, n_atoms, n_bonds, targets, smiles, names, gdb, path, graph_ok, full_ok = ([] for _ in range(12))
+    pos, z, bonds, n_atoms, n_bonds, targets, smiles, names, gdb, path, graph_ok, full_ok, where = ([] for _ in range(13))
     path_code = {p: i for i, p in enumerate(BOND_PATHS)}
-    for mol in read_qm9(data_dir, max_molecules):
+    for mol in read_qm9(data_dir, max_molecules, positions=None if positions is None else set(positions)):
         bp = perceive_bonds(mol.elements, mol.pos, mol.smiles)
         pos.append(mol.pos); z.extend(ATOMIC_NUMBERS[e] for e in mol.elements); bonds.append(bp.bonds)
         n_atoms.append(len(mol.elements)); n_bonds.append(len(bp.bonds)); targets.append(qm9_targets(mol))
-        smiles.append(mol.smiles); names.append(mol.name); gdb.append(mol.gdb_index)
+        smiles.append(mol.smiles); names.append(mol.name); gdb.append(mol.gdb_index); where.append(mol.position)
         path.append(path_code[bp.path]); graph_ok.append(bp.graph_matches_smiles); full_ok.append(bp.smiles_matches)
         if bar is not None: bar.update(1)
     if bar is not None: bar.close()
@@ -339,6 +349,7 @@ def preprocess_qm9(data_dir: str | os.PathLike | None = None,  # folder with the
             'num_atoms': torch.tensor(n_atoms), 'num_bonds': torch.tensor(n_bonds),  # [M_mol]
             'targets': torch.from_numpy(np.stack(targets)),  # [M_mol, 19] float64
             'smiles': smiles, 'names': names, 'gdb_index': torch.tensor(gdb),
+            'position': torch.tensor(where),  # [M_mol] 0-based position in QM9 order
             'bond_path': torch.tensor(path, dtype=torch.int8),  # [M_mol] index into BOND_PATHS
             'graph_matches_smiles': torch.tensor(graph_ok), 'smiles_matches': torch.tensor(full_ok),
             'tasks': list(QM9_TASKS), 'bond_paths': list(BOND_PATHS)}
@@ -357,21 +368,30 @@ def _atomic_save(obj, path: Path) -> None:
 
 def load_qm9(data_dir: str | os.PathLike | None = None,  # folder with the CSV files; None = qm9pack
              max_molecules: int | None = None,  # only the first n molecules
-             *, cache_dir: str | os.PathLike | None = None,  # None = default_cache_dir()
+             *, positions: Sequence[int] | None = None,  # only these 0-based positions (a complete cache is used if present)
+             cache_dir: str | os.PathLike | None = None,  # None = default_cache_dir()
              progress: bool = True,  # tqdm bar when building
              rebuild: bool = False,  # ignore an existing cache
             ) -> dict:
     "Preprocessed QM9 from the disk cache, built (atomically) when missing, stale or corrupt."
-    key = qm9_cache_key(data_dir, max_molecules)
-    path = Path(cache_dir or default_cache_dir()) / f"qm9_{_key_hash(key)}.pt"
-    if path.exists() and not rebuild:
+    def cached(key: dict, quiet: bool = False) -> dict | None:
+        path = Path(cache_dir or default_cache_dir()) / f"qm9_{_key_hash(key)}.pt"
+        if not path.exists() or rebuild: return None
         try:
             store = torch.load(path, weights_only=True)
             if store.get('key') == key: return store
-            print(f"se3nb: QM9 cache {path} is stale (made with {store.get('key')}), rebuilding", file=sys.stderr)
+            if not quiet: print(f"se3nb: QM9 cache {path} is stale (made with {store.get('key')}), rebuilding", file=sys.stderr)
         except Exception as e:
-            print(f"se3nb: QM9 cache {path} is unreadable ({type(e).__name__}: {e}), rebuilding", file=sys.stderr)
-    store = preprocess_qm9(data_dir, max_molecules, progress=progress)
+            if not quiet: print(f"se3nb: QM9 cache {path} is unreadable ({type(e).__name__}: {e}), rebuilding", file=sys.stderr)
+        return None
+    if positions is not None:  # a complete cache holds every subset
+        store = cached(qm9_cache_key(data_dir, max_molecules), quiet=True)
+        if store is not None: return store
+    key = qm9_cache_key(data_dir, max_molecules, positions)
+    store = cached(key)
+    if store is not None: return store
+    path = Path(cache_dir or default_cache_dir()) / f"qm9_{_key_hash(key)}.pt"
+    store = preprocess_qm9(data_dir, max_molecules, positions=positions, progress=progress)
     store['key'] = key
     _atomic_save(store, path)
     return store
@@ -453,11 +473,37 @@ _NODE_TABLE = torch.zeros(10, 6)  # atomic number -> [one-hot H, C, N, O, F, Z]
 for _k, _e in enumerate(QM9_ELEMENTS): _NODE_TABLE[ATOMIC_NUMBERS[_e], _k] = 1.0; _NODE_TABLE[ATOMIC_NUMBERS[_e], 5] = ATOMIC_NUMBERS[_e]
 _EDGE_TABLE = torch.eye(5)[:, :4]  # bond type (4 = not bonded) -> one-hot [4]
 
+def molecule_sample(atomic_numbers: Tensor,  # [n] long, each in 1, 6, 7, 8, 9
+                    pos: Tensor,  # [n, 3] Angstrom
+                    bonds: Tensor,  # [m, 3] long: atom i, atom j, bond type index into BOND_TYPES
+                    target: Tensor,  # [] (or [T]) in the task's units
+                    *, edges: str = 'bonds',  # 'bonds' or 'radius'
+                    cutoff: float = 5.0,  # Angstrom, radius graph only
+                    max_neighbours: int | None = None,  # radius graph only
+                   ) -> GraphSample:
+    "A molecule as a `GraphSample` with NVIDIA's QM9 features (edges in both directions, sorted by source then destination)."
+    n = pos.shape[0]
+    if edges == 'bonds':
+        src = torch.cat([bonds[:, 0], bonds[:, 1]]); dst = torch.cat([bonds[:, 1], bonds[:, 0]])  # [2m]
+        kind = torch.cat([bonds[:, 2], bonds[:, 2]])  # [2m]
+        order = torch.argsort(src * n + dst)
+        edge_index, kind = torch.stack([src[order], dst[order]]), kind[order]  # [2, 2m], [2m]
+    elif edges == 'radius':
+        edge_index = radius_graph(pos, cutoff, max_neighbours=max_neighbours).edge_index  # [2, e]
+        table = torch.full((n, n), 4, dtype=torch.long)  # 4 = not bonded
+        table[bonds[:, 0], bonds[:, 1]] = bonds[:, 2]; table[bonds[:, 1], bonds[:, 0]] = bonds[:, 2]
+        kind = table[edge_index[0], edge_index[1]]  # [e]
+    else: raise ValueError(f"edges must be 'bonds' or 'radius', got {edges!r}")
+    return GraphSample(pos, edge_index, {0: _NODE_TABLE[atomic_numbers].unsqueeze(-1)},  # [n, 6, 1]
+                       {0: _EDGE_TABLE[kind].unsqueeze(-1)},  # [e, 4, 1]
+                       target)
+
+# %% ../nbs/08_data.ipynb #ac89165f
 class QM9Dataset(Dataset):
     "QM9 molecules of a preprocessed store as `GraphSample`s with NVIDIA's features and the target `task` in its units."
     def __init__(self,
                  store: dict,  # from load_qm9
-                 indices: Sequence[int] | None = None,  # positions in the store (QM9 order); None = all
+                 indices: Sequence[int] | None = None,  # 0-based QM9 positions (NVIDIA's split indices); None = all in the store
                  *, task: str = 'homo',  # one of QM9_TASKS
                  edges: str = 'bonds',  # 'bonds' or 'radius'
                  cutoff: float = 5.0,  # Angstrom, radius graph only
@@ -465,10 +511,14 @@ class QM9Dataset(Dataset):
                 ):
         self.task, self.task_col = task, check_task(task)
         self.edges, self.cutoff, self.max_neighbours = edges, cutoff, max_neighbours
-        num = len(store['num_atoms'])
-        self.indices = torch.arange(num) if indices is None else torch.as_tensor(list(indices), dtype=torch.long)
-        if len(self.indices) and (self.indices.min() < 0 or self.indices.max() >= num):
-            raise IndexError(f"indices must lie in [0, {num - 1}]")
+        where = store['position']  # [M_mol] QM9 position of each stored molecule
+        row_of = torch.full((int(where.max()) + 1,), -1, dtype=torch.long); row_of[where] = torch.arange(len(where))
+        positions = where.clone() if indices is None else torch.as_tensor(list(indices), dtype=torch.long)
+        if len(positions) and (positions.min() < 0 or positions.max() >= len(row_of) or (row_of[positions] < 0).any()):
+            raise IndexError(f"some requested QM9 positions are not in this preprocessed store ({len(where)} molecules, "
+                             f"positions {int(where.min())}..{int(where.max())})")
+        self.positions = positions  # [M] QM9 positions
+        self.indices = row_of[positions]  # [M] rows of the store
         self.atom_start = torch.cumsum(store['num_atoms'], 0) - store['num_atoms']  # [M_mol]
         self.bond_start = torch.cumsum(store['num_bonds'], 0) - store['num_bonds']  # [M_mol]
         self.store = store
@@ -479,28 +529,15 @@ class QM9Dataset(Dataset):
 
     def molecule(self, i: int) -> int:
         "Position in QM9 order of item `i`."
-        return int(self.indices[i])
+        return int(self.positions[i])
 
     def __getitem__(self, i: int) -> GraphSample:
         k = int(self.indices[i])
         a0, n = int(self.atom_start[k]), int(self.store['num_atoms'][k])
         b0, m = int(self.bond_start[k]), int(self.store['num_bonds'][k])
-        pos = self.pos32[a0:a0 + n]  # [n, 3]
-        z = self.store['atomic_numbers'][a0:a0 + n].long()  # [n]
-        bonds = self.store['bonds'][b0:b0 + m].long()  # [m, 3]
-        if self.edges == 'bonds':
-            src = torch.cat([bonds[:, 0], bonds[:, 1]]); dst = torch.cat([bonds[:, 1], bonds[:, 0]])  # [2m]
-            kind = torch.cat([bonds[:, 2], bonds[:, 2]])  # [2m]
-            order = torch.argsort(src * n + dst)
-            edge_index, kind = torch.stack([src[order], dst[order]]), kind[order]  # [2, 2m], [2m]
-        else:
-            edge_index = radius_graph(pos, self.cutoff, max_neighbours=self.max_neighbours).edge_index  # [2, e]
-            table = torch.full((n, n), 4, dtype=torch.long)  # 4 = not bonded
-            table[bonds[:, 0], bonds[:, 1]] = bonds[:, 2]; table[bonds[:, 1], bonds[:, 0]] = bonds[:, 2]
-            kind = table[edge_index[0], edge_index[1]]  # [e]
-        return GraphSample(pos, edge_index, {0: _NODE_TABLE[z].unsqueeze(-1)},  # [n, 6, 1]
-                           {0: _EDGE_TABLE[kind].unsqueeze(-1)},  # [e, 4, 1]
-                           self.targets[i].float())
+        return molecule_sample(self.store['atomic_numbers'][a0:a0 + n].long(), self.pos32[a0:a0 + n],  # [n], [n, 3]
+                               self.store['bonds'][b0:b0 + m].long(), self.targets[i].float(),  # [m, 3], []
+                               edges=self.edges, cutoff=self.cutoff, max_neighbours=self.max_neighbours)
 
 # %% ../nbs/08_data.ipynb #67efec23
 def split_sizes(num_molecules: int) -> tuple[int, int, int]:
@@ -583,10 +620,15 @@ class QM9DataModule(GraphDataModule):
     "QM9 with NVIDIA's features, split and target scaling, built from a `DataConfig`."
     def __init__(self, config: DataConfig = DataConfig()):
         self.config = config
-        self.store = load_qm9(config.data_dir, config.max_molecules, cache_dir=config.cache_dir, progress=config.progress)
-        train, val, test = qm9_split(len(self.store['num_atoms']), config.split_seed)
-        train = train[:config.max_train]
-        val, test = val[:config.max_val], test[:config.max_test]
+        num = config.max_molecules or QM9_NUM_MOLECULES
+        train, val, test = qm9_split(num, config.split_seed)
+        train, val, test = train[:config.max_train], val[:config.max_val], test[:config.max_test]
+        subset = None if len(train) + len(val) + len(test) == num else sorted(train + val + test)
+        self.store = load_qm9(config.data_dir, config.max_molecules, positions=subset, cache_dir=config.cache_dir,
+                              progress=config.progress)
+        if subset is None and len(self.store['num_atoms']) != num:
+            raise QM9FormatError(f"expected {num} molecules, the data have {len(self.store['num_atoms'])}: "
+                                 "pass max_molecules for a shorter copy of QM9")
         make = lambda idx: QM9Dataset(self.store, idx, task=config.task, edges=config.edges, cutoff=config.cutoff,
                                       max_neighbours=config.max_neighbours)
         super().__init__(make(train), make(val), make(test), fiber_node=Fiber({0: 6}), fiber_edge=Fiber({0: 4}),

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 pytest.importorskip('rdkit')
-pytest.importorskip('qm9pack')
+import importlib.util
+if importlib.util.find_spec('qm9pack') is None: pytest.skip('needs the qm9pack wheel', allow_module_level=True)
 
 from se3nb.data import (BOND_PATHS, HARTREE_TO_EV, QM9_NUM_MOLECULES, QM9_SPLIT_SIZES, QM9_TASKS, DataConfig, GraphDataModule,
                         PointCloudDataset, QM9DataModule, QM9Dataset, QM9FormatError, bond_report, check_task, collate_graphs,
@@ -17,7 +18,8 @@ from se3nb.data import (BOND_PATHS, HARTREE_TO_EV, QM9_NUM_MOLECULES, QM9_SPLIT_
 from se3nb.fiber import Fiber
 from se3nb.graph import batch_graphs, Graph
 
-FIXTURES = Path('/work/shared/fixtures/nvidia')
+from se3nb.compat import find_nvidia_fixtures
+FIXTURES = find_nvidia_fixtures() or Path('/nonexistent')
 N_SMALL = 400  # the first molecules of QM9 used by most tests (gdb ids 1..~404, includes the fixtures' 100..187)
 
 
@@ -288,3 +290,17 @@ def test_custom_dataset_module():
     dm.fiber_node.check(b.node_feats); dm.fiber_edge.check(b.edge_feats)
     with pytest.raises(ValueError, match='split must be one of'):
         dm.dataset('validation')
+
+
+def test_subset_of_nvidia_split_preprocesses_only_what_it_uses(tmp_path):
+    dm = QM9DataModule(DataConfig(cache_dir=str(tmp_path), progress=False, max_train=40, max_val=5, max_test=5))
+    tr, va, te = qm9_split()
+    assert dm.train_set.positions.tolist() == tr[:40] and dm.test_set.positions.tolist() == te[:5]
+    assert sorted(dm.store['position'].tolist()) == sorted(tr[:40] + va[:5] + te[:5])
+    p = te[3]
+    raw = next(read_qm9(positions={p}))
+    from se3nb.data import qm9_targets
+    assert raw.position == p and dm.test_set.targets[3].item() == qm9_targets(raw)[2]
+    assert torch.equal(dm.test_set[3].pos, torch.from_numpy(raw.pos).float())
+    with pytest.raises(IndexError, match='not in this preprocessed store'):
+        QM9Dataset(dm.store, [te[10]])
