@@ -1,12 +1,15 @@
-# se3nb developer commands. The README's two set-up commands are `make install` and `make test`.
+# se3nb developer commands. The README's two set-up commands are `make qm9` (main job) and `make test`; both install first.
 PY ?= python3
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-nbs test-py export clean-nbs check-sync
+.PHONY: install qm9 test test-nbs test-py export clean-nbs check-sync
 
 install:  ## torch first (the CPU wheel is on this machine; `make install TORCH=torch` elsewhere), then se3nb with its dev tools
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
+
+qm9: install  ## the main job: train on the embedded QM9 (quick CPU preset, ~6-8 min on 2 cores) and print the test MAE
+	se3nb-train --preset quick
 
 test: install  ## every test: pytest and the notebooks
 	$(MAKE) test-py test-nbs

@@ -19,6 +19,7 @@ from .graph import Graph
 from .conv import TFNConv, edge_invariants, smooth_cutoff
 from .attention import AttentionBlock
 from .norm import NormNonlinearity, GraphPooling
+from .dgl_interop import as_graph  # 07b, an exception to the numbering: it imports only basis and graph at import time
 
 # %% ../nbs/07_model.ipynb #79989504
 def _int_keys(feats: Mapping | None) -> dict[int, Tensor]:
@@ -72,6 +73,7 @@ class SE3Transformer(nn.Module):
         layers.append(TFNConv(fin, fiber_out, fiber_edge, self_interaction=True, use_layer_norm=use_layer_norm,
                               max_degree=self.max_degree, fuse_level=fuse_level))
         self.graph_modules = nn.ModuleList(layers)  # same indices as NVIDIA's `graph_modules`
+        self.basis_keys = sorted({key for m in self.graph_modules.modules() if isinstance(m, TFNConv) for key in m.groups.values()})
         self.pooling_module = GraphPooling(pooling, return_type) if pooling is not None else None
 
     def _block(self, module: nn.Module, x, edge_feats, invariants, graph, bases, envelope):
@@ -85,6 +87,7 @@ class SE3Transformer(nn.Module):
                 bases: Bases | None = None,  # precomputed for this graph, else computed here
                ) -> dict[int | str, Tensor] | Tensor:  # {l: [N, C_l, 2l+1]}, or [N, C, 2l+1] / pooled [B, C]
         "Run the model; keys of the result are `str` when the inputs' are."
+        graph = as_graph(graph)  # a dgl.DGLGraph with edata['rel_pos'] becomes a Graph (DGL is never imported here)
         str_keys = any(isinstance(k, str) for k in node_feats)
         node_feats, edge_feats = _int_keys(node_feats), _int_keys(edge_feats)
         param = next(self.parameters())
@@ -93,6 +96,8 @@ class SE3Transformer(nn.Module):
         elif bases.num_edges != graph.num_edges or bases.max_degree < self.max_degree:
             raise ValueError(f"bases were built for {bases.num_edges} edges and max_degree {bases.max_degree}; "
                              f"this graph has {graph.num_edges} edges and the model needs max_degree {self.max_degree}")
+        # every basis now, outside the checkpointed blocks of low_memory mode, whose recomputation must save the same tensors
+        bases.precompute(self.basis_keys)
         invariants = edge_invariants(graph.rel_pos, edge_feats)  # [E, C_edge_0 + 1]
         envelope = None if self.cutoff is None else smooth_cutoff(invariants[:, -1], self.cutoff)  # [E]
         x = node_feats

@@ -7,6 +7,7 @@ from se3nb.compat import find_nvidia_fixtures
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA")
     config.addinivalue_line("markers", "slow: over ~10 s on the 2-core CPU")
+    config.addinivalue_line("markers", "dgl: needs DGL (dgl==2.1.0 with torch==2.2.1); run by .ci/legacy_dgl.sh")
 
 
 @pytest.fixture(scope="session")

@@ -273,10 +273,6 @@ def test_to_dgl_without_dgl_names_the_extra():
         to_dgl(radius_graph(torch.randn(5, 3), 2.0))
 
 
-@pytest.mark.xfail(strict=True, raises=torch.utils.checkpoint.CheckpointError,
-                   reason="se3nb bug (torch 2.2.1 and 2.13): with low_memory=True, Bases fills its cache inside the first checkpointed "
-                          "block, so recomputation saves fewer tensors when rel_pos requires grad (forces). Fix: precompute every "
-                          "TFNConv's basis keys in SE3Transformer.forward before the blocks; then remove this xfail")
 def test_low_memory_position_gradients(nvidia_dir):
     fx = load(nvidia_dir, "rf_like_none")
     model = from_nvidia(fx["model"], fx["kwargs"], fx["state_dict"])

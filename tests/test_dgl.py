@@ -71,7 +71,7 @@ def test_dgl_graph_gives_same_outputs_as_se3nb_graph(dgl, nvidia_dir, name):
         assert (flat(out_dgl) - flat(ref)).abs().max().item() < atol  # and both are NVIDIA's
 
 
-@pytest.mark.parametrize("name,position_grad", [("graph2graph_partial", True), ("qm9_full", True), ("rf_like_partial", True),
+@pytest.mark.parametrize("name,position_grad", [("rf_like_none", True), ("graph2graph_partial", True), ("qm9_full", True), ("rf_like_partial", True),
                                                  ("graph2graph_none", False)])
 def test_dgl_graph_gives_same_gradients(dgl, nvidia_dir, name, position_grad):
     """Parameter, feature and position gradients (forces flow through edata['rel_pos']). Not positions with low_memory=True
