@@ -205,7 +205,7 @@ def _plot_stages(stages: dict[str, float], path: Path) -> None:
 def run_suite(*, out_dir: str | Path, device: str = 'cpu', train_batches: tuple[int, ...] = (16, 64),
               inference_batches: tuple[int, ...] = (64, 256), precisions: tuple[str, ...] = ('fp32',), steps: int = 10,
               warmup: int = 3, threads: int | None = None, smoke: bool = False, fixture: str | Path | None = None,
-              scaling: bool = True, progress: bool = True) -> dict:
+              scaling: bool = True, radius_atoms: tuple[int, ...] = (32, 64, 128, 256), progress: bool = True) -> dict:
     "Run the benchmark suite (each case in a fresh process) and write `results.json` and plots to `out_dir`."
     from tqdm.auto import tqdm
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
@@ -226,7 +226,7 @@ def run_suite(*, out_dir: str | Path, device: str = 'cpu', train_batches: tuple[
     sweeps = {}
     if scaling:
         sweeps = {'atoms': [9, 18] if smoke else [9, 18, 36, 72, 144, 288],
-                  'radius_atoms': [8, 16] if smoke else [32, 128, 512, 2048],
+                  'radius_atoms': [8, 16] if smoke else radius_atoms,
                   'max_degree': [1, 2] if smoke else [1, 2, 3, 4],
                   'channels': [4, 8] if smoke else [8, 16, 32, 64]}
         for a in sweeps['atoms']: plan.append(('scale_atoms', Case(batch_size=1 if smoke else 8, atoms=a, **{**base, 'steps': max(2, steps // 2)})))
@@ -294,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument('--steps', type=int, default=10); p.add_argument('--warmup', type=int, default=3)
     p.add_argument('--threads', type=int, default=None); p.add_argument('--smoke', action='store_true')
     p.add_argument('--no-scaling', action='store_true'); p.add_argument('--fixture', default=None)
+    p.add_argument('--radius-atoms', default='32,64,128,256', help='molecule sizes of the radius-graph sweep (GPU: up to 4096)')
     p.add_argument('--case', default=None, help='internal: run one JSON case and print its result')
     a = p.parse_args(argv)
     if a.case:
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     ints = lambda s: tuple(int(x) for x in s.split(',') if x)
     report = run_suite(out_dir=a.out_dir, device=a.device, train_batches=ints(a.train_batches), inference_batches=ints(a.inference_batches),
                        precisions=tuple(a.precisions.split(',')), steps=a.steps, warmup=a.warmup, threads=a.threads, smoke=a.smoke,
-                       fixture=a.fixture, scaling=not a.no_scaling)
+                       fixture=a.fixture, scaling=not a.no_scaling, radius_atoms=ints(a.radius_atoms))
     print(summary(report))
 
 # %% ../nbs/10_benchmark.ipynb #a0dec86e

@@ -57,7 +57,7 @@ def radial_kernel_product_reference(h: Tensor,  # [E, H] last hidden layer of th
     return torch.einsum('eoc,ekc->eko', R, tmp_t)  # [E, K, C_out]
 
 def _edge_chunk(E: int, width: int) -> int:
-    return max(8, min(E, (1 << 18) // max(width, 1)))  # ~1 MB of radial weights per block (float32): stays in cache
+    return max(8, min(E, (1 << 19) // max(width, 1)))  # ~2 MB of radial weights per block (float32): stays in cache
 
 class _RadialKernelProduct(torch.autograd.Function):
     @staticmethod

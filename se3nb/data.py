@@ -6,9 +6,9 @@
 __all__ = ['HARTREE_TO_EV', 'QM9_TASKS', 'QM9_ELEMENTS', 'ATOMIC_NUMBERS', 'BOND_TYPES', 'ATOM_REF_HARTREE', 'QM9_NUM_MOLECULES',
            'QM9_SPLIT_SIZES', 'QM9_CSV_COLUMNS', 'BOND_PATHS', 'check_task', 'DataConfig', 'QM9FormatError',
            'RawMolecule', 'qm9_files', 'read_qm9', 'BondPerception', 'perceive_bonds', 'qm9_targets',
-           'default_cache_dir', 'qm9_cache_key', 'preprocess_qm9', 'load_qm9', 'bond_report', 'GraphSample',
-           'GraphBatch', 'collate_graphs', 'molecule_sample', 'QM9Dataset', 'split_sizes', 'qm9_split', 'TargetScaler',
-           'GraphDataModule', 'QM9DataModule', 'PointCloudDataset', 'main']
+           'default_cache_dir', 'qm9_cache_key', 'preprocess_qm9', 'atomic_torch_save', 'load_qm9', 'bond_report',
+           'GraphSample', 'GraphBatch', 'collate_graphs', 'molecule_sample', 'QM9Dataset', 'split_sizes', 'qm9_split',
+           'TargetScaler', 'GraphDataModule', 'QM9DataModule', 'PointCloudDataset', 'main']
 
 # %% ../nbs/08_data.ipynb #3ab57138
 import csv
@@ -355,8 +355,9 @@ def preprocess_qm9(data_dir: str | os.PathLike | None = None,  # folder with the
             'tasks': list(QM9_TASKS), 'bond_paths': list(BOND_PATHS)}
 
 # %% ../nbs/08_data.ipynb #c3a799c3
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    "torch.save to a temporary file in the same folder, then rename over `path` (a crash never leaves a half-written file)."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
     try:
         with os.fdopen(fd, 'wb') as f:
@@ -393,7 +394,7 @@ def load_qm9(data_dir: str | os.PathLike | None = None,  # folder with the CSV f
     path = Path(cache_dir or default_cache_dir()) / f"qm9_{_key_hash(key)}.pt"
     store = preprocess_qm9(data_dir, max_molecules, positions=positions, progress=progress)
     store['key'] = key
-    _atomic_save(store, path)
+    atomic_torch_save(store, path)
     return store
 
 # %% ../nbs/08_data.ipynb #a86acf94

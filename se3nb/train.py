@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['PRESETS', 'CHECKPOINT_FORMAT', 'TrainConfig', 'presets', 'Runtime', 'setup_distributed', 'resolve_precision',
            'autocast_context', 'ShardSampler', 'all_reduce_sum', 'CheckpointError', 'NonFiniteLossError',
-           'atomic_torch_save', 'load_checkpoint', 'configs_from_checkpoint', 'model_from_checkpoint', 'evaluate',
-           'fit', 'save_plots', 'read_xyz', 'xyz_sample', 'predict', 'configs_from_args', 'train_from_args',
-           'predict_from_args', 'cli_train', 'cli_predict', 'main']
+           'load_checkpoint', 'configs_from_checkpoint', 'model_from_checkpoint', 'evaluate', 'fit', 'save_plots',
+           'read_xyz', 'xyz_sample', 'predict', 'configs_from_args', 'train_from_args', 'predict_from_args',
+           'cli_train', 'cli_predict', 'main']
 
 # %% ../nbs/09_train.ipynb #cb6215df
 import argparse
@@ -33,7 +33,7 @@ from torch.utils.data import DistributedSampler, Sampler
 
 import se3nb
 from .data import (ATOMIC_NUMBERS, DataConfig, GraphDataModule, GraphSample, QM9DataModule, QM9_TASKS, TargetScaler,
-                        collate_graphs, molecule_sample, perceive_bonds)
+                        atomic_torch_save, collate_graphs, molecule_sample, perceive_bonds)
 from .model import ModelConfig, SE3TransformerPooled
 
 # %% ../nbs/09_train.ipynb #d7517bc2
@@ -149,18 +149,6 @@ class CheckpointError(RuntimeError):
 
 class NonFiniteLossError(FloatingPointError):
     "The training loss became NaN or infinite."
-
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    "torch.save to a temporary file in the same folder, then rename over `path`."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
 
 def _config_dict(c) -> dict: return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(c).items()}
 
