@@ -22,7 +22,8 @@ from pathlib import Path
 NVIDIA = {'inference': ("low_memory=True", 0.48, 134, 0.78), 'train': ("tensor_cores=False", 2.09, 31, 2.79)}
 
 
-def run_case(mode: str, fixture: Path, threads: int, iters: int, fuse_level: str, low_memory: bool, device: str) -> dict:
+def run_case(mode: str, fixture: Path, threads: int, iters: int, fuse_level: str, low_memory: bool, device: str,
+             path: str = 'so2') -> dict:
     import torch
     from se3nb.compat import nvidia_graph
     from se3nb.fiber import Fiber
@@ -32,7 +33,7 @@ def run_case(mode: str, fixture: Path, threads: int, iters: int, fuse_level: str
     batch = torch.load(fixture, weights_only=True)
     model = SE3TransformerPooled(Fiber({0: 6}), Fiber({0: 128}), Fiber({0: 4}), num_degrees=4, num_channels=32, output_dim=1,
                                  num_layers=7, num_heads=8, channels_div=2, pooling='max', norm=True, use_layer_norm=True,
-                                 low_memory=low_memory, fuse_level=fuse_level).to(device)
+                                 low_memory=low_memory, fuse_level=fuse_level, path=path).to(device)
     graph = nvidia_graph(batch['src'], batch['dst'], batch['num_nodes'], batch['rel_pos'], batch['batch_num_nodes']).to(device)
     node, edge = {0: batch['node_feats']['0'].to(device)}, {0: batch['edge_feats']['0'].to(device)}
     target = torch.randn(len(batch['batch_num_nodes']), device=device)
@@ -61,7 +62,7 @@ def run_case(mode: str, fixture: Path, threads: int, iters: int, fuse_level: str
     return {'mode': mode, 'median_s': statistics.median(times), 'min_s': min(times), 'molecules_per_s': n / statistics.median(times),
             'peak_rss_gb': rss_gb, 'peak_gpu_gb': peak_gpu, 'batch': n, 'nodes': int(batch['num_nodes']),
             'edges': int(len(batch['src'])), 'threads': threads, 'iters': iters, 'fuse_level': fuse_level,
-            'low_memory': low_memory, 'device': device, 'torch': torch.__version__,
+            'low_memory': low_memory, 'path': path, 'device': device, 'torch': torch.__version__,
             'parameters': sum(p.numel() for p in model.parameters())}
 
 
@@ -72,6 +73,7 @@ def main():
     p.add_argument('--iters', type=int, default=10)
     p.add_argument('--fuse-level', default='partial', choices=['none', 'partial', 'full'])
     p.add_argument('--low-memory', action='store_true')
+    p.add_argument('--path', default='so2', choices=['so2', 'reference'], help="se3nb's convolution path")
     p.add_argument('--device', default='cpu')
     p.add_argument('--modes', default='inference,train')
     p.add_argument('--json', type=Path, default=None, help='write the results here')
@@ -83,17 +85,17 @@ def main():
         if d is None: sys.exit("qm9_batch64.pt not found: pass --fixture or set SE3NB_FIXTURES")
         a.fixture = d / 'qm9_batch64.pt'
     if a._case:  # child process: one case, JSON on stdout
-        print(json.dumps(run_case(a._case, a.fixture, a.threads, a.iters, a.fuse_level, a.low_memory, a.device)))
+        print(json.dumps(run_case(a._case, a.fixture, a.threads, a.iters, a.fuse_level, a.low_memory, a.device, a.path)))
         return
     results = []
     for mode in a.modes.split(','):
         cmd = [sys.executable, __file__, '--_case', mode, '--fixture', str(a.fixture), '--threads', str(a.threads),
-               '--iters', str(a.iters), '--fuse-level', a.fuse_level, '--device', a.device] + (['--low-memory'] if a.low_memory else [])
+               '--iters', str(a.iters), '--fuse-level', a.fuse_level, '--device', a.device, '--path', a.path] + (['--low-memory'] if a.low_memory else [])
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         results.append(json.loads(out))
     print(f"se3nb vs NVIDIA, QM9 config, {results[0]['batch']} molecules ({results[0]['nodes']} atoms, {results[0]['edges']} edges), "
           f"{a.threads} threads, float32, device {a.device} ({platform.processor() or platform.machine()}), torch {results[0]['torch']}, "
-          f"fuse_level={a.fuse_level}, low_memory={a.low_memory}, {results[0]['parameters']:,} parameters; median of {a.iters}")
+          f"fuse_level={a.fuse_level}, low_memory={a.low_memory}, path={a.path}, {results[0]['parameters']:,} parameters; median of {a.iters}")
     print(f"{'mode':<10} {'se3nb s/batch':>13} {'NVIDIA':>7} {'speed-up':>8} {'se3nb mol/s':>11} {'NVIDIA':>7} "
           f"{'se3nb RSS GB':>12} {'NVIDIA':>7} {'ratio':>6}  NVIDIA variant")
     for r in results:

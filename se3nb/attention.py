@@ -16,7 +16,8 @@ from torch.profiler import record_function
 from .fiber import Fiber, degree_to_dim
 from .basis import Bases
 from .graph import Graph, edge_softmax, segment_max, segment_sum
-from .conv import EquivariantLinear, TFNConv
+from .conv import EquivariantLinear
+from .so2 import EdgeFrames, conv_class
 
 # %% ../nbs/05_attention.ipynb #bac38a7f
 def _to_heads(feats: Mapping[int, Tensor], degrees: list[int], num_heads: int) -> Tensor:  # [rows, H, sum_l C_l (2l+1) / H]
@@ -81,14 +82,15 @@ class AttentionBlock(nn.Module):
                  use_layer_norm: bool = False,  # in the radial MLPs
                  max_degree: int | None = None,
                  fuse_level: str = 'partial',
+                 path: str = 'so2',  # convolution: 'so2' (fast) or 'reference' (`04a_so2`)
                 ):
         super().__init__()
         self.fiber_in = fiber_in
         value_fiber = Fiber({l: c // channels_div for l, c in fiber_out.items()})
         key_fiber = Fiber({l: c for l, c in value_fiber.items() if l in fiber_in})
         self.value_fiber, self.key_fiber = value_fiber, key_fiber
-        self.to_key_value = TFNConv(fiber_in, value_fiber + key_fiber, fiber_edge, pool=False, use_layer_norm=use_layer_norm,
-                                    max_degree=max_degree, fuse_level=fuse_level)
+        self.to_key_value = conv_class(path)(fiber_in, value_fiber + key_fiber, fiber_edge, pool=False,
+                                             use_layer_norm=use_layer_norm, max_degree=max_degree, fuse_level=fuse_level)
         self.to_query = EquivariantLinear(fiber_in, key_fiber)
         self.attention = SE3Attention(num_heads, key_fiber, value_fiber)
         self.project = EquivariantLinear(value_fiber + fiber_in, fiber_out)
@@ -97,11 +99,12 @@ class AttentionBlock(nn.Module):
                 node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]} on fiber_in
                 edge_feats: Mapping[int, Tensor],  # {l: [E, C_l, 2l+1]}
                 invariants: Tensor,  # [E, C_edge_0 + 1]
-                graph: Graph, bases: Bases,
+                graph: Graph,
+                geometry: Bases | EdgeFrames,  # from `self.to_key_value.geometry`, shared by all layers
                 envelope: Tensor | None = None,  # [E] smooth cutoff
                ) -> dict[int, Tensor]:  # {l: [N, C_out_l, 2l+1]}
         "One attention layer."
-        key_value = self.to_key_value(node_feats, edge_feats, invariants, graph, bases)  # {l: [E, C_v (+ C_k), 2l+1]}
+        key_value = self.to_key_value(node_feats, edge_feats, invariants, graph, geometry)  # {l: [E, C_v (+ C_k), 2l+1]}
         value = {l: kv[:, :self.value_fiber[l]] for l, kv in key_value.items()}  # [E, C_v, 2l+1]
         key = {l: key_value[l][:, self.value_fiber[l]:] for l in self.key_fiber}  # [E, C_k, 2l+1]
         z = self.attention(value, key, self.to_query(node_feats), graph, envelope)  # {l: [N, C_v, 2l+1]}

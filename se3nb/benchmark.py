@@ -41,15 +41,20 @@ def random_molecule_batch(batch_size: int, *, atoms: int = 18, radius: float | N
         pos = torch.zeros(n, 3)
         for i in range(1, n): pos[i] = pos[parent[i]] + step[i]  # a tree of 1.5 Å bonds
         if radius is None:
-            src = torch.cat([torch.arange(1, n), parent[1:]]); dst = torch.cat([parent[1:], torch.arange(1, n)])
-            graphs.append(Graph(torch.stack([src, dst]), n, pos=pos))
+            a, b = torch.arange(1, n), parent[1:]  # tree bonds
+            rings = torch.randint(0, n, (2, n // 12), generator=g)  # ring closures
+            rings = rings[:, (rings[0] - rings[1]).abs() > 1]
+            a, b = torch.cat([a, rings[0]]), torch.cat([b, rings[1]])
+            graphs.append(Graph(torch.stack([torch.cat([a, b]), torch.cat([b, a])]), n, pos=pos))  # both directions
         else:
             graphs.append(radius_graph(pos, radius))
     graph = batch_graphs(graphs)
     N, E = graph.num_nodes, graph.num_edges
     elements = torch.randint(0, 5, (N,), generator=g)
     node = torch.cat([torch.nn.functional.one_hot(elements, 5).float(), torch.tensor([1., 6, 7, 8, 9])[elements, None]], 1)
-    edge = torch.nn.functional.one_hot(torch.randint(0, 4, (E,), generator=g), 4).float()
+    bond = torch.minimum(graph.src, graph.dst) * N + torch.maximum(graph.src, graph.dst)  # [E] the same for both directions
+    _, bond = torch.unique(bond, return_inverse=True)
+    edge = torch.nn.functional.one_hot(torch.randint(0, 4, (int(bond.max()) + 1 if E else 0,), generator=g)[bond], 4).float()
     return graph.to(device), {0: node[:, :, None].to(device)}, {0: edge[:, :, None].to(device)}
 
 # %% ../nbs/10_benchmark.ipynb #2e0d7f8a
@@ -70,13 +75,14 @@ class Case:
     num_heads: int = 8  # reduced to a divisor of the value channels for small sweeps
     low_memory: bool = False
     threads: int | None = None  # CPU threads (None: torch's default)
+    path: str = 'so2'  # convolutions: 'so2' or 'reference' (`04a_so2`)
     fixture: str | None = None  # a molecule batch file (e.g. NVIDIA's qm9_batch64.pt) instead of random molecules
 
 def _model(case: Case) -> SE3TransformerPooled:
     heads = math.gcd(case.num_heads, max(1, case.num_channels // 2))  # value channels must split evenly into heads
     return SE3TransformerPooled(Fiber({0: 6}), Fiber({0: case.num_degrees * case.num_channels}), Fiber({0: 4}), case.num_degrees,
-                                case.num_channels, 1, num_layers=case.num_layers, num_heads=heads, low_memory=case.low_memory
-                                ).to(case.device)
+                                case.num_channels, 1, num_layers=case.num_layers, num_heads=heads, low_memory=case.low_memory,
+                                path=case.path).to(case.device)
 
 def _batch(case: Case):
     if case.fixture is None: return random_molecule_batch(case.batch_size, atoms=case.atoms, radius=case.radius, device=case.device)
@@ -194,29 +200,40 @@ def _plot_scaling(results: list[dict], key: str, label: str, path: Path) -> None
     axes[1].loglog(x, m, 's-'); axes[1].set(title=f'peak memory vs {label} (slope {loglog_slope(x, m):.2f})', xlabel=label, ylabel='GB')
     fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
 
-def _plot_stages(stages: dict[str, float], path: Path) -> None:
+def _plot_stages(profiles: dict[str, dict[str, float]], path: Path) -> None:
+    "Grouped bars: one training step by stage for each profiled convolution path."
     import matplotlib; matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.barh(list(stages)[::-1], list(stages.values())[::-1])
-    ax.set(title='one training step by stage (self CPU time)', xlabel='ms')
+    names = sorted({k for st in profiles.values() for k in st}, key=lambda k: -max(st.get(k, 0.0) for st in profiles.values()))
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    height = 0.8 / len(profiles)
+    for i, (label, st) in enumerate(profiles.items()):
+        ax.barh([j + i * height for j in range(len(names))][::-1], [st.get(k, 0.0) for k in names][::-1], height, label=label)
+    ax.set_yticks([j + 0.4 - height / 2 for j in range(len(names))][::-1], names)
+    ax.set(title='one training step by stage (self CPU time)', xlabel='ms'); ax.legend()
     fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
 
 def run_suite(*, out_dir: str | Path, device: str = 'cpu', train_batches: tuple[int, ...] = (16, 64),
               inference_batches: tuple[int, ...] = (64, 256), precisions: tuple[str, ...] = ('fp32',), steps: int = 10,
               warmup: int = 3, threads: int | None = None, smoke: bool = False, fixture: str | Path | None = None,
-              scaling: bool = True, radius_atoms: tuple[int, ...] = (32, 64, 128, 256), progress: bool = True) -> dict:
+              scaling: bool = True, radius_atoms: tuple[int, ...] = (32, 64, 128, 256), progress: bool = True,
+              path: str = 'so2',  # convolution path of the suite; 'so2' also times and profiles the reference at the largest batch
+             ) -> dict:
     "Run the benchmark suite (each case in a fresh process) and write `results.json` and plots to `out_dir`."
     from tqdm.auto import tqdm
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
     small = dict(num_layers=1, num_channels=8, num_degrees=2) if smoke else {}
     if smoke: train_batches, inference_batches, steps, warmup = (2,), (2,), 2, 1
-    base = dict(device=device, steps=steps, warmup=warmup, threads=threads, **small)
+    base = dict(device=device, steps=steps, warmup=warmup, threads=threads, path=path, **small)
     plan: list[tuple[str, Case]] = []
     for p in precisions:
         plan += [('train', Case(mode='train', batch_size=b, precision=p, **base)) for b in train_batches]
         plan += [('inference', Case(mode='inference', batch_size=b, precision=p, **base)) for b in inference_batches]
     plan += [('memory', Case(mode=m, batch_size=train_batches[-1], low_memory=lm, **base)) for m in ('train',) for lm in (False, True)]
+    compare = path == 'so2' and not smoke
+    if compare:  # the same cases on the reference path: the speed-up of the SO(2) form
+        plan += [('reference', Case(mode=m, batch_size=b, **{**base, 'path': 'reference'}))
+                 for m, b in (('train', train_batches[-1]), ('inference', inference_batches[0]))]
     if fixture is None and not smoke:
         from se3nb.compat import find_nvidia_fixtures
         d = find_nvidia_fixtures()
@@ -241,9 +258,12 @@ def run_suite(*, out_dir: str | Path, device: str = 'cpu', train_batches: tuple[
         if kind == 'scale_channels': r['x'] = case.num_channels
         results.setdefault(kind, []).append(r)
     stages = profile_training_step(Case(batch_size=train_batches[-1], **base))
+    profiles = {path: stages}
+    if compare: profiles['reference'] = profile_training_step(Case(batch_size=train_batches[-1], **{**base, 'path': 'reference'}))
     report = {'se3nb': se3nb.__version__, 'torch': torch.__version__, 'e3nn': __import__('e3nn').__version__,
               'device': device, 'device_name': _device_name(device), 'threads': threads or torch.get_num_threads(),
-              'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'), 'smoke': smoke, 'results': results, 'stage_profile_ms': stages,
+              'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'), 'smoke': smoke, 'results': results, 'path': path,
+              'stage_profile_ms': stages, 'stage_profile_reference_ms': profiles.get('reference'),
               'what_was_timed': 'train: forward + L1 loss + backward + Adam step; inference: eval-mode forward under no_grad; '
                                 'mean over `steps` after `warmup`, device synchronized around each step; memory per fresh process'}
     if 'nvidia_cpu' in results:
@@ -261,7 +281,7 @@ def run_suite(*, out_dir: str | Path, device: str = 'cpu', train_batches: tuple[
                             'memory': loglog_slope([r['x'] for r in rs], [r['peak_memory_gb'] for r in rs])}
             _plot_scaling(rs, kind, label, out_dir / f'{kind}.png')
     report['loglog_slopes'] = slopes
-    _plot_stages(stages, out_dir / 'stage_profile.png')
+    _plot_stages(profiles, out_dir / 'stage_profile.png')
     tmp = out_dir / 'results.json.tmp'
     tmp.write_text(json.dumps(report, indent=1))
     tmp.replace(out_dir / 'results.json')
@@ -271,10 +291,10 @@ def run_suite(*, out_dir: str | Path, device: str = 'cpu', train_batches: tuple[
 def summary(report: dict) -> str:
     "A readable table of a suite's headline figures."
     lines = [f"se3nb {report['se3nb']}, torch {report['torch']}, {report['device']} ({report['device_name']}), {report['threads']} threads"]
-    for kind in ('train', 'inference', 'memory', 'nvidia_cpu'):
+    for kind in ('train', 'inference', 'memory', 'reference', 'nvidia_cpu'):
         for r in report['results'].get(kind, []):
             c = r['case']
-            lines.append(f"{kind:<10} {c['mode']:<9} batch {r['molecules']:>4} {c['precision']:<4} low_memory={c['low_memory']!s:<5} "
+            lines.append(f"{kind:<10} {c['mode']:<9} {c.get('path', 'so2'):<9} batch {r['molecules']:>4} {c['precision']:<4} low_memory={c['low_memory']!s:<5} "
                          f"mean {r['mean_ms']:9.1f} ms  p95 {r['p95_ms']:9.1f} ms  {r['molecules_per_ms']:8.3f} mol/ms  "
                          f"peak {r['peak_memory_gb']:.2f} GB")
     for kind, v in report.get('nvidia_cpu_comparison', {}).items():
@@ -282,7 +302,9 @@ def summary(report: dict) -> str:
                      f"({v['speedup']:.2f}x), RSS {v['se3nb_peak_rss_gb']:.2f} vs {v['nvidia']['peak_rss_gb']} GB")
     for kind, s in report.get('loglog_slopes', {}).items():
         lines.append(f"{kind}: time slope {s['time']:.2f}, memory slope {s['memory']:.2f}")
-    lines.append('stages (ms): ' + ', '.join(f"{k} {v:.0f}" for k, v in report['stage_profile_ms'].items()))
+    lines.append(f"stages (ms, {report.get('path', 'so2')}): " + ', '.join(f"{k} {v:.0f}" for k, v in report['stage_profile_ms'].items()))
+    if report.get('stage_profile_reference_ms'):
+        lines.append('stages (ms, reference): ' + ', '.join(f"{k} {v:.0f}" for k, v in report['stage_profile_reference_ms'].items()))
     return '\n'.join(lines)
 
 def main(argv: list[str] | None = None) -> None:
@@ -295,6 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument('--threads', type=int, default=None); p.add_argument('--smoke', action='store_true')
     p.add_argument('--no-scaling', action='store_true'); p.add_argument('--fixture', default=None)
     p.add_argument('--radius-atoms', default='32,64,128,256', help='molecule sizes of the radius-graph sweep (GPU: up to 4096)')
+    p.add_argument('--path', default='so2', choices=['so2', 'reference'], help='convolution path (so2 also times the reference)')
     p.add_argument('--case', default=None, help='internal: run one JSON case and print its result')
     a = p.parse_args(argv)
     if a.case:
@@ -302,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     ints = lambda s: tuple(int(x) for x in s.split(',') if x)
     report = run_suite(out_dir=a.out_dir, device=a.device, train_batches=ints(a.train_batches), inference_batches=ints(a.inference_batches),
                        precisions=tuple(a.precisions.split(',')), steps=a.steps, warmup=a.warmup, threads=a.threads, smoke=a.smoke,
-                       fixture=a.fixture, scaling=not a.no_scaling, radius_atoms=ints(a.radius_atoms))
+                       fixture=a.fixture, scaling=not a.no_scaling, radius_atoms=ints(a.radius_atoms),
+                       path=a.path)
     print(summary(report))
 
 # %% ../nbs/10_benchmark.ipynb #a0dec86e

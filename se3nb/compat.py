@@ -55,7 +55,9 @@ def nvidia_fuse_level(tensor_cores: bool = False, low_memory: bool = False) -> s
     "se3nb `fuse_level` of NVIDIA's flags."
     return 'none' if low_memory else 'full' if tensor_cores else 'partial'
 
-def build_from_nvidia_kwargs(model_name: str, kwargs: Mapping) -> nn.Module:
+def build_from_nvidia_kwargs(model_name: str, kwargs: Mapping,
+                             path: str = 'so2',  # se3nb's convolution path (same function)
+                            ) -> nn.Module:
     "An se3nb model with the parameter layout NVIDIA's `model_name(**kwargs)` would have."
     if model_name not in MODEL_CLASSES:
         raise ValueError(f"model_name must be one of {list(MODEL_CLASSES)}, got {model_name!r}")
@@ -65,7 +67,7 @@ def build_from_nvidia_kwargs(model_name: str, kwargs: Mapping) -> nn.Module:
     args['fuse_level'] = nvidia_fuse_level(args.pop('tensor_cores', False), args.get('low_memory', False))
     ignored = sorted(set(args) - accepted)
     if ignored: warnings.warn(f"NVIDIA kwargs not used by {model_name}: {ignored}")
-    return cls(**{k: v for k, v in args.items() if k in accepted})
+    return cls(**{k: v for k, v in args.items() if k in accepted}, path=path)
 
 def _mismatches(expected: Mapping[str, Tensor], given: Mapping[str, Tensor], limit: int = 5) -> list[str]:
     missing = [k for k in expected if k not in given]
@@ -92,9 +94,10 @@ def load_nvidia_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -
 def from_nvidia(model_name: str,  # 'SE3Transformer' or 'SE3TransformerPooled'
                 kwargs: Mapping,  # NVIDIA constructor kwargs, fibers as {degree: channels}
                 state_dict: Mapping[str, Tensor] | None = None,  # NVIDIA key names, any fusion layout
+                path: str = 'so2',  # se3nb's convolution path: 'so2' (fast) or 'reference'; same function
                ) -> nn.Module:
     "An se3nb model equal to NVIDIA's `model_name(**kwargs)` loaded with `state_dict`."
-    model = build_from_nvidia_kwargs(model_name, kwargs)
+    model = build_from_nvidia_kwargs(model_name, kwargs, path)
     return model if state_dict is None else load_nvidia_state_dict(model, state_dict)
 
 def to_nvidia_state_dict(model: nn.Module) -> dict[str, Tensor]:

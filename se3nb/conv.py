@@ -153,6 +153,7 @@ def _gather_inputs(node_feats: Mapping[int, Tensor], edge_feats: Mapping[int, Te
 
 class TFNConv(nn.Module):
     "Tensor Field Network convolution from `fiber_in` to `fiber_out` over the edges of a graph."
+    geometry_type = Bases  # what `geometry` returns and `messages` reads
     def __init__(self,
                  fiber_in: Fiber, fiber_out: Fiber,
                  fiber_edge: Fiber = Fiber({}),  # edge features (degree 0 feeds the radial MLPs)
@@ -179,21 +180,25 @@ class TFNConv(nn.Module):
             str(l): nn.Parameter(torch.randn(c, fiber_in[l]) / math.sqrt(fiber_in[l]))
             for l, c in fiber_out.items() if self_interaction and l in fiber_in})
 
-    def forward(self,
-                node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
-                edge_feats: Mapping[int, Tensor],  # {l: [E, C_l, 2l+1]}
-                invariants: Tensor,  # [E, C_edge_0 + 1] from `edge_invariants`
-                graph: Graph,
-                bases: Bases,
-                edge_scale: Tensor | None = None,  # [E] per-message factor, e.g. a cutoff envelope
-               ) -> dict[int, Tensor]:  # {l: [N, C_l, 2l+1]} if pool else {l: [E, C_l, 2l+1]}
-        "Messages of every edge, summed per destination node when `pool`."
-        src, dst = graph.src, graph.dst
-        rows = graph.num_nodes if self.pool else graph.num_edges
+    @staticmethod
+    def geometry(graph: Graph, invariants: Tensor, max_degree: int,
+                 groups: list[tuple[tuple[int, ...], tuple[int, ...]]],  # (in degrees, out degrees) of every kernel group
+                ) -> Bases:
+        "What `messages` needs about the edges, computed once per forward pass for all layers: the fused bases."
+        return Bases(graph.rel_pos, max_degree).precompute(groups)
+
+    def messages(self,
+                 node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
+                 edge_feats: Mapping[int, Tensor],  # {l: [E, C_l, 2l+1]}
+                 invariants: Tensor,  # [E, C_edge_0 + 1] from `edge_invariants`
+                 graph: Graph,
+                 bases: Bases,
+                ) -> dict[int, Tensor]:  # {l: [E, C_out_l, 2l+1]}
+        "Message of every edge by the definition: inputs contracted with the basis, then with the radial weights."
         out: dict[int, Tensor] = {}
         inputs: dict[tuple[int, ...], Tensor] = {}  # groups fused per output degree share their inputs
         for name, (ins, outs) in self.groups.items():
-            if ins not in inputs: inputs[ins] = _gather_inputs(node_feats, edge_feats, src, ins)
+            if ins not in inputs: inputs[ins] = _gather_inputs(node_feats, edge_feats, graph.src, ins)
             x = inputs[ins]  # [E, C_in, D_in]
             with record_function('se3nb.bases'):
                 B = bases.get(ins, outs) * self.basis_scale[name]  # [E, D_in, F, D_out]
@@ -206,12 +211,28 @@ class TFNConv(nn.Module):
                 tmp_t = (x @ B.reshape(E, D_in, F * D_out)).view(E, C_in, F, D_out)  # [E, C_in, F, D_out]
                 tmp_t = tmp_t.permute(0, 3, 1, 2).reshape(E, D_out, C_in * F)  # [E, D_out, C_in*F]
                 y = radial_kernel_product(h, radial.net[-1].weight, tmp_t).transpose(1, 2)  # [E, C_out, D_out]
+            for l, part in zip(outs, torch.split(y, [degree_to_dim(l) for l in outs], dim=-1)):
+                out[l] = out[l] + part if l in out else part  # [E, C_out, 2l+1]
+        return out
+
+    def forward(self,
+                node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
+                edge_feats: Mapping[int, Tensor],  # {l: [E, C_l, 2l+1]}
+                invariants: Tensor,  # [E, C_edge_0 + 1] from `edge_invariants`
+                graph: Graph,
+                geometry: Bases,  # from `self.geometry` (the SO(2) subclass of `04a_so2` takes its `EdgeFrames`)
+                edge_scale: Tensor | None = None,  # [E] per-message factor, e.g. a cutoff envelope
+               ) -> dict[int, Tensor]:  # {l: [N, C_l, 2l+1]} if pool else {l: [E, C_l, 2l+1]}
+        "Messages of every edge, summed per destination node when `pool`."
+        dst = graph.dst
+        rows = graph.num_nodes if self.pool else graph.num_edges
+        out = self.messages(node_feats, edge_feats, invariants, graph, geometry)  # {l: [E, C_out, 2l+1]}
+        for l, y in out.items():
             if edge_scale is not None: y = y * edge_scale.to(y.dtype)[:, None, None]
             if self.pool:
                 with record_function('se3nb.aggregation'):
-                    y = segment_sum(y, dst, rows)  # [N, C_out, D_out]
-            for l, part in zip(outs, torch.split(y, [degree_to_dim(l) for l in outs], dim=-1)):
-                out[l] = out[l] + part if l in out else part  # [rows, C_out, 2l+1]
+                    y = segment_sum(y, dst, rows)  # [N, C_out, 2l+1]
+            out[l] = y
         for key, W in self.self_interaction.items():
             l = int(key)
             x_dst = node_feats[l] if self.pool else node_feats[l][dst]  # [rows, C_in, 2l+1]

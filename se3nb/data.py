@@ -31,6 +31,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, random_split
 
 import se3nb
 from .basis import Bases
+from .conv import edge_invariants
+from .so2 import EdgeFrames, conv_class
 from .fiber import Fiber
 from .graph import Graph, radius_graph
 
@@ -423,7 +425,7 @@ class GraphBatch:
     node_feats: dict[int, Tensor]  # {l: [N, C_l, 2l+1]}
     edge_feats: dict[int, Tensor]  # {l: [E, C_l, 2l+1]}
     targets: Tensor  # [B] or [B, T]
-    bases: Bases | None = None  # per-batch bases from graph.rel_pos, when requested
+    bases: Bases | EdgeFrames | None = None  # per-batch geometry for the model's convolutions, when requested
 
     @property
     def num_graphs(self) -> int: return self.graph.num_graphs
@@ -452,6 +454,7 @@ class GraphBatch:
 def collate_graphs(samples: Sequence[GraphSample],  # B samples
                    *, max_degree: int | None = None,  # build Bases(rel_pos, max_degree) when set
                    basis_keys: Sequence[tuple] | None = None,  # fused bases to precompute: [(in_degrees, out_degrees), ...]
+                   path: str = 'so2',  # the model's convolution path: 'so2' (EdgeFrames) or 'reference' (Bases)
                   ) -> GraphBatch:
     "Batch `GraphSample`s into a `GraphBatch` (disjoint union, edges grouped by graph)."
     if not samples: raise ValueError("collate_graphs needs at least one sample")
@@ -463,11 +466,11 @@ def collate_graphs(samples: Sequence[GraphSample],  # B samples
     rel_pos = pos[edge_index[1]] - pos[edge_index[0]]  # [E, 3]
     graph = Graph(edge_index, int(n.sum()), pos=pos, rel_pos=rel_pos, batch_num_nodes=n, batch_num_edges=e, validate=False)
     cat = lambda key: {l: torch.cat([getattr(s, key)[l] for s in samples]) for l in getattr(samples[0], key)}
+    node_feats, edge_feats = cat('node_feats'), cat('edge_feats')
     bases = None
     if max_degree is not None:
-        bases = Bases(rel_pos, max_degree)
-        if basis_keys: bases.precompute(list(basis_keys))
-    return GraphBatch(graph, cat('node_feats'), cat('edge_feats'), torch.stack([s.target for s in samples]), bases)
+        bases = conv_class(path).geometry(graph, edge_invariants(rel_pos, edge_feats), max_degree, list(basis_keys or []))
+    return GraphBatch(graph, node_feats, edge_feats, torch.stack([s.target for s in samples]), bases)
 
 # %% ../nbs/08_data.ipynb #cf758af5
 _NODE_TABLE = torch.zeros(10, 6)  # atomic number -> [one-hot H, C, N, O, F, Z]
@@ -581,7 +584,8 @@ class GraphDataModule:
         self.fiber_node, self.fiber_edge = fiber_node, fiber_edge
         self.target_name, self.target_unit = target_name, target_unit
         self.batch_size, self.num_workers, self.max_degree = batch_size, num_workers, max_degree
-        self.basis_keys: list[tuple] | None = None  # set by the trainer to precompute the model's fused bases
+        self.basis_keys: list[tuple] | None = None  # fused bases to precompute (reference path)
+        self.path = 'so2'  # the model's convolution path (`fit` sets it from the model config)
         self.scaler = scaler or self._fit_scaler(train)
 
     @staticmethod
@@ -598,7 +602,7 @@ class GraphDataModule:
 
     def collate(self, samples: Sequence[GraphSample]) -> GraphBatch:
         "`collate_graphs` with this module's basis options."
-        return collate_graphs(samples, max_degree=self.max_degree, basis_keys=self.basis_keys)
+        return collate_graphs(samples, max_degree=self.max_degree, basis_keys=self.basis_keys, path=self.path)
 
     def dataloader(self, split: str, *, shuffle: bool | None = None, sampler: Sampler | None = None,
                    batch_size: int | None = None, generator: torch.Generator | None = None,

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .basis import Bases
+from .so2 import EdgeFrames
 from .graph import Graph
 
 # %% ../nbs/07b_dgl.ipynb #89c862f0
@@ -128,17 +129,17 @@ class NVIDIACompatModel(nn.Module):
                 graph,  # dgl.DGLGraph with edata['rel_pos'] [E, 3], or se3nb Graph
                 node_feats: Mapping[str | int, Tensor],  # {'l': [N, C_l, 2l+1]}
                 edge_feats: Mapping[str | int, Tensor] | None = None,  # {'l': [E, C_l, 2l+1]}
-                basis: Bases | Mapping | None = None,  # se3nb Bases; NVIDIA's get_basis dict is ignored (recomputed)
+                basis: Bases | EdgeFrames | Mapping | None = None,  # se3nb geometry of the model's path; NVIDIA's get_basis dict is ignored
                ) -> dict[str | int, Tensor] | Tensor:  # like NVIDIA's model: {'l': [N, C_l, 2l+1]}, [N, C, 2l+1] or [B](, output_dim)
         "NVIDIA's `model(graph, node_feats, edge_feats, basis)`."
         se3_graph = as_graph(graph)
         _check_devices(se3_graph, se3_graph is not graph, node_feats, edge_feats)
         if isinstance(basis, Mapping):
             warnings.warn("basis dicts from NVIDIA's get_basis are not used: se3nb computes its own basis from edata['rel_pos'] "
-                          "(pass basis=None, or an se3nb Bases to precompute)", stacklevel=2)
+                          "(pass basis=None, or the se3nb EdgeFrames / Bases the model's path needs to precompute)", stacklevel=2)
             basis = None
-        elif basis is not None and not isinstance(basis, Bases):
-            raise TypeError(f"basis must be None, an se3nb Bases or NVIDIA's basis dict, got {type(basis).__name__}")
+        elif basis is not None and not isinstance(basis, (Bases, EdgeFrames)):
+            raise TypeError(f"basis must be None, se3nb EdgeFrames or Bases, or NVIDIA's basis dict, got {type(basis).__name__}")
         return self.model(se3_graph, node_feats, edge_feats, basis)
 
     def extra_repr(self) -> str: return f"model_name={self.model_name!r}"

@@ -11,12 +11,14 @@ from dataclasses import dataclass, asdict
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 from .fiber import Fiber
 from .basis import Bases
 from .graph import Graph
 from .conv import TFNConv, edge_invariants, smooth_cutoff
+from .so2 import EdgeFrames, conv_class
 from .attention import AttentionBlock
 from .norm import NormNonlinearity, GraphPooling
 from .dgl_interop import as_graph  # 07b, an exception to the numbering: it imports only basis and graph at import time
@@ -56,6 +58,7 @@ class SE3Transformer(nn.Module):
                  *,
                  fuse_level: str = 'partial',  # NVIDIA parameter layout: 'none' | 'partial' | 'full'
                  cutoff: float | None = None,  # smooth cutoff radius (None: NVIDIA's behaviour)
+                 path: str = 'so2',  # convolutions: 'so2' (fast) or 'reference'
                 ):
         super().__init__()
         fiber_in, fiber_hidden, fiber_out, fiber_edge = map(Fiber, (fiber_in, fiber_hidden, fiber_out, fiber_edge))
@@ -63,18 +66,33 @@ class SE3Transformer(nn.Module):
         if num_layers < 0: raise ValueError(f"num_layers must be >= 0, got {num_layers}")
         self.fiber_in, self.fiber_hidden, self.fiber_out, self.fiber_edge = fiber_in, fiber_hidden, fiber_out, fiber_edge
         self.return_type, self.pooling, self.low_memory, self.cutoff = return_type, pooling, low_memory, cutoff
+        self.path, conv = path, conv_class(path)
         self.max_degree = max(fiber_in.max_degree, fiber_hidden.max_degree, fiber_out.max_degree)
         layers, fin = [], fiber_in
         for _ in range(num_layers):
             layers.append(AttentionBlock(fin, fiber_hidden, fiber_edge, num_heads=num_heads, channels_div=channels_div,
-                                         use_layer_norm=use_layer_norm, max_degree=self.max_degree, fuse_level=fuse_level))
+                                         use_layer_norm=use_layer_norm, max_degree=self.max_degree, fuse_level=fuse_level,
+                                         path=path))
             if norm: layers.append(NormNonlinearity(fiber_hidden))
             fin = fiber_hidden
-        layers.append(TFNConv(fin, fiber_out, fiber_edge, self_interaction=True, use_layer_norm=use_layer_norm,
-                              max_degree=self.max_degree, fuse_level=fuse_level))
+        layers.append(conv(fin, fiber_out, fiber_edge, self_interaction=True, use_layer_norm=use_layer_norm,
+                           max_degree=self.max_degree, fuse_level=fuse_level))
         self.graph_modules = nn.ModuleList(layers)  # same indices as NVIDIA's `graph_modules`
         self.basis_keys = sorted({key for m in self.graph_modules.modules() if isinstance(m, TFNConv) for key in m.groups.values()})
         self.pooling_module = GraphPooling(pooling, return_type) if pooling is not None else None
+
+    def geometry(self, graph: Graph, invariants: Tensor) -> Bases | EdgeFrames:
+        "What the convolutions need about the edges (bases, or edge frames), for all layers of one forward pass."
+        return self.graph_modules[-1].geometry(graph, invariants, self.max_degree, self.basis_keys)
+
+    def _checked_geometry(self, bases, graph: Graph):
+        kind = self.graph_modules[-1].geometry_type
+        if not isinstance(bases, kind):
+            raise TypeError(f"path={self.path!r} needs {kind.__name__} as precomputed `bases`, got {type(bases).__name__}")
+        if bases.num_edges != graph.num_edges or bases.max_degree < self.max_degree:
+            raise ValueError(f"bases were built for {bases.num_edges} edges and max_degree {bases.max_degree}; "
+                             f"this graph has {graph.num_edges} edges and the model needs max_degree {self.max_degree}")
+        return bases.precompute(self.basis_keys) if isinstance(bases, Bases) else bases
 
     def _block(self, module: nn.Module, x, edge_feats, invariants, graph, bases, envelope):
         if isinstance(module, NormNonlinearity): return module(x)
@@ -84,7 +102,7 @@ class SE3Transformer(nn.Module):
                 graph: Graph,
                 node_feats: Mapping[int | str, Tensor],  # {l: [N, C_l, 2l+1]}
                 edge_feats: Mapping[int | str, Tensor] | None = None,  # {l: [E, C_l, 2l+1]}
-                bases: Bases | None = None,  # precomputed for this graph, else computed here
+                bases: Bases | EdgeFrames | None = None,  # this graph's geometry (EdgeFrames for path 'so2'), else computed here
                ) -> dict[int | str, Tensor] | Tensor:  # {l: [N, C_l, 2l+1]}, or [N, C, 2l+1] / pooled [B, C]
         "Run the model; keys of the result are `str` when the inputs' are."
         graph = as_graph(graph)  # a dgl.DGLGraph with edata['rel_pos'] becomes a Graph (DGL is never imported here)
@@ -92,13 +110,10 @@ class SE3Transformer(nn.Module):
         node_feats, edge_feats = _int_keys(node_feats), _int_keys(edge_feats)
         param = next(self.parameters())
         check_inputs(graph, node_feats, edge_feats, self.fiber_in, self.fiber_edge, param.dtype, param.device)
-        if bases is None: bases = Bases(graph.rel_pos, self.max_degree)
-        elif bases.num_edges != graph.num_edges or bases.max_degree < self.max_degree:
-            raise ValueError(f"bases were built for {bases.num_edges} edges and max_degree {bases.max_degree}; "
-                             f"this graph has {graph.num_edges} edges and the model needs max_degree {self.max_degree}")
-        # every basis now, outside the checkpointed blocks of low_memory mode, whose recomputation must save the same tensors
-        bases.precompute(self.basis_keys)
         invariants = edge_invariants(graph.rel_pos, edge_feats)  # [E, C_edge_0 + 1]
+        # the geometry of every layer now, outside the checkpointed blocks of low_memory mode, whose recomputation must see the same
+        with record_function('se3nb.bases'):
+            bases = self.geometry(graph, invariants) if bases is None else self._checked_geometry(bases, graph)
         envelope = None if self.cutoff is None else smooth_cutoff(invariants[:, -1], self.cutoff)  # [E]
         x = node_feats
         for module in self.graph_modules[:-1]:
@@ -129,6 +144,7 @@ class ModelConfig:
     use_layer_norm: bool = True  # LayerNorm in the radial MLPs
     low_memory: bool = False  # recompute activations in backward
     fuse_level: str = 'partial'  # NVIDIA parameter layout
+    path: str = 'so2'  # convolutions: 'so2' (fast) or 'reference' (same function)
     cutoff: float | None = None  # smooth cutoff radius in Angstrom (None: NVIDIA's behaviour)
 
 class SE3TransformerPooled(nn.Module):
@@ -139,15 +155,18 @@ class SE3TransformerPooled(nn.Module):
                  *,
                  num_layers: int = 7, num_heads: int = 8, channels_div: int = 2, pooling: str | None = 'max',
                  norm: bool = True, use_layer_norm: bool = True, low_memory: bool = False,
-                 fuse_level: str = 'partial', cutoff: float | None = None,
+                 fuse_level: str = 'partial', cutoff: float | None = None, path: str = 'so2',
                 ):
         super().__init__()
         self.transformer = SE3Transformer(num_layers, fiber_in, Fiber.create(num_degrees, num_channels), fiber_out, num_heads,
                                           channels_div, fiber_edge, return_type=0, pooling=pooling or 'max', norm=norm,
-                                          use_layer_norm=use_layer_norm, low_memory=low_memory, fuse_level=fuse_level,
+                                          use_layer_norm=use_layer_norm, low_memory=low_memory, fuse_level=fuse_level, path=path,
                                           cutoff=cutoff)
         n = Fiber(fiber_out).num_features
         self.mlp = nn.Sequential(nn.Linear(n, n), nn.ReLU(), nn.Linear(n, output_dim))
+
+    @property
+    def path(self) -> str: return self.transformer.path  # 'so2' or 'reference'
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> "SE3TransformerPooled":
@@ -156,7 +175,7 @@ class SE3TransformerPooled(nn.Module):
         return cls(Fiber({0: c.node_feature_dim}), Fiber({0: c.out_channels}), Fiber({0: c.edge_feature_dim}) if c.edge_feature_dim else Fiber({}),
                    c.num_degrees, c.num_channels, c.output_dim, num_layers=c.num_layers, num_heads=c.num_heads,
                    channels_div=c.channels_div, pooling=c.pooling, norm=c.norm, use_layer_norm=c.use_layer_norm,
-                   low_memory=c.low_memory, fuse_level=c.fuse_level, cutoff=c.cutoff)
+                   low_memory=c.low_memory, fuse_level=c.fuse_level, cutoff=c.cutoff, path=c.path)
 
     def forward(self, graph: Graph,
                 node_feats: Mapping[int | str, Tensor],  # {0: [N, C_in, 1]}

@@ -282,6 +282,7 @@ def fit(model_config: ModelConfig = ModelConfig(),  # the model (NVIDIA's QM9 mo
         data = QM9DataModule(replace(data, progress=data.progress and runtime.is_main))
         if runtime.is_main and runtime.distributed: dist.barrier()
     if model is None: _check_fits(model_config, data)
+    data.path = model_config.path if model is None else getattr(model, 'path', data.path)  # precomputed geometry must fit the model
     out_dir = Path(config.out_dir); ckpt_path = out_dir / 'checkpoint.pt'
     _seed_everything(config.seed)
     net = (model if model is not None else SE3TransformerPooled.from_config(model_config)).to(runtime.device)

@@ -212,8 +212,13 @@ def test_forward_arguments_like_nvidia(nvidia_dir):
             out = model(graph, fx["node_feats"], fx["edge_feats"], {"0,0": torch.zeros(1)})
         assert max_diff(out, ref) == 0.0
         from se3nb.basis import Bases
-        out = model(graph, fx["node_feats"], fx["edge_feats"], basis=Bases(graph.rel_pos, 2))
+        from se3nb.conv import edge_invariants
+        from se3nb.so2 import EdgeFrames
+        inv = edge_invariants(graph.rel_pos, {int(k): v for k, v in fx["edge_feats"].items()})
+        out = model(graph, fx["node_feats"], fx["edge_feats"], basis=EdgeFrames(graph, 2, inv))
         assert max_diff(out, ref) < 1e-6
+        with pytest.raises(TypeError, match="needs EdgeFrames"):
+            model(graph, fx["node_feats"], fx["edge_feats"], basis=Bases(graph.rel_pos, 2))
         with pytest.raises(TypeError, match="basis must be"):
             model(graph, fx["node_feats"], fx["edge_feats"], basis=torch.zeros(3))
         with pytest.raises(ValueError, match="graph = graph.to"):
@@ -286,14 +291,16 @@ def test_low_memory_position_gradients(nvidia_dir):
     torch.testing.assert_close(rel_pos.grad, reference.grad, rtol=0, atol=1e-5 * reference.grad.abs().max().item())
 
 
-def test_position_gradients_include_the_basis():
+@pytest.mark.parametrize("path", ["so2", "reference"])
+def test_position_gradients_include_the_basis(path):
     """NVIDIA difference: its forward builds the basis with get_basis(compute_gradients=False), so d(output)/d(positions) (forces)
     sees only the edge lengths. se3nb's gradient is the true one: it matches central finite differences in float64, and
     detaching the basis (NVIDIA's behaviour) does not."""
-    from se3nb.basis import Bases
+    from se3nb.conv import edge_invariants
     torch.manual_seed(0)
     model = from_nvidia("SE3Transformer", dict(num_layers=1, fiber_in={0: 2, 1: 1}, fiber_hidden={0: 4, 1: 4}, fiber_out={0: 1, 1: 1},
-                                              num_heads=2, channels_div=2, fiber_edge={}, return_type=None, pooling=None)).double()
+                                              num_heads=2, channels_div=2, fiber_edge={}, return_type=None, pooling=None),
+                        path=path).double()
     pos = torch.randn(6, 3, dtype=torch.float64)
     graph = radius_graph(pos, 10.0)
     feats = {0: torch.randn(6, 2, 1, dtype=torch.float64), 1: torch.randn(6, 1, 3, dtype=torch.float64)}
@@ -301,7 +308,8 @@ def test_position_gradients_include_the_basis():
 
     def energy(rel_pos, detach_basis=False):
         g = Graph(graph.edge_index, graph.num_nodes, rel_pos=rel_pos)
-        bases = Bases(rel_pos.detach(), model.max_degree) if detach_basis else None
+        fixed = Graph(graph.edge_index, graph.num_nodes, rel_pos=rel_pos.detach())  # basis / edge frames without gradients
+        bases = model.geometry(fixed, edge_invariants(fixed.rel_pos, {})) if detach_basis else None
         return total(model(g, feats, None, bases))
 
     h = 1e-5

@@ -5,6 +5,7 @@ import torch
 from se3nb.basis import Bases
 from se3nb.conv import FUSE_LEVELS, TFNConv, edge_invariants, radial_kernel_product, radial_kernel_product_reference, random_features
 from se3nb.attention import AttentionBlock
+from se3nb.so2 import conv_class
 from se3nb.equivariance import equivariance_error, translation_error
 from se3nb.fiber import Fiber
 from se3nb.graph import Graph, batch_graphs, fully_connected, radius_graph, unbatch
@@ -30,10 +31,11 @@ def random_inputs(model, n=14, cutoff=2.5, dtype=F64, seed=1):
         random_features(model.fiber_edge, graph.num_edges, dtype=dtype, generator=g)
 
 
+@pytest.mark.parametrize("path", ["so2", "reference"])
 @pytest.mark.parametrize("dtype,tol", [(F64, 1e-9), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("fuse_level", FUSE_LEVELS)
-def test_model_equivariance(dtype, tol, fuse_level):
-    model = small_model(dtype, fuse_level=fuse_level)
+def test_model_equivariance(dtype, tol, fuse_level, path):
+    model = small_model(dtype, fuse_level=fuse_level, path=path)
     pos, graph, nf, ef = random_inputs(model, dtype=dtype)
     err = equivariance_error(lambda p, f, e: model(graph.with_positions(p), f, e), pos, nf, edge_feats=ef, num_rotations=4)
     assert err.max() < tol, err
@@ -113,16 +115,17 @@ def test_smooth_cutoff_is_continuous_and_default_is_not():
     assert smooth_steps < 1e-3
 
 
-def test_gradcheck_conv_attention_norm():
+@pytest.mark.parametrize("path", ["so2", "reference"])
+def test_gradcheck_conv_attention_norm(path):
     torch.manual_seed(0)
     fin, fout, fedge = Fiber({0: 2, 1: 2, 2: 1}), Fiber({0: 2, 1: 2, 2: 2}), Fiber({0: 1, 1: 1})
     pos = torch.randn(5, 3, dtype=F64)
     graph = fully_connected(pos)
-    bases = Bases(graph.rel_pos, 2)
     ef = random_features(fedge, graph.num_edges, dtype=F64)
     inv = edge_invariants(graph.rel_pos, ef)
-    conv = TFNConv(fin, fout, fedge, self_interaction=True).double()
-    block = AttentionBlock(fin, fout, fedge, num_heads=1).double()
+    conv = conv_class(path)(fin, fout, fedge, self_interaction=True).double()
+    block = AttentionBlock(fin, fout, fedge, num_heads=1, path=path).double()
+    bases = conv.geometry(graph, inv, 2, list(conv.groups.values()) + list(block.to_key_value.groups.values()))
     norm = NormNonlinearity(Fiber({0: 2, 1: 3, 2: 2})).double()
     x = random_features(fin, 5, dtype=F64)
     def as_fn(module_call, feats):
@@ -209,9 +212,12 @@ def test_bad_inputs_give_clear_errors():
         small_model(num_heads=3)
     with pytest.raises(ValueError, match="fuse_level"):
         small_model(fuse_level='fast')
-    bases = Bases(graph.rel_pos[:5], 3)
+    with pytest.raises(TypeError, match="path='so2' needs EdgeFrames"):
+        model(graph, nf, ef, Bases(graph.rel_pos, 3))
     with pytest.raises(ValueError, match="bases were built for 5 edges"):
-        model(graph, nf, ef, bases)
+        small_model(path='reference')(graph, nf, ef, Bases(graph.rel_pos[:5], 3))
+    with pytest.raises(ValueError, match="path must be one of"):
+        small_model(path='fast')
 
 
 def test_string_keys_round_trip():

@@ -36,10 +36,14 @@ def total(out):
     return sum(v.sum() for v in out.values()) if isinstance(out, dict) else out.sum()
 
 
+PATHS = ["so2", "reference"]
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", MODEL_FIXTURES)
-def test_outputs_match_nvidia(nvidia_dir, name):
+def test_outputs_match_nvidia(nvidia_dir, name, path):
     fx = load(nvidia_dir, name)
-    model = from_nvidia(fx["model"], fx["kwargs"], fx["state_dict"]).eval()
+    model = from_nvidia(fx["model"], fx["kwargs"], fx["state_dict"], path=path).eval()
     atol, _ = tolerances(fx)
     with torch.no_grad():
         assert max_diff(run_nvidia_fixture(fx, model), fx["output"]) < atol
@@ -64,10 +68,11 @@ def ambiguous_max_pool_graphs(model, fx, atol):
     return graphs
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", MODEL_FIXTURES)
-def test_gradients_match_nvidia(nvidia_dir, name):
+def test_gradients_match_nvidia(nvidia_dir, name, path):
     fx = load(nvidia_dir, name)
-    model = from_nvidia(fx["model"], fx["kwargs"], fx["state_dict"]).eval()
+    model = from_nvidia(fx["model"], fx["kwargs"], fx["state_dict"], path=path).eval()
     atol, gtol = tolerances(fx)
     ambiguous = ambiguous_max_pool_graphs(model, fx, atol)
     fx["node_feats"] = {k: v.clone().requires_grad_() for k, v in fx["node_feats"].items()}
@@ -106,13 +111,14 @@ def _recipe(nvidia_dir):
     return module
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("variant", ["none", "partial", "full"])
-def test_full_size_qm9_model_matches_nvidia(nvidia_dir, variant):
+def test_full_size_qm9_model_matches_nvidia(nvidia_dir, variant, path):
     """NVIDIA's exact QM9 architecture (9.3M parameters): weights rebuilt from recipe.py, outputs and gradient summaries."""
     fx, recipe = load(nvidia_dir, f"qm9big_{variant}"), _recipe(nvidia_dir)
     sd = {k: recipe.recipe_tensor(k, shape, off, scale, fx["recipe"]["seed"]) for k, (shape, off, scale) in fx["state_dict_recipe"].items()}
     assert all(recipe.checksum(sd[k]) == c for k, c in fx["state_dict_checksums"].items())
-    model = from_nvidia(fx["model"], fx["kwargs"], sd).eval()
+    model = from_nvidia(fx["model"], fx["kwargs"], sd, path=path).eval()
     atol, _ = tolerances(fx)
     out = run_nvidia_fixture(fx, model)
     assert max_diff(out, fx["output"]) < atol

@@ -1,0 +1,207 @@
+"""The SO(2) fast path (`se3nb.so2`) against the reference TFN convolution: values, gradients, edge cases, precision."""
+import pytest
+import torch
+
+from se3nb.basis import Bases, wigner_D
+from se3nb.conv import FUSE_LEVELS, TFNConv, edge_invariants, random_features
+from se3nb.fiber import Fiber
+from se3nb.graph import Graph, batch_graphs, radius_graph
+from se3nb.model import SE3Transformer
+from se3nb.so2 import EdgeFrames, SO2Conv, SO2Plan, edge_rotations, reverse_edge_pairs, wigner_D_batch
+from se3nb.benchmark import random_molecule_batch
+
+F64 = torch.float64
+
+
+def mixed_graph(seed=0, dtype=F64, symmetric=True):
+    """Radius graph whose reverse edges share degree-0 features (so they pair), plus a zero-length edge, a lone edge and a
+    duplicated edge; degree-1 edge features differ per direction."""
+    g = torch.Generator().manual_seed(seed)
+    pos = torch.randn(24, 3, generator=g, dtype=dtype) * 1.6
+    pos[23] = pos[22]
+    base = radius_graph(pos, 2.4)
+    src = base.src.tolist() + [22, 0, base.src[0].item()]
+    dst = base.dst.tolist() + [23, 5, base.dst[0].item()]
+    graph = Graph(torch.tensor([src, dst]), 24, pos=pos)
+    key = torch.minimum(graph.src, graph.dst) * 24 + torch.maximum(graph.src, graph.dst)
+    _, pair = torch.unique(key, return_inverse=True)
+    e0 = torch.randn(int(pair.max()) + 1, 2, 1, generator=g, dtype=dtype)[pair] if symmetric else \
+        torch.randn(graph.num_edges, 2, 1, generator=g, dtype=dtype)
+    return graph, {0: e0, 1: torch.randn(graph.num_edges, 1, 3, generator=g, dtype=dtype)}
+
+
+def conv_pair(fin, fout, fedge, **kw):
+    torch.manual_seed(1)
+    ref = TFNConv(fin, fout, fedge, **kw).double()
+    fast = SO2Conv(fin, fout, fedge, **kw).double()
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+UNEVEN = (Fiber({0: 3, 1: 5, 2: 2, 3: 4, 4: 2}), Fiber({0: 2, 1: 3, 2: 4, 3: 1, 4: 2}))
+EVEN = (Fiber.create(5, 3), Fiber.create(5, 3))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("pool", [False, True])
+@pytest.mark.parametrize("fuse_level", FUSE_LEVELS)
+@pytest.mark.parametrize("fibers", [UNEVEN, EVEN], ids=["uneven", "even"])
+def test_fast_path_equals_reference_degrees_0_to_4(fibers, fuse_level, pool, symmetric):
+    graph, ef = mixed_graph(symmetric=symmetric)
+    fedge = Fiber({0: 2, 1: 1})
+    ref, fast = conv_pair(*fibers, fedge, pool=pool, self_interaction=pool, fuse_level=fuse_level)
+    x = random_features(fibers[0], graph.num_nodes, dtype=F64)
+    x_ref = {l: v.clone().requires_grad_() for l, v in x.items()}
+    x_fast = {l: v.clone().requires_grad_() for l, v in x.items()}
+    inv = edge_invariants(graph.rel_pos, ef)
+    frames = EdgeFrames(graph, 4, inv)
+    assert frames.num_zero == 3 and (frames.num_slots < graph.num_edges) == symmetric
+    y_ref = ref(x_ref, ef, inv, graph, Bases(graph.rel_pos, 4))
+    y_fast = fast(x_fast, ef, inv, graph, frames)
+    for l in y_ref:
+        assert ((y_ref[l] - y_fast[l]).abs().max() / y_ref[l].abs().max()) < 1e-10, l
+    # gradients of inputs and of every parameter
+    cot = {l: torch.randn_like(v) for l, v in y_ref.items()}
+    sum((y_ref[l] * cot[l]).sum() for l in cot).backward()
+    sum((y_fast[l] * cot[l]).sum() for l in cot).backward()
+    for l in x:
+        assert (x_ref[l].grad - x_fast[l].grad).abs().max() < 1e-10 * x_ref[l].grad.abs().max()
+    for (name, p), q in zip(ref.named_parameters(), fast.parameters()):
+        assert (p.grad - q.grad).abs().max() <= 1e-10 * p.grad.abs().max() + 1e-14, name
+
+
+def test_gradients_reach_each_edges_own_features_and_positions():
+    """Reverse edges share one radial evaluation; gradients for edge features and positions must still be each edge's own."""
+    graph, ef = mixed_graph()
+    fin, fout = UNEVEN
+    ref, fast = conv_pair(fin, fout, Fiber({0: 2, 1: 1}), fuse_level='partial')
+    x = random_features(fin, graph.num_nodes, dtype=F64)
+    grads = []
+    for conv, make in ((ref, lambda g, inv: Bases(g.rel_pos, 4)), (fast, lambda g, inv: EdgeFrames(g, 4, inv))):
+        pos = graph.pos.clone().requires_grad_()
+        e = {l: v.clone().requires_grad_() for l, v in ef.items()}
+        g = graph.with_positions(pos)
+        inv = edge_invariants(g.rel_pos, e)
+        out = conv(x, e, inv, g, make(g, inv))
+        sum(v.square().sum() for v in out.values()).backward()
+        grads.append([pos.grad, e[0].grad, e[1].grad])
+    # the coincident nodes 22 and 23 are left out: there the reference's gradient is e3nn's normalization at |r| = 0 (~1e11)
+    keep_nodes = torch.arange(graph.num_nodes) < 22
+    keep_edges = graph.rel_pos.norm(dim=-1) > 0
+    for (a, b), keep in zip(zip(*grads), (keep_nodes, keep_edges, keep_edges)):
+        assert torch.isfinite(b).all() and (a - b)[keep].abs().max() < 1e-9 * a[keep].abs().max()
+
+
+def test_model_paths_agree_and_share_state_dicts():
+    torch.manual_seed(0)
+    kw = dict(num_layers=2, fiber_in=Fiber({0: 3, 1: 2}), fiber_hidden=Fiber({0: 8, 1: 4, 2: 4, 3: 4}),
+              fiber_out=Fiber({0: 2, 1: 1}), num_heads=2, channels_div=2, fiber_edge=Fiber({0: 2}))
+    fast = SE3Transformer(**kw).double()
+    ref = SE3Transformer(**kw, path='reference').double()
+    ref.load_state_dict(fast.state_dict())
+    graph, ef = mixed_graph()
+    x = random_features(fast.fiber_in, graph.num_nodes, dtype=F64)
+    a, b = fast(graph, x, {0: ef[0]}), ref(graph, x, {0: ef[0]})
+    assert all((a[l] - b[l]).abs().max() < 1e-10 * b[l].abs().max() for l in b)
+    assert isinstance(fast.graph_modules[0].to_key_value, SO2Conv) and type(ref.graph_modules[-1]) is TFNConv
+
+
+def test_wigner_D_batch_and_edge_frames():
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(40, 3, generator=g, dtype=F64)
+    r[0] = torch.tensor([1e-3, 0, 0], dtype=F64)  # along x: the helper axis switches to z
+    r[1] = torch.tensor([0, -2.0, 0], dtype=F64)  # the south pole of e3nn's y axis
+    R, zero = edge_rotations(r)
+    assert not zero.any()
+    assert torch.allclose(R @ R.transpose(1, 2), torch.eye(3, dtype=F64).expand(40, 3, 3), atol=1e-14)
+    assert torch.allclose(torch.linalg.det(R), torch.ones(40, dtype=F64))
+    assert torch.allclose((R @ (r / r.norm(dim=-1, keepdim=True))[..., None])[..., 0], torch.tensor([0, 1.0, 0], dtype=F64).expand(40, 3), atol=1e-14)
+    Ds = wigner_D_batch(R, 4)
+    for l in range(5):
+        assert max((Ds[l][i] - wigner_D(l, R[i])).abs().max().item() for i in range(4)) < 1e-12
+
+
+def test_reverse_edge_pairing_handles_duplicates_self_loops_and_one_way_edges():
+    src = torch.tensor([0, 1, 0, 1, 0, 2, 3, 3])
+    dst = torch.tensor([1, 0, 1, 0, 1, 0, 3, 1])  # 0->1 three times, 1->0 twice, 2->0 one way, a self loop, 3->1 one way
+    pos = torch.randn(4, 3, dtype=F64)
+    graph = Graph(torch.stack([src, dst]), 4, pos=pos)
+    a, b = reverse_edge_pairs(graph, torch.ones(8, dtype=torch.bool))
+    assert sorted(zip(a.tolist(), b.tolist())) == [(0, 1), (2, 3)]
+    frames = EdgeFrames(graph, 2, edge_invariants(graph.rel_pos, {}))
+    assert frames.num_slots == 6 and frames.num_zero == 1  # 2 pairs, 3 lone edges, the self loop
+    assert sorted(frames.slot_edges.view(-1, 2)[:, 0].tolist()) == [0, 2, 4, 5, 6, 7]
+    assert torch.equal(frames.slot_edges[frames.position], torch.arange(8))
+
+
+@pytest.mark.parametrize("l_in,l_out", [(l_in, l_out) for l_in in range(5) for l_out in range(5)])
+def test_fold_is_invertible_per_degree_pair(l_in, l_out):
+    """The aligned TFN kernels of a degree pair span exactly the SO(2)-equivariant maps: the fold T is square and invertible."""
+    plan = SO2Plan((l_in,), (l_out,), 1, 1)
+    rows, cols, vals, _ = plan._entries
+    T = torch.zeros(plan.num_weights, 2 * min(l_in, l_out) + 1, dtype=F64)
+    T[rows, cols] = vals
+    assert T.shape[0] == T.shape[1] and torch.linalg.matrix_rank(T) == T.shape[0]
+
+
+def test_fast_path_equivariance_and_gradcheck():
+    from se3nb.equivariance import equivariance_error
+    torch.manual_seed(0)
+    fin, fout, fedge = Fiber({0: 2, 1: 2, 2: 1}), Fiber({0: 2, 1: 2, 2: 2}), Fiber({0: 1, 1: 1})
+    conv = SO2Conv(fin, fout, fedge, self_interaction=True, fuse_level='none').double()
+    pos = torch.randn(6, 3, dtype=F64)
+    graph = radius_graph(pos, 10.0)
+    ef = random_features(fedge, graph.num_edges, dtype=F64)
+
+    def run(p, f, e):
+        g = graph.with_positions(p)
+        inv = edge_invariants(g.rel_pos, e)
+        return conv(f, e, inv, g, EdgeFrames(g, 2, inv))
+    x = random_features(fin, 6, dtype=F64)
+    assert equivariance_error(run, pos, x, edge_feats=ef, num_rotations=4).max() < 1e-12
+    keys = sorted(x)
+    def f(p, *xs):
+        out = run(p, dict(zip(keys, xs)), ef)
+        return tuple(out[l] for l in sorted(out))
+    assert torch.autograd.gradcheck(f, (pos.clone().requires_grad_(), *[x[l].clone().requires_grad_() for l in keys]))
+
+
+def test_empty_and_single_edge_graphs():
+    fin, fout = Fiber({0: 2, 1: 2}), Fiber({0: 2, 1: 1})
+    ref, fast = conv_pair(fin, fout, Fiber({}), self_interaction=True)
+    for src, dst in (([], []), ([0], [1])):
+        pos = torch.randn(3, 3, dtype=F64)
+        graph = Graph(torch.tensor([src, dst], dtype=torch.long).view(2, -1), 3, pos=pos)
+        x = random_features(fin, 3, dtype=F64)
+        inv = edge_invariants(graph.rel_pos, {})
+        a, b = ref(x, {}, inv, graph, Bases(graph.rel_pos, 1)), fast(x, {}, inv, graph, EdgeFrames(graph, 1, inv))
+        assert all(torch.allclose(a[l], b[l], atol=1e-12) for l in a)
+
+
+def test_bf16_autocast_keeps_float32_sums_and_stays_close():
+    torch.manual_seed(0)
+    f = Fiber.create(3, 8)
+    conv = SO2Conv(f, f, Fiber({0: 4}), pool=True)
+    graph, node, edge = random_molecule_batch(4, atoms=10)
+    x = random_features(f, graph.num_nodes)
+    inv = edge_invariants(graph.rel_pos, edge)
+    frames = EdgeFrames(graph, 2, inv)
+    with torch.no_grad():
+        ref = conv(x, edge, inv, graph, frames)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = conv(x, edge, inv, graph, frames)
+    sum(v.float().square().sum() for v in out.values()).backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in conv.parameters() if p.grad is not None)
+    assert all((out[l].float() - ref[l]).abs().max() < 0.05 * ref[l].abs().max() for l in ref)
+
+
+def test_wrong_geometry_gives_clear_error():
+    fin, fout = Fiber({0: 2, 1: 2}), Fiber({0: 2})
+    conv = SO2Conv(fin, fout)
+    graph = radius_graph(torch.randn(5, 3), 3.0)
+    x = random_features(fin, 5)
+    inv = edge_invariants(graph.rel_pos, {})
+    with pytest.raises(ValueError, match="SO2Conv needs EdgeFrames"):
+        conv(x, {}, inv, graph, Bases(graph.rel_pos, 1))
+    with pytest.raises(ValueError, match="max_degree >= 1"):
+        conv(x, {}, inv, graph, EdgeFrames(graph, 0, inv))
