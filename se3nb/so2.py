@@ -212,6 +212,16 @@ class EdgeFrames:
         return f"EdgeFrames({self.num_edges} edges in {self.num_slots} slots, {self.num_zero} of length 0, max_degree={self.max_degree})"
 
 # %% ../nbs/04a_so2.ipynb #a016bee9
+_WORKSPACE: dict[tuple, Tensor] = {}
+
+def _workspace(slot: str, numel: int, like: Tensor) -> Tensor:  # [numel] scratch memory, reused across calls
+    "Scratch buffers kept between calls: a fresh multi-MB allocation per call costs page faults (glibc returns it to the OS)."
+    key = (slot, like.dtype, like.device)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _WORKSPACE[key] = like.new_empty(numel)
+    return buf[:numel]
+
 def _slots_per_block(P: int, width: int, device: torch.device) -> int:
     budget = 1 << 20 if device.type == 'cpu' else 1 << 26  # floats of W(h) per block: ~4 MB stays in a CPU's cache
     return max(1, min(P, budget // max(width, 1)))
@@ -222,16 +232,20 @@ class _SO2Product(torch.autograd.Function):
                ) -> tuple[Tensor, ...]:
         P = h.shape[0]
         ys = [x.new_empty(P, x.shape[1], n // x.shape[2]) for x, n in zip(xs, sizes)]  # [P, 2s, O_m]
+        weight_oi, offsets = weight, [sum(sizes[:i]) for i in range(len(sizes))]
+        # float16/bfloat16 batched products copy a transposed operand: there W(h) is built with blocks stored as [I, O]
+        as_io = weight.dtype in (torch.float16, torch.bfloat16)
+        if as_io: weight = torch.cat([weight[off:off + n].view(y.shape[2], x.shape[2], -1).transpose(0, 1).reshape(n, -1)
+                                      for x, y, n, off in zip(xs, ys, sizes, offsets)])  # [n, H] rows (i, o) per block
         step = _slots_per_block(P, weight.shape[0], h.device)
-        W_buf = h.new_empty(step, weight.shape[0])  # reused: no allocation (and no page faults) per block
+        W_buf = _workspace('W', step * weight.shape[0], h).view(step, weight.shape[0])
         for s0 in range(0, P, step):
             Wh = torch.mm(h[s0:s0 + step], weight.T, out=W_buf[:min(step, P - s0)])  # [p, n] SO(2) weights of these slots
-            off = 0
-            for x, y, n in zip(xs, ys, sizes):
+            for x, y, n, off in zip(xs, ys, sizes, offsets):
                 O, I = y.shape[2], x.shape[2]
-                torch.bmm(x[s0:s0 + step], Wh[:, off:off + n].view(-1, O, I).transpose(1, 2), out=y[s0:s0 + step])
-                off += n
-        ctx.save_for_backward(h, weight, *xs)
+                W_m = Wh[:, off:off + n].view(-1, I, O) if as_io else Wh[:, off:off + n].view(-1, O, I).transpose(1, 2)
+                torch.bmm(x[s0:s0 + step], W_m, out=y[s0:s0 + step])  # [p, 2s, O]
+        ctx.save_for_backward(h, weight_oi, *xs)
         ctx.sizes, ctx.split = sizes, h_second is not None
         return tuple(ys)
 
@@ -248,8 +262,11 @@ class _SO2Product(torch.autograd.Function):
         grad_wT = weight.new_zeros(weight.shape[1], weight.shape[0], dtype=acc) if need_w else None  # [H, n]: faster layout
         grad_xs = [torch.empty_like(x) for x in xs]
         step = _slots_per_block(P, weight.shape[0], h.device)
-        W_buf = h.new_empty(step, weight.shape[0])
-        gW_bufs = [[h.new_empty(step, n) for n in sizes] for _ in range(1 + split)]  # gradient of W(h) per m-block (per edge)
+        W_buf = _workspace('W', step * weight.shape[0], h).view(step, weight.shape[0])
+        gW_flat = _workspace('gW', (1 + split) * step * weight.shape[0], h)
+        gW_bufs = [[gW_flat[(e * weight.shape[0] + off) * step:(e * weight.shape[0] + off + n) * step].view(step, n)
+                    for n, off in zip(sizes, [sum(sizes[:i]) for i in range(len(sizes))])]
+                   for e in range(1 + split)]  # gradient of W(h) per m-block (and per edge of the slot), contiguous
         offsets = [sum(sizes[:i]) for i in range(len(sizes))]
         for s0 in range(0, P, step):
             hc = h[s0:s0 + step]
