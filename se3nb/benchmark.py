@@ -146,7 +146,7 @@ def loglog_slope(x: list[float], y: list[float]) -> float:
     return float(np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)[0])
 
 # %% ../nbs/10_benchmark.ipynb #2e1d2c94
-_BACKWARD_STAGES = [('RadialKernelProduct', 'kernel'), ('Bmm', 'kernel'), ('Permute', 'kernel'), ('Addmm', 'radial_mlp'),
+_BACKWARD_STAGES = [('SO2Product', 'kernel'), ('SparseFold', 'radial_mlp'), ('RadialKernelProduct', 'kernel'), ('Bmm', 'kernel'), ('Permute', 'kernel'), ('Addmm', 'radial_mlp'),
                     ('LayerNorm', 'radial_mlp'), ('Relu', 'radial_mlp'), ('Threshold', 'radial_mlp'), ('IndexAdd', 'aggregation'),
                     ('Index', 'aggregation'), ('Scatter', 'aggregation'), ('Exp', 'attention'), ('GroupNorm', 'norm'),
                     ('Norm', 'norm'), ('Clamp', 'norm')]

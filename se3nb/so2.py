@@ -170,6 +170,10 @@ class EdgeFrames:
         if invariants.shape[0] != graph.num_edges:
             raise ValueError(f"invariants have {invariants.shape[0]} rows, the graph {graph.num_edges} edges")
         self.max_degree, self.num_edges = max_degree, graph.num_edges
+        with torch.autocast(graph.rel_pos.device.type, enabled=False):  # frames stay in full precision under AMP
+            self._build(graph, max_degree, invariants)
+
+    def _build(self, graph: Graph, max_degree: int, invariants: Tensor) -> None:
         R, zero = edge_rotations(graph.rel_pos)  # [E, 3, 3], [E]
         a, b = reverse_edge_pairs(graph, ~zero)
         same = (invariants[a] == invariants[b]).all(-1)

@@ -189,7 +189,9 @@ def test_bf16_autocast_keeps_float32_sums_and_stays_close():
     with torch.no_grad():
         ref = conv(x, edge, inv, graph, frames)
     with torch.autocast('cpu', dtype=torch.bfloat16):
+        frames_amp = EdgeFrames(graph, 2, inv)  # frames stay float32 under autocast
         out = conv(x, edge, inv, graph, frames)
+    assert all(a.dtype == torch.float32 and torch.allclose(a, b, atol=1e-6) for a, b in zip(frames_amp.D_in, frames.D_in))
     sum(v.float().square().sum() for v in out.values()).backward()
     assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in conv.parameters() if p.grad is not None)
     assert all((out[l].float() - ref[l]).abs().max() < 0.05 * ref[l].abs().max() for l in ref)
@@ -205,3 +207,19 @@ def test_wrong_geometry_gives_clear_error():
         conv(x, {}, inv, graph, Bases(graph.rel_pos, 1))
     with pytest.raises(ValueError, match="max_degree >= 1"):
         conv(x, {}, inv, graph, EdgeFrames(graph, 0, inv))
+
+
+def test_torch_compile_runs_the_model():
+    """torch.compile traces the model (the SO(2) product is a custom autograd Function, EdgeFrames has data-dependent shapes);
+    aot_eager checks the traced forward and backward without a C++ toolchain."""
+    from se3nb.model import SE3TransformerPooled
+    torch.manual_seed(0)
+    model = SE3TransformerPooled(Fiber({0: 6}), Fiber({0: 16}), Fiber({0: 4}), num_degrees=2, num_channels=8, output_dim=1,
+                                 num_layers=1, num_heads=2, channels_div=2)
+    graph, node, edge = random_molecule_batch(3, atoms=6)
+    ref = model(graph, node, edge)
+    compiled = torch.compile(model, backend="aot_eager", dynamic=True)
+    out = compiled(graph, node, edge)
+    assert torch.allclose(out, ref, atol=1e-6)
+    out.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
