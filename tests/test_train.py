@@ -160,6 +160,8 @@ DDP_SCRIPT = textwrap.dedent('''
     if int(__import__('os').environ.get('RANK', 0)) == 0:
         torch.save({'params': torch.cat([p.detach().flatten() for p in res['model'].parameters()]), 'test_mae': res['test_mae'],
                     'world_size': res['world_size']}, sys.argv[4])
+    if torch.distributed.is_initialized():  # like se3nb-train: exiting with a live gloo group can abort ("terminate called ...")
+        torch.distributed.destroy_process_group()
 ''')
 
 
