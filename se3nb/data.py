@@ -452,7 +452,7 @@ class GraphBatch:
 
 # %% ../nbs/08_data.ipynb #f309d90a
 def collate_graphs(samples: Sequence[GraphSample],  # B samples
-                   *, max_degree: int | None = None,  # build Bases(rel_pos, max_degree) when set
+                   *, max_degree: int | None = None,  # build the geometry of `path` up to this degree when set
                    basis_keys: Sequence[tuple] | None = None,  # fused bases to precompute: [(in_degrees, out_degrees), ...]
                    path: str = 'so2',  # the model's convolution path: 'so2' (EdgeFrames) or 'reference' (Bases)
                   ) -> GraphBatch:

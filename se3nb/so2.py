@@ -8,6 +8,7 @@ __all__ = ['CONV_PATHS', 'edge_rotations', 'wigner_D_batch', 'SO2Plan', 'reverse
 
 # %% ../nbs/04a_so2.ipynb #73d38bd5
 import math
+import threading
 import warnings
 from collections.abc import Mapping
 from functools import lru_cache
@@ -216,14 +217,15 @@ class EdgeFrames:
         return f"EdgeFrames({self.num_edges} edges in {self.num_slots} slots, {self.num_zero} of length 0, max_degree={self.max_degree})"
 
 # %% ../nbs/04a_so2.ipynb #a016bee9
-_WORKSPACE: dict[tuple, Tensor] = {}
+_WORKSPACE = threading.local()  # per thread, so concurrent products never share a buffer
 
 def _workspace(slot: str, numel: int, like: Tensor) -> Tensor:  # [numel] scratch memory, reused across calls
     "Scratch buffers kept between calls: a fresh multi-MB allocation per call costs page faults (glibc returns it to the OS)."
+    buffers = _WORKSPACE.__dict__.setdefault('buffers', {})
     key = (slot, like.dtype, like.device)
-    buf = _WORKSPACE.get(key)
+    buf = buffers.get(key)
     if buf is None or buf.numel() < numel:
-        buf = _WORKSPACE[key] = like.new_empty(numel)
+        buf = buffers[key] = like.new_empty(numel)
     return buf[:numel]
 
 def _slots_per_block(P: int, width: int, device: torch.device) -> int:

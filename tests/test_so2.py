@@ -223,3 +223,22 @@ def test_torch_compile_runs_the_model():
     assert torch.allclose(out, ref, atol=1e-6)
     out.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_threads_running_the_product_at_once_do_not_share_scratch_buffers():
+    import threading
+    torch.manual_seed(0)
+    f = Fiber.create(3, 8)
+    conv = SO2Conv(f, f, Fiber({0: 4}))
+
+    def run(i, out):
+        graph, _, edge = random_molecule_batch(8, seed=i)
+        x = random_features(f, graph.num_nodes, generator=torch.Generator().manual_seed(i))
+        inv = edge_invariants(graph.rel_pos, edge)
+        with torch.no_grad():
+            for _ in range(10): out[i] = conv(x, edge, inv, graph, EdgeFrames(graph, 2, inv))
+    together, alone = {}, {}
+    threads = [threading.Thread(target=run, args=(i, together)) for i in range(2)]
+    [t.start() for t in threads]; [t.join() for t in threads]
+    for i in range(2): run(i, alone)
+    assert all(torch.equal(together[i][l], alone[i][l]) for i in range(2) for l in alone[i])
