@@ -92,7 +92,7 @@ class SE3Transformer(nn.Module):
         if bases.num_edges != graph.num_edges or bases.max_degree < self.max_degree:
             raise ValueError(f"bases were built for {bases.num_edges} edges and max_degree {bases.max_degree}; "
                              f"this graph has {graph.num_edges} edges and the model needs max_degree {self.max_degree}")
-        return bases.precompute(self.basis_keys) if isinstance(bases, Bases) else bases
+        return bases.precompute(self.basis_keys)
 
     def _block(self, module: nn.Module, x, edge_feats, invariants, graph, bases, envelope):
         if isinstance(module, NormNonlinearity): return module(x)

@@ -101,7 +101,8 @@ class SO2Plan:
         self.num_weights = base  # = C_out * C_in * F: as many SO(2) weights as radial weights
         self.block_sizes = tuple(O * I for *_, O, I in self.blocks)
         self._entries = tuple(torch.cat(x) for x in (rows, cols, vals, j0))
-        self._folds: dict[tuple, Tensor] = {}
+        self._folds: dict[tuple, tuple[Tensor, Tensor]] = {}  # (zero_length, dtype, device) -> sparse T, T^T
+        self._folded: dict[tuple, tuple] = {}  # same key -> (weight version, folded weight), for inference
 
     def fold(self, weight: Tensor,  # [C_out*C_in*F, H] last layer of the group's radial MLP
              zero_length: bool = False,  # keep only J = 0: the kernel of an edge of length 0
@@ -118,10 +119,9 @@ class SO2Plan:
                 self._folds[key] = (T.to_sparse_csr(), T.t().coalesce().to_sparse_csr())  # T and T^T, each converted once
         if torch.is_grad_enabled() and weight.requires_grad:
             return _SparseFold.apply(weight, *self._folds[key])  # [num_weights, H]
-        cached = self._folds.get((key, 'value'))  # inference: fold each weight version once
+        cached = self._folded.get(key)  # inference: fold each weight version once
         if cached is None or cached[0] != (weight.data_ptr(), weight._version):
-            cached = ((weight.data_ptr(), weight._version), torch.sparse.mm(self._folds[key][0], weight))
-            self._folds[key, 'value'] = cached
+            cached = self._folded[key] = ((weight.data_ptr(), weight._version), torch.sparse.mm(self._folds[key][0], weight))
         return cached[1]  # [num_weights, H]
 
 class _SparseFold(torch.autograd.Function):
@@ -206,6 +206,10 @@ class EdgeFrames:
         for name, value in vars(self).items():
             if isinstance(value, Tensor): setattr(self, name, value.to(device))
         self.D_in, self.D_out = [D.to(device) for D in self.D_in], [D.to(device) for D in self.D_out]
+        return self
+
+    def precompute(self, keys: list) -> "EdgeFrames":
+        "Nothing to add (frames serve every kernel group); mirrors `Bases.precompute`. Returns self."
         return self
 
     def to_edges(self, rows: Tensor,  # [2P, ...] values per slot row
