@@ -9,7 +9,6 @@ __all__ = ['CONV_PATHS', 'edge_rotations', 'wigner_D_batch', 'SO2Plan', 'reverse
 # %% ../nbs/04a_so2.ipynb #73d38bd5
 import math
 import threading
-import warnings
 from collections.abc import Mapping
 from functools import lru_cache
 
@@ -68,12 +67,12 @@ class SO2Plan:
         F = num_frequencies(ins, outs)
         y_axis = torch.tensor([[0.0, 1.0, 0.0]], dtype=torch.float64)
         W = kernel_basis(spherical_harmonics(y_axis, max(ins) + max(outs)), ins, outs)[0] * scale  # [D_in, F, D_out]
-        J_of_f = [J for lo in outs for li in ins for J in range(abs(li - lo), li + lo + 1)]
         covered = torch.zeros_like(W, dtype=torch.bool)
+        T = torch.zeros(F, F, dtype=torch.float64)  # [SO(2) weight g, frequency f] of one channel pair
         co, ci = (t.flatten() for t in torch.meshgrid(torch.arange(C_out), torch.arange(C_in), indexing='ij'))
         self.blocks: list[tuple[int, int, list[int], list[int], int, int]] = []  # (m, s, out degrees, in degrees, O, sI)
-        rows, cols, vals, j0 = [], [], [], []
-        base = 0
+        order = torch.empty(C_out * C_in * F, dtype=torch.long)
+        g = base = 0
         for m in range(min(max(ins), max(outs)) + 1):
             lis, los = [l for l in ins if l >= m], [l for l in outs if l >= m]
             s = 1 if m == 0 else 2  # components per order: m = 0 alone, else (+m, -m)
@@ -90,49 +89,36 @@ class SO2Plan:
                         torch.testing.assert_close(W[im, :, om], coef[0], atol=1e-12, rtol=0)
                         covered[im, :, op] = covered[ip, :, om] = covered[im, :, om] = True
                     for part, c in enumerate(coef):
-                        for f in torch.nonzero(c.abs() > 1e-14).flatten().tolist():
-                            rows.append(base + (a * C_out + co) * I + (part * len(lis) + b) * C_in + ci)
-                            cols.append((co * C_in + ci) * F + f)  # RadialProfile's flat index
-                            vals.append(torch.full(co.shape, c[f].item(), dtype=torch.float64))
-                            j0.append(torch.full(co.shape, J_of_f[f] == 0))
+                        T[g] = torch.where(c.abs() > 1e-14, c, 0.0)
+                        order[base + (a * C_out + co) * I + (part * len(lis) + b) * C_in + ci] = (co * C_in + ci) * F + g
+                        g += 1
             self.blocks.append((m, s, los, lis, O, I))
             base += O * I
         if (W[~covered].abs() > 1e-12).any(): raise AssertionError("edge-frame kernels are not block-diagonal in m")
         self.num_weights = base  # = C_out * C_in * F: as many SO(2) weights as radial weights
         self.block_sizes = tuple(O * I for *_, O, I in self.blocks)
-        self._entries = tuple(torch.cat(x) for x in (rows, cols, vals, j0))
-        self._folds: dict[tuple, tuple[Tensor, Tensor]] = {}  # (zero_length, dtype, device) -> sparse T, T^T
+        J_of_f = torch.tensor([J for lo in outs for li in ins for J in range(abs(li - lo), li + lo + 1)])
+        self.T, self.T_zero_length = T, T * (J_of_f == 0)  # [F, F]; an edge of length 0 keeps only J = 0
+        self._order = order  # [num_weights] position in (c_out, c_in, g) order of each weight in block order
+        self._constants: dict[tuple, tuple[Tensor, Tensor]] = {}  # (zero_length, dtype, device) -> T, order there
         self._folded: dict[tuple, tuple] = {}  # same key -> (weight version, folded weight), for inference
 
     def fold(self, weight: Tensor,  # [C_out*C_in*F, H] last layer of the group's radial MLP
              zero_length: bool = False,  # keep only J = 0: the kernel of an edge of length 0
-            ) -> Tensor:  # [num_weights, H] in block order
-        "$\\Theta_{SO(2)} = T\\,\\Theta$: a last radial layer that outputs SO(2) weights (differentiable in `weight`)."
+            ) -> Tensor:  # [H, num_weights] in block order (transposed: the layout of the products)
+        "$\\Theta_{SO(2)}^\\top = (T\\,\\Theta)^\\top$: a last radial layer that outputs SO(2) weights (differentiable in `weight`)."
         key = (zero_length, weight.dtype, weight.device)
-        if key not in self._folds:
-            rows, cols, vals, j0 = self._entries
-            keep = j0 if zero_length else torch.ones_like(j0)
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore')  # torch calls sparse CSR "beta"
-                T = torch.sparse_coo_tensor(torch.stack([rows[keep], cols[keep]]), vals[keep], (self.num_weights, weight.shape[0]))
-                T = T.coalesce().to(device=weight.device, dtype=weight.dtype)
-                self._folds[key] = (T.to_sparse_csr(), T.t().coalesce().to_sparse_csr())  # T and T^T, each converted once
-        if torch.is_grad_enabled() and weight.requires_grad:
-            return _SparseFold.apply(weight, *self._folds[key])  # [num_weights, H]
+        if key not in self._constants:
+            T = self.T_zero_length if zero_length else self.T
+            self._constants[key] = (T.to(weight.device, weight.dtype), self._order.to(weight.device))
+        T, order = self._constants[key]
+        H = weight.shape[1]
+        fold = lambda: torch.einsum('gf,cfh->hcg', T, weight.view(-1, T.shape[1], H)).reshape(H, -1).index_select(1, order)
+        if torch.is_grad_enabled() and weight.requires_grad: return fold()
         cached = self._folded.get(key)  # inference: fold each weight version once
         if cached is None or cached[0] != (weight.data_ptr(), weight._version):
-            cached = self._folded[key] = ((weight.data_ptr(), weight._version), torch.sparse.mm(self._folds[key][0], weight))
-        return cached[1]  # [num_weights, H]
-
-class _SparseFold(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight: Tensor, T: Tensor, T_t: Tensor) -> Tensor:
-        ctx.T_t = T_t
-        return torch.sparse.mm(T, weight)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return torch.sparse.mm(ctx.T_t, grad), None, None
+            cached = self._folded[key] = ((weight.data_ptr(), weight._version), fold())
+        return cached[1]  # [H, num_weights]
 
 # %% ../nbs/04a_so2.ipynb #814f7662
 def reverse_edge_pairs(graph: Graph,
@@ -232,74 +218,83 @@ def _workspace(slot: str, numel: int, like: Tensor) -> Tensor:  # [numel] scratc
         buf = buffers[key] = like.new_empty(numel)
     return buf[:numel]
 
-def _slots_per_block(P: int, width: int, device: torch.device) -> int:
-    budget = 1 << 20 if device.type == 'cpu' else 1 << 26  # floats of W(h) per block: ~4 MB stays in a CPU's cache
+def _slots_per_block(P: int, width: int, like: Tensor) -> int:
+    # W(h) of one block: 4 MB on CPU (measured best on 2 cores: large enough to amortize re-reading the m-block's weights,
+    # small enough to stay in cache for the products), 2^26 elements on GPU
+    budget = (4 << 20) // like.element_size() if like.device.type == 'cpu' else 1 << 26
     return max(1, min(P, budget // max(width, 1)))
 
+def _blocks(sizes: tuple[int, ...]) -> list[tuple[int, int]]:  # (offset, size) of each m-block in the rows of the weight
+    return [(sum(sizes[:i]), n) for i, n in enumerate(sizes)]
+
 class _SO2Product(torch.autograd.Function):
+    "y_m = x_m W_m(h)^T for every m-block, W(h) built block by block and never stored (rebuilt in backward)."
     @staticmethod
-    def forward(ctx, h: Tensor, h_second: Tensor | None, weight: Tensor, sizes: tuple[int, ...], *xs: Tensor
-               ) -> tuple[Tensor, ...]:
-        P = h.shape[0]
-        ys = [x.new_empty(P, x.shape[1], n // x.shape[2]) for x, n in zip(xs, sizes)]  # [P, 2s, O_m]
-        weight_oi, offsets = weight, [sum(sizes[:i]) for i in range(len(sizes))]
+    def forward(ctx, h: Tensor, h_second: Tensor | None,
+                weight_t: Tensor,  # [H, n] folded last radial layer (`SO2Plan.fold`), any float dtype: used in h's
+                sizes: tuple[int, ...], *xs: Tensor) -> tuple[Tensor, ...]:
+        P, ys, weight = h.shape[0], [], weight_t.to(h.dtype)
         # float16/bfloat16 batched products copy a transposed operand: there W(h) is built with blocks stored as [I, O]
         as_io = weight.dtype in (torch.float16, torch.bfloat16)
-        if as_io: weight = torch.cat([weight[off:off + n].view(y.shape[2], x.shape[2], -1).transpose(0, 1).reshape(n, -1)
-                                      for x, y, n, off in zip(xs, ys, sizes, offsets)])  # [n, H] rows (i, o) per block
-        step = _slots_per_block(P, weight.shape[0], h.device)
-        W_buf = _workspace('W', step * weight.shape[0], h).view(step, weight.shape[0])
-        for s0 in range(0, P, step):
-            Wh = torch.mm(h[s0:s0 + step], weight.T, out=W_buf[:min(step, P - s0)])  # [p, n] SO(2) weights of these slots
-            for x, y, n, off in zip(xs, ys, sizes, offsets):
-                O, I = y.shape[2], x.shape[2]
-                W_m = Wh[:, off:off + n].view(-1, I, O) if as_io else Wh[:, off:off + n].view(-1, O, I).transpose(1, 2)
-                torch.bmm(x[s0:s0 + step], W_m, out=y[s0:s0 + step])  # [p, 2s, O]
-        ctx.save_for_backward(h, weight_oi, *xs)
-        ctx.sizes, ctx.split = sizes, h_second is not None
+        for x, (off, n) in zip(xs, _blocks(sizes)):  # one m-block at a time: its weights are re-read once per slot block
+            I, O = x.shape[2], n // x.shape[2]
+            w = weight[:, off:off + n]  # [H, O*I]
+            if as_io: w = w.reshape(-1, O, I).transpose(1, 2).reshape(-1, n)  # [H, I*O]
+            y = x.new_empty(P, x.shape[1], O)  # [P, 2s, O]
+            step = _slots_per_block(P, n, h)
+            W_buf = _workspace('W', step * n, h)
+            for s0 in range(0, P, step):
+                p = min(step, P - s0)
+                Wh = torch.mm(h[s0:s0 + p], w, out=W_buf[:p * n].view(p, n))  # [p, n] SO(2) weights of these slots
+                W_m = Wh.view(p, I, O) if as_io else Wh.view(p, O, I).transpose(1, 2)  # [p, I, O]
+                torch.bmm(x[s0:s0 + p], W_m, out=y[s0:s0 + p])  # [p, 2s, O]
+            ys.append(y)
+        ctx.save_for_backward(h, weight, *xs)
+        ctx.sizes, ctx.split, ctx.weight_dtype = sizes, h_second is not None, weight_t.dtype
         return tuple(ys)
 
     @staticmethod
     def backward(ctx, *grad_ys: Tensor):
         h, weight, *xs = ctx.saved_tensors
         need_h, need_h2, need_w = ctx.needs_input_grad[:3]
-        P, sizes, split = h.shape[0], ctx.sizes, ctx.split
-        grad_ys = [g.contiguous() for g in grad_ys]
+        P, split = h.shape[0], ctx.split
         acc = torch.promote_types(weight.dtype, torch.float32)
         low = acc != weight.dtype  # float16 / bfloat16: products in that dtype, sums over slot blocks in float32
         # with `split`, h of the slot's second edge is an input of its own (it equals h): its gradient comes from that edge only
         grad_hs = [torch.zeros_like(h, dtype=acc) if need else None for need in ((need_h, need_h2) if split else (need_h,))]
-        grad_wT = weight.new_zeros(weight.shape[1], weight.shape[0], dtype=acc) if need_w else None  # [H, n]: faster layout
-        grad_xs = [torch.empty_like(x) for x in xs]
-        step = _slots_per_block(P, weight.shape[0], h.device)
-        W_buf = _workspace('W', step * weight.shape[0], h).view(step, weight.shape[0])
-        gW_flat = _workspace('gW', (1 + split) * step * weight.shape[0], h)
-        gW_bufs = [[gW_flat[(e * weight.shape[0] + off) * step:(e * weight.shape[0] + off + n) * step].view(step, n)
-                    for n, off in zip(sizes, [sum(sizes[:i]) for i in range(len(sizes))])]
-                   for e in range(1 + split)]  # gradient of W(h) per m-block (and per edge of the slot), contiguous
-        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-        for s0 in range(0, P, step):
-            hc = h[s0:s0 + step]
-            p = hc.shape[0]
-            Wh = torch.mm(hc, weight.T, out=W_buf[:p])  # [p, n] rebuilt
-            for i, (x, gy, gx, n, off) in enumerate(zip(xs, grad_ys, grad_xs, sizes, offsets)):
-                O, I = gy.shape[2], x.shape[2]
-                torch.bmm(gy[s0:s0 + step], Wh[:, off:off + n].view(-1, O, I), out=gx[s0:s0 + step])
+        grad_wT = torch.empty_like(weight, dtype=acc) if need_w else None  # [H, n]
+        grad_xs = []
+        for x, gy, (off, n) in zip(xs, grad_ys, _blocks(ctx.sizes)):
+            gy, w = gy.contiguous(), weight[:, off:off + n]  # [P, 2s, O], [H, O*I]
+            O, I = gy.shape[2], x.shape[2]
+            gx = torch.empty_like(x)  # [P, 2s, I]
+            half = gy.shape[1] // 2  # rows of the slot's first edge, then of its second
+            rows = [slice(None)] if not split else [slice(0, half), slice(half, None)]
+            step = _slots_per_block(P, n, h)
+            W_buf, gW_buf = _workspace('W', step * n, h), _workspace('gW', len(rows) * step * n, h)
+            for s0 in range(0, P, step):
+                p = min(step, P - s0)
+                hc = h[s0:s0 + p]
+                Wh = torch.mm(hc, w, out=W_buf[:p * n].view(p, n))  # [p, n] rebuilt
+                torch.bmm(gy[s0:s0 + p], Wh.view(p, O, I), out=gx[s0:s0 + p])
                 if not (need_h or need_h2 or need_w): continue
-                half = gy.shape[1] // 2  # rows of the slot's first edge, then of its second
-                rows = [slice(None)] if not split else [slice(0, half), slice(half, None)]
-                gs = [torch.bmm(gy[s0:s0 + step, r].transpose(1, 2), x[s0:s0 + step, r], out=buf[i][:p].view(p, O, I)).view(p, n)
-                      for r, buf in zip(rows, gW_bufs)]  # [p, n]
+                gs = [torch.bmm(gy[s0:s0 + p, r].transpose(1, 2), x[s0:s0 + p, r],
+                                out=gW_buf[e * p * n:(e + 1) * p * n].view(p, O, I)).view(p, n)
+                      for e, r in enumerate(rows)]  # [p, n] gradient of W(h) from each edge of the slot
                 for g, grad_h in zip(gs, grad_hs):
                     if grad_h is None: continue
-                    if low: grad_h[s0:s0 + step] += g @ weight[off:off + n]  # low-precision product, summed in float32
-                    else: grad_h[s0:s0 + step].addmm_(g, weight[off:off + n])
+                    if low: grad_h[s0:s0 + p] += g @ w.T  # low-precision product, summed in float32
+                    else: grad_h[s0:s0 + p].addmm_(g, w.T)
                 if need_w:
-                    for g in gs:
-                        if low: grad_wT[:, off:off + n] += hc.T @ g
-                        else: grad_wT[:, off:off + n].addmm_(hc.T, g)
+                    gw = grad_wT[:, off:off + n]  # [H, n]
+                    for e, g in enumerate(gs):
+                        first = s0 == 0 and e == 0  # beta = 0: the uninitialized memory is not read
+                        if low: gw.copy_(hc.T @ g) if first else gw.add_(hc.T @ g)
+                        else: gw.addmm_(hc.T, g, beta=0 if first else 1)
+            grad_xs.append(gx)
+        if grad_wT is not None and P == 0: grad_wT.zero_()
         grad_hs = [None if g is None else g.to(h.dtype) for g in grad_hs] + [None] * (1 - split)
-        return (*grad_hs, None if grad_wT is None else grad_wT.T.to(weight.dtype), None, *grad_xs)
+        return (*grad_hs, None if grad_wT is None else grad_wT.to(ctx.weight_dtype), None, *grad_xs)
 
 # %% ../nbs/04a_so2.ipynb #a4a49ce6
 def so2_messages(plans: Mapping[str, SO2Plan],  # per kernel group
@@ -312,34 +307,33 @@ def so2_messages(plans: Mapping[str, SO2Plan],  # per kernel group
     """TFN messages computed in the edge frames, where each kernel is one small SO(2) map per order m. Pass `hidden_second`
     when gradients with respect to the invariants are needed: values are shared, gradients then reach each edge's own."""
     P, nz = frames.num_slots, frames.num_zero
-    x_frame = {l: frames.D_in[l].to(x.dtype) @ x.transpose(1, 2) for l, x in inputs.items()}  # [2P, 4l+1, C_l]
+    # rows of each order m: [1] for m = 0, [+m, -m | -(-m), +m] after; `split` (not slicing) so backward is one `cat`, not a zero fill per m
+    x_frame = {l: torch.split(frames.D_in[l].to(x.dtype) @ x.transpose(1, 2), [1] + [4] * l, dim=1)
+               for l, x in inputs.items()}  # {l: per m [2P, 1 or 4, C_l]}
     x_blocks: dict[tuple, Tensor] = {}  # per (m, input degrees): [P, 2s, sI]; shared by groups with the same inputs
     by_degree: dict[int, dict[int, Tensor]] = {}  # {l_out: {m: [P, 2, s, C_out]}}
     for name, plan in plans.items():
         xs = []
         for m, s, los, lis, O, I in plan.blocks:
             if (m, tuple(lis)) not in x_blocks:
-                rows = slice(0, 1) if m == 0 else slice(4 * m - 3, 4 * m + 1)  # m = 0, or [+m, -m | -(-m), +m]
-                parts = torch.cat([x_frame[l][:, rows].view(2 * P, s, s, x_frame[l].shape[-1]) for l in lis], -1)  # [2P, part, comp, (l, c)]
+                parts = torch.cat([x_frame[l][m].view(2 * P, s, s, inputs[l].shape[1]) for l in lis], -1)  # [2P, part, comp, (l, c)]
                 x_blocks[m, tuple(lis)] = parts.view(P, 2, s, s, I // s).transpose(2, 3).reshape(P, 2 * s, I)  # [P, 2s, sI]
             xs.append(x_blocks[m, tuple(lis)])
         dtype = xs[0].dtype  # under autocast: the low-precision dtype of the rotated inputs
         h, W = hidden[name].to(dtype), weights[name]
         h2 = None if hidden_second is None else hidden_second[name].to(dtype)
         with torch.autocast(h.device.type, enabled=False):
-            if nz:
-                main, zero = slice(0, P - nz), slice(P - nz, P)
+            if nz:  # zero-length slots (last) have their own fold
+                main, zero = zip(*[torch.split(t, [P - nz, nz]) if t is not None else (None, None) for t in (h, h2, *xs)])
                 ys = [torch.cat(pair) for pair in zip(
-                    _SO2Product.apply(h[main], None if h2 is None else h2[main], plan.fold(W).to(dtype), plan.block_sizes,
-                                      *[x[main] for x in xs]),
-                    _SO2Product.apply(h[zero], None if h2 is None else h2[zero], plan.fold(W, zero_length=True).to(dtype),
-                                      plan.block_sizes, *[x[zero] for x in xs]))]  # [P, 2s, O]
+                    _SO2Product.apply(main[0], main[1], plan.fold(W), plan.block_sizes, *main[2:]),
+                    _SO2Product.apply(zero[0], zero[1], plan.fold(W, zero_length=True), plan.block_sizes, *zero[2:]))]  # [P, 2s, O]
             else:
-                ys = _SO2Product.apply(h, h2, plan.fold(W).to(dtype), plan.block_sizes, *xs)  # [P, 2s, O]
+                ys = _SO2Product.apply(h, h2, plan.fold(W), plan.block_sizes, *xs)  # [P, 2s, O]
         C = plan.channels_out
         for (m, s, los, lis, O, I), y in zip(plan.blocks, ys):
-            for a, l in enumerate(los):
-                part = y[:, :, a * C:(a + 1) * C].view(P, 2, s, C)  # [P, slot row, component, C_out]
+            for l, part in zip(los, torch.split(y, C, dim=2)):
+                part = part.view(P, 2, s, C)  # [P, slot row, component, C_out]
                 acc = by_degree.setdefault(l, {})
                 acc[m] = acc[m] + part if m in acc else part
     out = {}

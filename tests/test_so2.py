@@ -138,10 +138,8 @@ def test_reverse_edge_pairing_handles_duplicates_self_loops_and_one_way_edges():
 def test_fold_is_invertible_per_degree_pair(l_in, l_out):
     """The aligned TFN kernels of a degree pair span exactly the SO(2)-equivariant maps: the fold T is square and invertible."""
     plan = SO2Plan((l_in,), (l_out,), 1, 1)
-    rows, cols, vals, _ = plan._entries
-    T = torch.zeros(plan.num_weights, 2 * min(l_in, l_out) + 1, dtype=F64)
-    T[rows, cols] = vals
-    assert T.shape[0] == T.shape[1] and torch.linalg.matrix_rank(T) == T.shape[0]
+    T = plan.T  # [SO(2) weights, frequencies] of the one channel pair
+    assert T.shape == (plan.num_weights, 2 * min(l_in, l_out) + 1) and torch.linalg.matrix_rank(T) == T.shape[0]
 
 
 def test_fast_path_equivariance_and_gradcheck():
