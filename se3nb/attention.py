@@ -15,7 +15,7 @@ from torch.profiler import record_function
 
 from .fiber import Fiber, degree_to_dim
 from .basis import Bases
-from .graph import Graph, edge_softmax, segment_max, segment_sum
+from .graph import Graph
 from .conv import EquivariantLinear
 from .so2 import EdgeFrames, conv_class
 
@@ -24,19 +24,18 @@ def _to_heads(feats: Mapping[int, Tensor], degrees: list[int], num_heads: int) -
     return torch.cat([feats[l].reshape(feats[l].shape[0], num_heads, feats[l].shape[1] * feats[l].shape[2] // num_heads)
                       for l in degrees], dim=-1)
 
-def attention_weights(key: Tensor,  # [E, H, d_head] keys per edge
+def attention_weights(key: Tensor,  # [E, H, d_head] keys per edge, in `graph.destination_blocks.edge_order`
                       query: Tensor,  # [N, H, d_head] queries per node
                       graph: Graph,
                       *, scale: float,  # 1/sqrt(total key size)
-                      envelope: Tensor | None = None,  # [E] smooth cutoff u
-                     ) -> Tensor:  # [E, H]
+                      envelope: Tensor | None = None,  # [E] smooth cutoff u, in the keys' order
+                     ) -> Tensor:  # [E, H], in the keys' order
     "Softmax over each node's incoming edges of the scaled key-query products (optionally enveloped)."
+    blocks = graph.destination_blocks  # dense [n_d, d, ...] blocks of the nodes with d incoming edges
     dtype = torch.promote_types(key.dtype, torch.float32)  # float32 under autocast, float64 stays float64
-    scores = (key.to(dtype) * query[graph.dst].to(dtype)).sum(-1) * scale  # [E, H]
-    if envelope is None: return edge_softmax(scores, graph.dst, graph.num_nodes)  # [E, H]
-    u = envelope.to(scores.dtype)[:, None]  # [E, 1]
-    e = u * torch.exp(scores - segment_max(scores.detach(), graph.dst, graph.num_nodes)[graph.dst])  # [E, H]
-    return u * e / (segment_sum(e, graph.dst, graph.num_nodes)[graph.dst] + 1e-12)  # [E, H]
+    scores = torch.cat([(k.to(dtype) * q.to(dtype)[:, None]).sum(-1).flatten(0, 1)  # [n_d * d, H]; each query read once per block
+                        for k, q in zip(blocks.split(key), blocks.split_nodes(query))]) * scale  # [E, H]
+    return blocks.softmax(scores, envelope)  # [E, H]
 
 class SE3Attention(nn.Module):
     "Multi-head attention of each node over its incoming edges; returns the weighted sums of values."
@@ -53,9 +52,14 @@ class SE3Attention(nn.Module):
                 query: Mapping[int, Tensor],  # {l: [N, C_k, 2l+1]}
                 graph: Graph,
                 envelope: Tensor | None = None,  # [E]
+                *, edges_by_destination: bool = False,  # values, keys and envelope come in `graph.destination_blocks.edge_order`
                ) -> dict[int, Tensor]:  # {l: [N, C_v, 2l+1]}
         "Attention-weighted sum of the values of each node's incoming edges."
         with record_function('se3nb.attention'):
+            if not edges_by_destination:  # the graph's edge order: sort once
+                order = graph.destination_blocks.edge_order
+                value, key = ({l: x.index_select(0, order) for l, x in d.items()} for d in (value, key))
+                envelope = None if envelope is None else envelope.index_select(0, order)
             return self._attend(value, key, query, graph, envelope)
 
     def _attend(self, value, key, query, graph, envelope):
@@ -67,7 +71,7 @@ class SE3Attention(nn.Module):
         for l, c in self.value_fiber.items():
             v = value[l].view(-1, H, c // H, degree_to_dim(l))  # [E, H, C_v/H, 2l+1]
             weighted = alpha.to(v.dtype)[:, :, None, None] * v  # [E, H, C_v/H, 2l+1]
-            out[l] = segment_sum(weighted, graph.dst, graph.num_nodes).view(-1, c, degree_to_dim(l))  # [N, C_v, 2l+1]
+            out[l] = graph.destination_blocks.sum(weighted).view(-1, c, degree_to_dim(l))  # [N, C_v, 2l+1]
         return out
 
 # %% ../nbs/05_attention.ipynb #2b036113
@@ -104,9 +108,13 @@ class AttentionBlock(nn.Module):
                 envelope: Tensor | None = None,  # [E] smooth cutoff
                ) -> dict[int, Tensor]:  # {l: [N, C_out_l, 2l+1]}
         "One attention layer."
-        key_value = self.to_key_value(node_feats, edge_feats, invariants, graph, geometry)  # {l: [E, C_v (+ C_k), 2l+1]}
+        # edges come out sorted by destination (`03_graph`'s dense blocks), so attention never permutes them
+        key_value = self.to_key_value(node_feats, edge_feats, invariants, graph, geometry,
+                                      by_destination=True)  # {l: [E, C_v (+ C_k), 2l+1]}
         value = {l: kv[:, :self.value_fiber[l]] for l, kv in key_value.items()}  # [E, C_v, 2l+1]
         key = {l: key_value[l][:, self.value_fiber[l]:] for l in self.key_fiber}  # [E, C_k, 2l+1]
-        z = self.attention(value, key, self.to_query(node_feats), graph, envelope)  # {l: [N, C_v, 2l+1]}
+        if envelope is not None: envelope = envelope.index_select(0, graph.destination_blocks.edge_order)
+        z = self.attention(value, key, self.to_query(node_feats), graph, envelope,
+                           edges_by_destination=True)  # {l: [N, C_v, 2l+1]}
         z = {l: torch.cat([v, node_feats[l]], dim=1) if l in node_feats else v for l, v in z.items()}  # skip connection
         return self.project(z)

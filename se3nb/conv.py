@@ -16,7 +16,7 @@ from torch.profiler import record_function
 
 from .fiber import Fiber, degree_to_dim
 from .basis import Bases, num_frequencies
-from .graph import Graph, segment_sum
+from .graph import Graph
 
 # %% ../nbs/04_conv.ipynb #7dd6be83
 class RadialProfile(nn.Module):
@@ -193,6 +193,7 @@ class TFNConv(nn.Module):
                  invariants: Tensor,  # [E, C_edge_0 + 1] from `edge_invariants`
                  graph: Graph,
                  bases: Bases,
+                 order: Tensor | None = None,  # [E] edge ids: the rows of the result (None: the graph's edge order)
                 ) -> dict[int, Tensor]:  # {l: [E, C_out_l, 2l+1]}
         "Message of every edge by the definition: inputs contracted with the basis, then with the radial weights."
         out: dict[int, Tensor] = {}
@@ -213,7 +214,7 @@ class TFNConv(nn.Module):
                 y = radial_kernel_product(h, radial.net[-1].weight, tmp_t).transpose(1, 2)  # [E, C_out, D_out]
             for l, part in zip(outs, torch.split(y, [degree_to_dim(l) for l in outs], dim=-1)):
                 out[l] = out[l] + part if l in out else part  # [E, C_out, 2l+1]
-        return out
+        return out if order is None else {l: y.index_select(0, order) for l, y in out.items()}
 
     def forward(self,
                 node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
@@ -222,23 +223,25 @@ class TFNConv(nn.Module):
                 graph: Graph,
                 geometry: Bases,  # from `self.geometry` (the SO(2) subclass of `04a_so2` takes its `EdgeFrames`)
                 edge_scale: Tensor | None = None,  # [E] per-message factor, e.g. a cutoff envelope
+                *, by_destination: bool = False,  # unpooled: rows in `graph.destination_blocks.edge_order`
                ) -> dict[int, Tensor]:  # {l: [N, C_l, 2l+1]} if pool else {l: [E, C_l, 2l+1]}
         "Messages of every edge, summed per destination node when `pool`."
-        dst = graph.dst
-        rows = graph.num_nodes if self.pool else graph.num_edges
-        out = self.messages(node_feats, edge_feats, invariants, graph, geometry)  # {l: [E, C_out, 2l+1]}
+        blocks = graph.destination_blocks if self.pool or by_destination else None  # pooling sums dense blocks
+        order = None if blocks is None else blocks.edge_order  # [E]
+        dst = graph.dst if blocks is None else blocks.dst  # [E] destination of each row
+        out = self.messages(node_feats, edge_feats, invariants, graph, geometry, order)  # {l: [E, C_out, 2l+1]}
+        if edge_scale is not None and order is not None: edge_scale = edge_scale.index_select(0, order)
         for l, y in out.items():
             if edge_scale is not None: y = y * edge_scale.to(y.dtype)[:, None, None]
             if self.pool:
                 with record_function('se3nb.aggregation'):
-                    y = segment_sum(y, dst, rows)  # [N, C_out, 2l+1]
+                    y = blocks.sum(y)  # [N, C_out, 2l+1]
             out[l] = y
         for key, W in self.self_interaction.items():
             l = int(key)
             x_dst = node_feats[l] if self.pool else node_feats[l][dst]  # [rows, C_in, 2l+1]
             if self.pool:  # per-edge self-interaction summed over incoming edges = in-degree times the node term
-                count = torch.bincount(dst, minlength=rows).to(x_dst.dtype) if edge_scale is None else \
-                        segment_sum(edge_scale.to(x_dst.dtype), dst, rows)  # [N]
+                count = blocks.in_degree.to(x_dst.dtype) if edge_scale is None else blocks.sum(edge_scale.to(x_dst.dtype))  # [N]
                 x_dst = x_dst * count[:, None, None]
             out[l] = out[l] + W.to(x_dst.dtype) @ x_dst  # [rows, C_out, 2l+1]
         return out

@@ -199,9 +199,10 @@ class EdgeFrames:
         return self
 
     def to_edges(self, rows: Tensor,  # [2P, ...] values per slot row
+                 order: Tensor | None = None,  # [E] edge ids to return, e.g. sorted by destination; None: all, in graph order
                 ) -> Tensor:  # [E, ...]
-        "Back from the slot layout to the graph's edge order."
-        return rows.index_select(0, self.position)
+        "Back from the slot layout to edges (one gather, so any order costs the same)."
+        return rows.index_select(0, self.position if order is None else self.position[order])
 
     def __repr__(self) -> str:
         return f"EdgeFrames({self.num_edges} edges in {self.num_slots} slots, {self.num_zero} of length 0, max_degree={self.max_degree})"
@@ -303,6 +304,7 @@ def so2_messages(plans: Mapping[str, SO2Plan],  # per kernel group
                  inputs: Mapping[int, Tensor],  # {l: [2P, C_l, 2l+1]} input features per slot row (global frame)
                  frames: EdgeFrames,
                  hidden_second: Mapping[str, Tensor] | None = None,  # per group: [P, H] from the second edges' invariants
+                 order: Tensor | None = None,  # [E] edge ids: the rows of the result (None: the graph's edge order)
                 ) -> dict[int, Tensor]:  # {l: [E, C_out, 2l+1]} messages per edge (global frame)
     """TFN messages computed in the edge frames, where each kernel is one small SO(2) map per order m. Pass `hidden_second`
     when gradients with respect to the invariants are needed: values are shared, gradients then reach each edge's own."""
@@ -341,7 +343,7 @@ def so2_messages(plans: Mapping[str, SO2Plan],  # per kernel group
         C = parts[0].shape[-1]
         y = torch.cat([parts[m] if m in parts else parts[0].new_zeros(P, 2, 2, C) for m in range(l + 1)], 2)  # [P, 2, 2l+1, C]
         y = y.view(2 * P, degree_to_dim(l), C).transpose(1, 2) @ frames.D_out[l].to(y.dtype)  # [2P, C, 2l+1] global frame
-        out[l] = frames.to_edges(y)  # [E, C, 2l+1]
+        out[l] = frames.to_edges(y, order)  # [E, C, 2l+1]
     return out
 
 # %% ../nbs/04a_so2.ipynb #1499e5e1
@@ -366,6 +368,7 @@ class SO2Conv(TFNConv):
                  invariants: Tensor,  # [E, C_edge_0 + 1]
                  graph: Graph,
                  frames: EdgeFrames,
+                 order: Tensor | None = None,  # [E] edge ids: the rows of the result (None: the graph's edge order)
                 ) -> dict[int, Tensor]:  # {l: [E, C_out_l, 2l+1]}
         "Message of every edge, computed in the edge frames."
         if not isinstance(frames, EdgeFrames) or frames.num_edges != graph.num_edges or \
@@ -384,7 +387,7 @@ class SO2Conv(TFNConv):
                 second = {name: self.radial[name].hidden(invariants.index_select(0, frames.slot_edges[1::2])) for name in self.groups}
         with record_function('se3nb.kernel'):
             return so2_messages(self.plans, hidden, {name: r.net[-1].weight for name, r in self.radial.items()}, inputs, frames,
-                                second)
+                                second, order)
 
 # %% ../nbs/04a_so2.ipynb #e5270d48
 CONV_PATHS = {'so2': SO2Conv, 'reference': TFNConv}

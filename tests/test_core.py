@@ -226,3 +226,55 @@ def test_string_keys_round_trip():
     out_int = model(graph, nf, ef)
     out_str = model(graph, {str(l): x for l, x in nf.items()}, {str(l): x for l, x in ef.items()})
     assert set(out_str) == {'0', '1', '2', '3'} and all(torch.equal(out_str[str(l)], out_int[l]) for l in out_int)
+
+
+def _random_multigraph(num_nodes=9, num_edges=40, seed=0):
+    "Random directed edges with duplicates, self loops and nodes without incoming edges (node 0 never receives)."
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(0, num_nodes, (num_edges,), generator=g)
+    dst = torch.randint(1, num_nodes, (num_edges,), generator=g)
+    return Graph(torch.stack([src, dst]), num_nodes, pos=torch.randn(num_nodes, 3, dtype=torch.float64, generator=g))
+
+
+def test_destination_blocks_match_scatter_segment_operations():
+    from se3nb.graph import DestinationBlocks, edge_softmax, segment_max, segment_sum
+    graph = _random_multigraph()
+    blocks = graph.destination_blocks
+    order, dst, N = blocks.edge_order, graph.dst, graph.num_nodes
+    assert torch.equal(torch.sort(order).values, torch.arange(graph.num_edges))  # a permutation
+    assert torch.equal(blocks.dst, dst[order]) and (blocks.in_degree[blocks.dst[1:]] >= blocks.in_degree[blocks.dst[:-1]]).all()
+    assert sum(d * n for d, n in blocks.blocks) == graph.num_edges and sum(n for _, n in blocks.blocks) == N
+    x = torch.randn(graph.num_edges, 3, 2, dtype=torch.float64, requires_grad=True)
+    s = (torch.randn(graph.num_edges, 4, dtype=torch.float64) * 30).requires_grad_()
+    u = torch.rand(graph.num_edges, dtype=torch.float64)
+    torch.testing.assert_close(blocks.sum(x[order]), segment_sum(x, dst, N), atol=1e-12, rtol=0)
+    assert (blocks.sum(x[order])[0] == 0).all()  # no incoming edges
+    torch.testing.assert_close(blocks.softmax(s[order]), edge_softmax(s, dst, N)[order], atol=1e-12, rtol=0)
+    e = u[:, None] * torch.exp(s - segment_max(s, dst, N)[dst])
+    enveloped = u[:, None] * e / (segment_sum(e, dst, N)[dst] + 1e-12)  # the formula of 05_attention, shifted per node
+    torch.testing.assert_close(blocks.softmax(s[order], u[order]), enveloped[order], atol=1e-12, rtol=1e-10)
+    assert torch.autograd.gradcheck(lambda s: blocks.softmax(s, u[order]), (s[order].detach().requires_grad_(),))
+    assert torch.autograd.gradcheck(blocks.sum, (x[order].detach().requires_grad_(),))
+    empty = DestinationBlocks(torch.zeros(0, dtype=torch.long), 3)
+    assert empty.sum(torch.zeros(0, 2)).shape == (3, 2) and empty.softmax(torch.zeros(0, 2)).shape == (0, 2)
+
+
+@pytest.mark.parametrize("path", ['so2', 'reference'])
+def test_messages_by_destination_are_the_graph_order_permuted(path):
+    from se3nb.attention import SE3Attention
+    torch.manual_seed(0)
+    graph = _random_multigraph()
+    fin, fout, fedge = Fiber({0: 3, 1: 2}), Fiber({0: 4, 1: 4}), Fiber({0: 2})
+    conv = conv_class(path)(fin, fout, fedge, pool=False, self_interaction=True).double()
+    x, e = random_features(fin, graph.num_nodes, dtype=torch.float64), random_features(fedge, graph.num_edges, dtype=torch.float64)
+    inv = edge_invariants(graph.rel_pos, e)
+    geometry = conv.geometry(graph, inv, 1, list(conv.groups.values()))
+    order = graph.destination_blocks.edge_order
+    plain, sorted_ = conv(x, e, inv, graph, geometry), conv(x, e, inv, graph, geometry, by_destination=True)
+    for l in fout.degrees: torch.testing.assert_close(sorted_[l], plain[l][order], atol=1e-12, rtol=0)
+    attention = SE3Attention(2, fout, fout)
+    u = torch.rand(graph.num_edges, dtype=torch.float64)
+    q = random_features(fout, graph.num_nodes, dtype=torch.float64)
+    a = attention(plain, plain, q, graph, u)
+    b = attention(sorted_, sorted_, q, graph, u[order], edges_by_destination=True)
+    for l in fout.degrees: torch.testing.assert_close(a[l], b[l], atol=1e-12, rtol=0)
