@@ -100,25 +100,37 @@ class SO2Plan:
         J_of_f = torch.tensor([J for lo in outs for li in ins for J in range(abs(li - lo), li + lo + 1)])
         self.T, self.T_zero_length = T, T * (J_of_f == 0)  # [F, F]; an edge of length 0 keeps only J = 0
         self._order = order  # [num_weights] position in (c_out, c_in, g) order of each weight in block order
-        self._constants: dict[tuple, tuple[Tensor, Tensor]] = {}  # (zero_length, dtype, device) -> T, order there
+        self._constants: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}  # (zero_length, dtype, device) -> T, order, inverse
         self._folded: dict[tuple, tuple] = {}  # same key -> (weight version, folded weight), for inference
 
     def fold(self, weight: Tensor,  # [C_out*C_in*F, H] last layer of the group's radial MLP
              zero_length: bool = False,  # keep only J = 0: the kernel of an edge of length 0
-            ) -> Tensor:  # [H, num_weights] in block order (transposed: the layout of the products)
-        "$\\Theta_{SO(2)}^\\top = (T\\,\\Theta)^\\top$: a last radial layer that outputs SO(2) weights (differentiable in `weight`)."
+            ) -> Tensor:  # [num_weights, H] in block order
+        "$\\Theta_{SO(2)} = T\\,\\Theta$: a last radial layer that outputs SO(2) weights (differentiable in `weight`)."
         key = (zero_length, weight.dtype, weight.device)
         if key not in self._constants:
-            T = self.T_zero_length if zero_length else self.T
-            self._constants[key] = (T.to(weight.device, weight.dtype), self._order.to(weight.device))
-        T, order = self._constants[key]
+            T, order = (self.T_zero_length if zero_length else self.T).to(weight.device, weight.dtype), self._order.to(weight.device)
+            self._constants[key] = (T, order, torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device)))
+        T, order, inverse = self._constants[key]
         H = weight.shape[1]
-        fold = lambda: torch.einsum('gf,cfh->hcg', T, weight.view(-1, T.shape[1], H)).reshape(H, -1).index_select(1, order)
+        # T per channel pair, then whole rows moved into block order: no transposed copies (slow here: ~4 GB/s)
+        fold = lambda: _RowPermutation.apply(torch.matmul(T, weight.view(-1, T.shape[1], H)).view(-1, H), order, inverse)
         if torch.is_grad_enabled() and weight.requires_grad: return fold()
         cached = self._folded.get(key)  # inference: fold each weight version once
         if cached is None or cached[0] != (weight.data_ptr(), weight._version):
             cached = self._folded[key] = ((weight.data_ptr(), weight._version), fold())
-        return cached[1]  # [H, num_weights]
+        return cached[1]  # [num_weights, H]
+
+class _RowPermutation(torch.autograd.Function):
+    "x[order] whose backward is a gather with the inverse permutation (not a zero fill and a scatter)."
+    @staticmethod
+    def forward(ctx, x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
+        ctx.inverse = inverse
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad.index_select(0, ctx.inverse), None, None
 
 # %% ../nbs/04a_so2.ipynb #814f7662
 def reverse_edge_pairs(graph: Graph,
@@ -232,26 +244,26 @@ class _SO2Product(torch.autograd.Function):
     "y_m = x_m W_m(h)^T for every m-block, W(h) built block by block and never stored (rebuilt in backward)."
     @staticmethod
     def forward(ctx, h: Tensor, h_second: Tensor | None,
-                weight_t: Tensor,  # [H, n] folded last radial layer (`SO2Plan.fold`), any float dtype: used in h's
+                weight_full: Tensor,  # [n, H] folded last radial layer (`SO2Plan.fold`), any float dtype: used in h's
                 sizes: tuple[int, ...], *xs: Tensor) -> tuple[Tensor, ...]:
-        P, ys, weight = h.shape[0], [], weight_t.to(h.dtype)
+        P, ys, weight = h.shape[0], [], weight_full.to(h.dtype)
         # float16/bfloat16 batched products copy a transposed operand: there W(h) is built with blocks stored as [I, O]
         as_io = weight.dtype in (torch.float16, torch.bfloat16)
         for x, (off, n) in zip(xs, _blocks(sizes)):  # one m-block at a time: its weights are re-read once per slot block
             I, O = x.shape[2], n // x.shape[2]
-            w = weight[:, off:off + n]  # [H, O*I]
-            if as_io: w = w.reshape(-1, O, I).transpose(1, 2).reshape(-1, n)  # [H, I*O]
+            w = weight[off:off + n]  # [O*I, H]
+            if as_io: w = w.view(O, I, -1).transpose(0, 1).reshape(n, -1)  # [I*O, H]
             y = x.new_empty(P, x.shape[1], O)  # [P, 2s, O]
             step = _slots_per_block(P, n, h)
             W_buf = _workspace('W', step * n, h)
             for s0 in range(0, P, step):
                 p = min(step, P - s0)
-                Wh = torch.mm(h[s0:s0 + p], w, out=W_buf[:p * n].view(p, n))  # [p, n] SO(2) weights of these slots
+                Wh = torch.mm(h[s0:s0 + p], w.T, out=W_buf[:p * n].view(p, n))  # [p, n] SO(2) weights of these slots
                 W_m = Wh.view(p, I, O) if as_io else Wh.view(p, O, I).transpose(1, 2)  # [p, I, O]
                 torch.bmm(x[s0:s0 + p], W_m, out=y[s0:s0 + p])  # [p, 2s, O]
             ys.append(y)
         ctx.save_for_backward(h, weight, *xs)
-        ctx.sizes, ctx.split, ctx.weight_dtype = sizes, h_second is not None, weight_t.dtype
+        ctx.sizes, ctx.split, ctx.weight_dtype = sizes, h_second is not None, weight_full.dtype
         return tuple(ys)
 
     @staticmethod
@@ -263,10 +275,10 @@ class _SO2Product(torch.autograd.Function):
         low = acc != weight.dtype  # float16 / bfloat16: products in that dtype, sums over slot blocks in float32
         # with `split`, h of the slot's second edge is an input of its own (it equals h): its gradient comes from that edge only
         grad_hs = [torch.zeros_like(h, dtype=acc) if need else None for need in ((need_h, need_h2) if split else (need_h,))]
-        grad_wT = torch.empty_like(weight, dtype=acc) if need_w else None  # [H, n]
+        grad_w = torch.empty_like(weight, dtype=acc) if need_w else None  # [n, H]
         grad_xs = []
         for x, gy, (off, n) in zip(xs, grad_ys, _blocks(ctx.sizes)):
-            gy, w = gy.contiguous(), weight[:, off:off + n]  # [P, 2s, O], [H, O*I]
+            gy, w = gy.contiguous(), weight[off:off + n]  # [P, 2s, O], [O*I, H]
             O, I = gy.shape[2], x.shape[2]
             gx = torch.empty_like(x)  # [P, 2s, I]
             half = gy.shape[1] // 2  # rows of the slot's first edge, then of its second
@@ -276,7 +288,7 @@ class _SO2Product(torch.autograd.Function):
             for s0 in range(0, P, step):
                 p = min(step, P - s0)
                 hc = h[s0:s0 + p]
-                Wh = torch.mm(hc, w, out=W_buf[:p * n].view(p, n))  # [p, n] rebuilt
+                Wh = torch.mm(hc, w.T, out=W_buf[:p * n].view(p, n))  # [p, n] rebuilt
                 torch.bmm(gy[s0:s0 + p], Wh.view(p, O, I), out=gx[s0:s0 + p])
                 if not (need_h or need_h2 or need_w): continue
                 gs = [torch.bmm(gy[s0:s0 + p, r].transpose(1, 2), x[s0:s0 + p, r],
@@ -284,18 +296,18 @@ class _SO2Product(torch.autograd.Function):
                       for e, r in enumerate(rows)]  # [p, n] gradient of W(h) from each edge of the slot
                 for g, grad_h in zip(gs, grad_hs):
                     if grad_h is None: continue
-                    if low: grad_h[s0:s0 + p] += g @ w.T  # low-precision product, summed in float32
-                    else: grad_h[s0:s0 + p].addmm_(g, w.T)
+                    if low: grad_h[s0:s0 + p] += g @ w  # low-precision product, summed in float32
+                    else: grad_h[s0:s0 + p].addmm_(g, w)
                 if need_w:
-                    gw = grad_wT[:, off:off + n]  # [H, n]
+                    gw = grad_w[off:off + n]  # [n, H]
                     for e, g in enumerate(gs):
                         first = s0 == 0 and e == 0  # beta = 0: the uninitialized memory is not read
-                        if low: gw.copy_(hc.T @ g) if first else gw.add_(hc.T @ g)
-                        else: gw.addmm_(hc.T, g, beta=0 if first else 1)
+                        if low: gw.copy_(g.T @ hc) if first else gw.add_(g.T @ hc)
+                        else: gw.addmm_(g.T, hc, beta=0 if first else 1)
             grad_xs.append(gx)
-        if grad_wT is not None and P == 0: grad_wT.zero_()
+        if grad_w is not None and P == 0: grad_w.zero_()
         grad_hs = [None if g is None else g.to(h.dtype) for g in grad_hs] + [None] * (1 - split)
-        return (*grad_hs, None if grad_wT is None else grad_wT.to(ctx.weight_dtype), None, *grad_xs)
+        return (*grad_hs, None if grad_w is None else grad_w.to(ctx.weight_dtype), None, *grad_xs)
 
 # %% ../nbs/04a_so2.ipynb #a4a49ce6
 def so2_messages(plans: Mapping[str, SO2Plan],  # per kernel group
