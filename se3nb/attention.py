@@ -24,18 +24,16 @@ def _to_heads(feats: Mapping[int, Tensor], degrees: list[int], num_heads: int) -
     return torch.cat([feats[l].reshape(feats[l].shape[0], num_heads, feats[l].shape[1] * feats[l].shape[2] // num_heads)
                       for l in degrees], dim=-1)
 
-def attention_weights(key: Tensor,  # [E, H, d_head] keys per edge, in `graph.destination_blocks.edge_order`
+def attention_weights(key: Tensor,  # [E, H, d_head] keys per edge, in `graph.csr.edge_order`
                       query: Tensor,  # [N, H, d_head] queries per node
                       graph: Graph,
                       *, scale: float,  # 1/sqrt(total key size)
                       envelope: Tensor | None = None,  # [E] smooth cutoff u, in the keys' order
                      ) -> Tensor:  # [E, H], in the keys' order
     "Softmax over each node's incoming edges of the scaled key-query products (optionally enveloped)."
-    blocks = graph.destination_blocks  # dense [n_d, d, ...] blocks of the nodes with d incoming edges
     dtype = torch.promote_types(key.dtype, torch.float32)  # float32 under autocast, float64 stays float64
-    scores = torch.cat([(k.to(dtype) * q.to(dtype)[:, None]).sum(-1).flatten(0, 1)  # [n_d * d, H]; each query read once per block
-                        for k, q in zip(blocks.split(key), blocks.split_nodes(query))]) * scale  # [E, H]
-    return blocks.softmax(scores, envelope)  # [E, H]
+    scores = (key.to(dtype) * graph.csr.to_edges(query.to(dtype))).sum(-1) * scale  # [E, H]
+    return graph.csr.softmax(scores, envelope)  # [E, H]
 
 class SE3Attention(nn.Module):
     "Multi-head attention of each node over its incoming edges; returns the weighted sums of values."
@@ -52,12 +50,12 @@ class SE3Attention(nn.Module):
                 query: Mapping[int, Tensor],  # {l: [N, C_k, 2l+1]}
                 graph: Graph,
                 envelope: Tensor | None = None,  # [E]
-                *, edges_by_destination: bool = False,  # values, keys and envelope come in `graph.destination_blocks.edge_order`
+                *, edges_by_destination: bool = False,  # values, keys and envelope come in `graph.csr.edge_order`
                ) -> dict[int, Tensor]:  # {l: [N, C_v, 2l+1]}
         "Attention-weighted sum of the values of each node's incoming edges."
         with record_function('se3nb.attention'):
             if not edges_by_destination:  # the graph's edge order: sort once
-                order = graph.destination_blocks.edge_order
+                order = graph.csr.edge_order
                 value, key = ({l: x.index_select(0, order) for l, x in d.items()} for d in (value, key))
                 envelope = None if envelope is None else envelope.index_select(0, order)
             return self._attend(value, key, query, graph, envelope)
@@ -71,7 +69,7 @@ class SE3Attention(nn.Module):
         for l, c in self.value_fiber.items():
             v = value[l].view(-1, H, c // H, degree_to_dim(l))  # [E, H, C_v/H, 2l+1]
             weighted = alpha.to(v.dtype)[:, :, None, None] * v  # [E, H, C_v/H, 2l+1]
-            out[l] = graph.destination_blocks.sum(weighted).view(-1, c, degree_to_dim(l))  # [N, C_v, 2l+1]
+            out[l] = graph.csr.sum(weighted).view(-1, c, degree_to_dim(l))  # [N, C_v, 2l+1]
         return out
 
 # %% ../nbs/05_attention.ipynb #2b036113
@@ -108,12 +106,12 @@ class AttentionBlock(nn.Module):
                 envelope: Tensor | None = None,  # [E] smooth cutoff
                ) -> dict[int, Tensor]:  # {l: [N, C_out_l, 2l+1]}
         "One attention layer."
-        # edges come out sorted by destination (`03_graph`'s dense blocks), so attention never permutes them
+        # edges come out sorted by destination (`Graph.csr`), so attention never permutes them
         key_value = self.to_key_value(node_feats, edge_feats, invariants, graph, geometry,
                                       by_destination=True)  # {l: [E, C_v (+ C_k), 2l+1]}
         value = {l: kv[:, :self.value_fiber[l]] for l, kv in key_value.items()}  # [E, C_v, 2l+1]
         key = {l: key_value[l][:, self.value_fiber[l]:] for l in self.key_fiber}  # [E, C_k, 2l+1]
-        if envelope is not None: envelope = envelope.index_select(0, graph.destination_blocks.edge_order)
+        if envelope is not None: envelope = envelope.index_select(0, graph.csr.edge_order)
         z = self.attention(value, key, self.to_query(node_feats), graph, envelope,
                            edges_by_destination=True)  # {l: [N, C_v, 2l+1]}
         z = {l: torch.cat([v, node_feats[l]], dim=1) if l in node_feats else v for l, v in z.items()}  # skip connection

@@ -223,25 +223,25 @@ class TFNConv(nn.Module):
                 graph: Graph,
                 geometry: Bases,  # from `self.geometry` (the SO(2) subclass of `04a_so2` takes its `EdgeFrames`)
                 edge_scale: Tensor | None = None,  # [E] per-message factor, e.g. a cutoff envelope
-                *, by_destination: bool = False,  # unpooled: rows in `graph.destination_blocks.edge_order`
+                *, by_destination: bool = False,  # unpooled: rows in `graph.csr.edge_order` (sorted by destination)
                ) -> dict[int, Tensor]:  # {l: [N, C_l, 2l+1]} if pool else {l: [E, C_l, 2l+1]}
         "Messages of every edge, summed per destination node when `pool`."
-        blocks = graph.destination_blocks if self.pool or by_destination else None  # pooling sums dense blocks
-        order = None if blocks is None else blocks.edge_order  # [E]
-        dst = graph.dst if blocks is None else blocks.dst  # [E] destination of each row
+        csr = graph.csr if self.pool or by_destination else None  # pooling sums over edges sorted by destination
+        order = None if csr is None else csr.edge_order  # [E]
+        dst = graph.dst if csr is None else csr.dst  # [E] destination of each row
         out = self.messages(node_feats, edge_feats, invariants, graph, geometry, order)  # {l: [E, C_out, 2l+1]}
         if edge_scale is not None and order is not None: edge_scale = edge_scale.index_select(0, order)
         for l, y in out.items():
             if edge_scale is not None: y = y * edge_scale.to(y.dtype)[:, None, None]
             if self.pool:
                 with record_function('se3nb.aggregation'):
-                    y = blocks.sum(y)  # [N, C_out, 2l+1]
+                    y = csr.sum(y)  # [N, C_out, 2l+1]
             out[l] = y
         for key, W in self.self_interaction.items():
             l = int(key)
             x_dst = node_feats[l] if self.pool else node_feats[l][dst]  # [rows, C_in, 2l+1]
             if self.pool:  # per-edge self-interaction summed over incoming edges = in-degree times the node term
-                count = blocks.in_degree.to(x_dst.dtype) if edge_scale is None else blocks.sum(edge_scale.to(x_dst.dtype))  # [N]
+                count = csr.in_degree.to(x_dst.dtype) if edge_scale is None else csr.sum(edge_scale.to(x_dst.dtype))  # [N]
                 x_dst = x_dst * count[:, None, None]
             out[l] = out[l] + W.to(x_dst.dtype) @ x_dst  # [rows, C_out, 2l+1]
         return out

@@ -236,26 +236,30 @@ def _random_multigraph(num_nodes=9, num_edges=40, seed=0):
     return Graph(torch.stack([src, dst]), num_nodes, pos=torch.randn(num_nodes, 3, dtype=torch.float64, generator=g))
 
 
-def test_destination_blocks_match_scatter_segment_operations():
-    from se3nb.graph import DestinationBlocks, edge_softmax, segment_max, segment_sum
+def test_destination_csr_matches_scatter_segment_operations():
+    from se3nb.graph import DestinationCSR, edge_softmax, segment_max, segment_sum
     graph = _random_multigraph()
-    blocks = graph.destination_blocks
-    order, dst, N = blocks.edge_order, graph.dst, graph.num_nodes
+    csr = graph.csr
+    order, dst, N = csr.edge_order, graph.dst, graph.num_nodes
     assert torch.equal(torch.sort(order).values, torch.arange(graph.num_edges))  # a permutation
-    assert torch.equal(blocks.dst, dst[order]) and (blocks.in_degree[blocks.dst[1:]] >= blocks.in_degree[blocks.dst[:-1]]).all()
-    assert sum(d * n for d, n in blocks.blocks) == graph.num_edges and sum(n for _, n in blocks.blocks) == N
+    assert torch.equal(csr.dst, dst[order]) and (csr.dst[1:] >= csr.dst[:-1]).all()
     x = torch.randn(graph.num_edges, 3, 2, dtype=torch.float64, requires_grad=True)
     s = (torch.randn(graph.num_edges, 4, dtype=torch.float64) * 30).requires_grad_()
     u = torch.rand(graph.num_edges, dtype=torch.float64)
-    torch.testing.assert_close(blocks.sum(x[order]), segment_sum(x, dst, N), atol=1e-12, rtol=0)
-    assert (blocks.sum(x[order])[0] == 0).all()  # no incoming edges
-    torch.testing.assert_close(blocks.softmax(s[order]), edge_softmax(s, dst, N)[order], atol=1e-12, rtol=0)
+    torch.testing.assert_close(csr.sum(x[order]), segment_sum(x, dst, N), atol=1e-12, rtol=0)
+    assert (csr.sum(x[order])[0] == 0).all()  # no incoming edges
+    torch.testing.assert_close(csr.softmax(s[order]), edge_softmax(s, dst, N)[order], atol=1e-12, rtol=0)
     e = u[:, None] * torch.exp(s - segment_max(s, dst, N)[dst])
     enveloped = u[:, None] * e / (segment_sum(e, dst, N)[dst] + 1e-12)  # the formula of 05_attention, shifted per node
-    torch.testing.assert_close(blocks.softmax(s[order], u[order]), enveloped[order], atol=1e-12, rtol=1e-10)
-    assert torch.autograd.gradcheck(lambda s: blocks.softmax(s, u[order]), (s[order].detach().requires_grad_(),))
-    assert torch.autograd.gradcheck(blocks.sum, (x[order].detach().requires_grad_(),))
-    empty = DestinationBlocks(torch.zeros(0, dtype=torch.long), 3)
+    torch.testing.assert_close(csr.softmax(s[order], u[order]), enveloped[order], atol=1e-12, rtol=1e-10)
+    assert torch.autograd.gradcheck(lambda s: csr.softmax(s, u[order]), (s[order].detach().requires_grad_(),))
+    assert torch.autograd.gradcheck(csr.sum, (x[order].detach().requires_grad_(),))
+    # the GPU branch (segment_reduce, no atomics) computes the same on CPU tensors
+    from se3nb.graph import _csr_reduce
+    torch.testing.assert_close(_csr_reduce(x[order], csr.in_degree, 'sum'), segment_sum(x, dst, N), atol=1e-12, rtol=0)
+    torch.testing.assert_close(_csr_reduce(s[order], csr.in_degree, 'max'), segment_max(s, dst, N), atol=0, rtol=0)
+    assert torch.autograd.gradcheck(lambda x: _csr_reduce(x, csr.in_degree, 'sum'), (x[order].detach().requires_grad_(),))
+    empty = DestinationCSR(torch.zeros(0, dtype=torch.long), 3)
     assert empty.sum(torch.zeros(0, 2)).shape == (3, 2) and empty.softmax(torch.zeros(0, 2)).shape == (0, 2)
 
 
@@ -269,7 +273,7 @@ def test_messages_by_destination_are_the_graph_order_permuted(path):
     x, e = random_features(fin, graph.num_nodes, dtype=torch.float64), random_features(fedge, graph.num_edges, dtype=torch.float64)
     inv = edge_invariants(graph.rel_pos, e)
     geometry = conv.geometry(graph, inv, 1, list(conv.groups.values()))
-    order = graph.destination_blocks.edge_order
+    order = graph.csr.edge_order
     plain, sorted_ = conv(x, e, inv, graph, geometry), conv(x, e, inv, graph, geometry, by_destination=True)
     for l in fout.degrees: torch.testing.assert_close(sorted_[l], plain[l][order], atol=1e-12, rtol=0)
     attention = SE3Attention(2, fout, fout)
