@@ -16,6 +16,7 @@ from torch.profiler import record_function
 from .fiber import Fiber, degree_to_dim
 from .basis import Bases
 from .graph import Graph
+from .segment_attention import segment_attention
 from .conv import EquivariantLinear
 from .so2 import EdgeFrames, conv_class
 
@@ -64,13 +65,11 @@ class SE3Attention(nn.Module):
         H = self.num_heads
         k = _to_heads(key, self.key_fiber.degrees, H)  # [E, H, d]
         q = _to_heads(query, self.key_fiber.degrees, H)  # [N, H, d]
-        alpha = attention_weights(k, q, graph, scale=1 / math.sqrt(self.key_fiber.num_features), envelope=envelope)  # [E, H]
-        out = {}
-        for l, c in self.value_fiber.items():
-            v = value[l].view(-1, H, c // H, degree_to_dim(l))  # [E, H, C_v/H, 2l+1]
-            weighted = alpha.to(v.dtype)[:, :, None, None] * v  # [E, H, C_v/H, 2l+1]
-            out[l] = graph.csr.sum(weighted).view(-1, c, degree_to_dim(l))  # [N, C_v, 2l+1]
-        return out
+        v = _to_heads(value, self.value_fiber.degrees, H)  # [E, H, d_v]
+        z = segment_attention(k, q, v, graph.csr, scale=1 / math.sqrt(self.key_fiber.num_features), envelope=envelope)  # [N, H, d_v]
+        sizes = [c // H * degree_to_dim(l) for l, c in self.value_fiber.items()]
+        return {l: part.reshape(-1, c, degree_to_dim(l))  # [N, C_v, 2l+1]
+                for (l, c), part in zip(self.value_fiber.items(), torch.split(z, sizes, dim=-1))}
 
 # %% ../nbs/05_attention.ipynb #2b036113
 class AttentionBlock(nn.Module):

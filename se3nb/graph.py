@@ -149,6 +149,7 @@ class DestinationCSR:
         self.edge_order = torch.argsort(dst, stable=True)  # [E] edges by destination, each node's edges in graph order
         self.dst = dst[self.edge_order]  # [E] sorted destinations
         self.in_degree = torch.bincount(dst, minlength=num_nodes)  # [N] segment lengths
+        self.offsets = torch.cat([self.in_degree.new_zeros(1), self.in_degree.cumsum(0)])  # [N+1] start of each node's run (CSR row pointer)
 
     def sum(self, x: Tensor,  # [E, ...] per edge, in `edge_order`
            ) -> Tensor:  # [N, ...]; nodes without incoming edges get zeros

@@ -1,7 +1,23 @@
+import os
+from importlib import metadata
+
 import pytest
 import torch
 
-from se3nb.compat import find_nvidia_fixtures
+
+def _triton_major() -> int:  # without importing triton
+    try:
+        return int(metadata.version('triton').split('.')[0])
+    except (metadata.PackageNotFoundError, ValueError):
+        return 0
+
+
+# Without a GPU, the fused attention kernels (tests/test_segment_attention.py) run under Triton's interpreter on CPU tensors.
+# Triton reads TRITON_INTERPRET once, at its first import, and importing se3nb (torch._dynamo) imports it: so set it first.
+if not torch.cuda.is_available() and _triton_major() >= 3:
+    os.environ.setdefault('TRITON_INTERPRET', '1')
+
+from se3nb.compat import find_nvidia_fixtures  # noqa: E402 (after TRITON_INTERPRET)
 
 
 def pytest_configure(config):
