@@ -8,7 +8,10 @@ __all__ = ['CONV_PATHS', 'edge_rotations', 'wigner_D_batch', 'SO2Plan', 'reverse
 
 # %% ../nbs/04a_so2.ipynb #73d38bd5
 import math
+import os
+import sys
 import threading
+import warnings
 from collections.abc import Mapping
 from functools import lru_cache
 
@@ -249,9 +252,13 @@ class _SO2Product(torch.autograd.Function):
         P, ys, weight = h.shape[0], [], weight_full.to(h.dtype)
         # float16/bfloat16 batched products copy a transposed operand: there W(h) is built with blocks stored as [I, O]
         as_io = weight.dtype in (torch.float16, torch.bfloat16)
+        native = _native_for(h)
         for x, (off, n) in zip(xs, _blocks(sizes)):  # one m-block at a time: its weights are re-read once per slot block
             I, O = x.shape[2], n // x.shape[2]
             w = weight[off:off + n]  # [O*I, H]
+            if _native_block(native, x.shape[1], I, h.shape[1]):  # W(h) in registers only
+                ys.append(native.so2_forward(h.contiguous(), _theta(w, O, I), x.contiguous()))  # [P, 2s, O]
+                continue
             if as_io: w = w.view(O, I, -1).transpose(0, 1).reshape(n, -1)  # [I*O, H]
             y = x.new_empty(P, x.shape[1], O)  # [P, 2s, O]
             step = _slots_per_block(P, n, h)
@@ -276,11 +283,21 @@ class _SO2Product(torch.autograd.Function):
         # with `split`, h of the slot's second edge is an input of its own (it equals h): its gradient comes from that edge only
         grad_hs = [torch.zeros_like(h, dtype=acc) if need else None for need in ((need_h, need_h2) if split else (need_h,))]
         grad_w = torch.empty_like(weight, dtype=acc) if need_w else None  # [n, H]
-        grad_xs = []
+        grad_xs, native = [], _native_for(h)
         for x, gy, (off, n) in zip(xs, grad_ys, _blocks(ctx.sizes)):
             gy, w = gy.contiguous(), weight[off:off + n]  # [P, 2s, O], [O*I, H]
             O, I = gy.shape[2], x.shape[2]
+            if _native_block(native, gy.shape[1], I, h.shape[1]):  # the same sums, W(h) and its gradient in registers only
+                theta, hc, xc = _theta(w, O, I), h.contiguous(), x.contiguous()  # [O, H, I]
+                grad_xs.append(native.so2_grad_x(hc, theta, gy))  # [P, 2s, I]
+                if need_h or need_h2:
+                    gh = native.so2_grad_h(theta, xc, gy, split).view(P, 1 + split, h.shape[1])  # [P, 1 or 2, H] per slot or edge
+                    for e, grad_h in enumerate(grad_hs):
+                        if grad_h is not None: grad_h += gh[:, e]
+                if need_w: grad_w[off:off + n].view(O, I, -1).copy_(native.so2_grad_theta(hc, xc, gy).transpose(1, 2))
+                continue
             gx = torch.empty_like(x)  # [P, 2s, I]
+            grad_xs.append(gx)
             half = gy.shape[1] // 2  # rows of the slot's first edge, then of its second
             rows = [slice(None)] if not split else [slice(0, half), slice(half, None)]
             step = _slots_per_block(P, n, h)
@@ -304,10 +321,252 @@ class _SO2Product(torch.autograd.Function):
                         first = s0 == 0 and e == 0  # beta = 0: the uninitialized memory is not read
                         if low: gw.copy_(g.T @ hc) if first else gw.add_(g.T @ hc)
                         else: gw.addmm_(g.T, hc, beta=0 if first else 1)
-            grad_xs.append(gx)
         if grad_w is not None and P == 0: grad_w.zero_()
         grad_hs = [None if g is None else g.to(h.dtype) for g in grad_hs] + [None] * (1 - split)
         return (*grad_hs, None if grad_w is None else grad_w.to(ctx.weight_dtype), None, *grad_xs)
+
+# %% ../nbs/04a_so2.ipynb #32cc7c86
+_NATIVE_SOURCE = r'''
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+// SO(2) products of se3nb (04a_so2) with W(h) built in registers, never in memory. Float32, AVX-512.
+//   h [P, K] hidden units per slot, theta [O, K, I] one m-block of the folded last radial layer, x [P, R, I], gy [P, R, O]
+//   forward:  y[p, r, o]  = sum_i x[p, r, i] W_p[o, i],   W_p[o, i] = sum_k h[p, k] theta[o, k, i]
+//   grad_x:   gx[p, r, i] = sum_o gy[p, r, o] W_p[o, i]
+// Four slots share every load of theta; 16 consecutive i in one register. I % 16 == 0, R <= 4 (checked by the caller too).
+
+constexpr int64_t kSlots = 4, kSlotChunk = 64;
+
+template <int R>
+static void forward_tile(const float* h, const float* theta, const float* x, float* y,
+                         int64_t K, int64_t O, int64_t I, int64_t o0, int64_t o1, int64_t p0, int64_t p1) {
+  for (int64_t s = p0; s < p1; s += kSlots) {
+    const int64_t ns = std::min(kSlots, p1 - s);
+    for (int64_t o = o0; o < o1; ++o) {
+      __m512 acc[kSlots][R];
+      for (int a = 0; a < kSlots; ++a) for (int r = 0; r < R; ++r) acc[a][r] = _mm512_setzero_ps();
+      for (int64_t i = 0; i < I; i += 16) {
+        __m512 w[kSlots] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        const float* t = theta + o * K * I + i;
+        for (int64_t k = 0; k < K; ++k) {
+          const __m512 tk = _mm512_loadu_ps(t + k * I);
+          for (int a = 0; a < kSlots; ++a) if (a < ns) w[a] = _mm512_fmadd_ps(_mm512_set1_ps(h[(s + a) * K + k]), tk, w[a]);
+        }
+        for (int a = 0; a < kSlots; ++a) if (a < ns)
+          for (int r = 0; r < R; ++r) acc[a][r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + ((s + a) * R + r) * I + i), w[a], acc[a][r]);
+      }
+      for (int a = 0; a < ns; ++a) for (int r = 0; r < R; ++r) y[((s + a) * R + r) * O + o] = _mm512_reduce_add_ps(acc[a][r]);
+    }
+  }
+}
+
+template <int R>
+static void grad_x_tile(const float* h, const float* theta, const float* gy, float* gx,
+                        int64_t K, int64_t O, int64_t I, int64_t i, int64_t p0, int64_t p1) {
+  for (int64_t s = p0; s < p1; s += kSlots) {
+    const int64_t ns = std::min(kSlots, p1 - s);
+    __m512 acc[kSlots][R];
+    for (int a = 0; a < kSlots; ++a) for (int r = 0; r < R; ++r) acc[a][r] = _mm512_setzero_ps();
+    for (int64_t o = 0; o < O; ++o) {
+      __m512 w[kSlots] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      const float* t = theta + o * K * I + i;
+      for (int64_t k = 0; k < K; ++k) {
+        const __m512 tk = _mm512_loadu_ps(t + k * I);
+        for (int a = 0; a < kSlots; ++a) if (a < ns) w[a] = _mm512_fmadd_ps(_mm512_set1_ps(h[(s + a) * K + k]), tk, w[a]);
+      }
+      for (int a = 0; a < kSlots; ++a) if (a < ns)
+        for (int r = 0; r < R; ++r) acc[a][r] = _mm512_fmadd_ps(_mm512_set1_ps(gy[((s + a) * R + r) * O + o]), w[a], acc[a][r]);
+    }
+    for (int a = 0; a < ns; ++a) for (int r = 0; r < R; ++r) _mm512_storeu_ps(gx + ((s + a) * R + r) * I + i, acc[a][r]);
+  }
+}
+
+static void check(const torch::Tensor& h, const torch::Tensor& theta, const torch::Tensor& rows, int64_t width) {
+  TORCH_CHECK(h.dim() == 2 && theta.dim() == 3 && rows.dim() == 3, "expected h [P, K], theta [O, K, I], rows [P, R, *]");
+  TORCH_CHECK(h.scalar_type() == at::kFloat && theta.scalar_type() == at::kFloat && rows.scalar_type() == at::kFloat, "float32 only");
+  TORCH_CHECK(h.is_contiguous() && theta.is_contiguous() && rows.is_contiguous(), "contiguous tensors only");
+  TORCH_CHECK(theta.size(1) == h.size(1) && rows.size(0) == h.size(0) && rows.size(2) == width, "shapes do not match");
+  TORCH_CHECK(theta.size(2) % 16 == 0 && rows.size(1) >= 1 && rows.size(1) <= 4, "needs I % 16 == 0 and 1 <= R <= 4");
+}
+
+torch::Tensor so2_forward(torch::Tensor h, torch::Tensor theta, torch::Tensor x) {
+  check(h, theta, x, theta.size(2));
+  const int64_t P = h.size(0), K = h.size(1), O = theta.size(0), I = theta.size(2), R = x.size(1);
+  auto y = torch::empty({P, R, O}, x.options());
+  const float *hp = h.data_ptr<float>(), *tp = theta.data_ptr<float>(), *xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t o_tiles = (O + 3) / 4, chunks = (P + kSlotChunk - 1) / kSlotChunk;
+  // tasks: (4 outputs: theta rows that stay in L2) x (64 slots)
+  at::parallel_for(0, o_tiles * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t o0 = (task / chunks) * 4, o1 = std::min(O, o0 + 4), p0 = (task % chunks) * kSlotChunk, p1 = std::min(P, p0 + kSlotChunk);
+      switch (R) {
+        case 1: forward_tile<1>(hp, tp, xp, yp, K, O, I, o0, o1, p0, p1); break;
+        case 2: forward_tile<2>(hp, tp, xp, yp, K, O, I, o0, o1, p0, p1); break;
+        case 3: forward_tile<3>(hp, tp, xp, yp, K, O, I, o0, o1, p0, p1); break;
+        default: forward_tile<4>(hp, tp, xp, yp, K, O, I, o0, o1, p0, p1);
+      }
+    }
+  });
+  return y;
+}
+
+torch::Tensor so2_grad_x(torch::Tensor h, torch::Tensor theta, torch::Tensor gy) {
+  check(h, theta, gy, theta.size(0));
+  const int64_t P = h.size(0), K = h.size(1), O = theta.size(0), I = theta.size(2), R = gy.size(1);
+  auto gx = torch::empty({P, R, I}, gy.options());
+  const float *hp = h.data_ptr<float>(), *tp = theta.data_ptr<float>(), *gp = gy.data_ptr<float>();
+  float* xp = gx.data_ptr<float>();
+  const int64_t i_tiles = I / 16, chunks = (P + kSlotChunk - 1) / kSlotChunk;
+  // tasks: (16 inputs: a column of theta, O x K x 16 floats, stays in L2) x (64 slots)
+  at::parallel_for(0, i_tiles * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = (task / chunks) * 16, p0 = (task % chunks) * kSlotChunk, p1 = std::min(P, p0 + kSlotChunk);
+      switch (R) {
+        case 1: grad_x_tile<1>(hp, tp, gp, xp, K, O, I, i, p0, p1); break;
+        case 2: grad_x_tile<2>(hp, tp, gp, xp, K, O, I, i, p0, p1); break;
+        case 3: grad_x_tile<3>(hp, tp, gp, xp, K, O, I, i, p0, p1); break;
+        default: grad_x_tile<4>(hp, tp, gp, xp, K, O, I, i, p0, p1);
+      }
+    }
+  });
+  return gx;
+}
+
+// grad_theta[o, k, i] = sum_p h[p, k] G_p[o, i],  G_p[o, i] = sum_r gy[p, r, o] x[p, r, i]   (K % 16 == 0)
+// 16 k of one (o, 16 i) tile accumulate in registers over a chunk of slots whose x stays in L2; G is rebuilt per tile.
+template <int R>
+static void grad_theta_tile(const float* h, const float* x, const float* gy, float* gt, int64_t K, int64_t O, int64_t I,
+                            int64_t o0, int64_t o1, int64_t p0, int64_t p1) {
+  for (int64_t o = o0; o < o1; ++o)
+    for (int64_t i = 0; i < I; i += 16)
+      for (int64_t k0 = 0; k0 < K; k0 += 16) {
+        float* out = gt + (o * K + k0) * I + i;
+        __m512 acc[16];
+        for (int j = 0; j < 16; ++j) acc[j] = _mm512_loadu_ps(out + j * I);
+        for (int64_t p = p0; p < p1; ++p) {
+          __m512 g = _mm512_setzero_ps();
+          for (int r = 0; r < R; ++r) g = _mm512_fmadd_ps(_mm512_set1_ps(gy[(p * R + r) * O + o]), _mm512_loadu_ps(x + (p * R + r) * I + i), g);
+          const float* hp = h + p * K + k0;
+          for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(hp[j]), g, acc[j]);
+        }
+        for (int j = 0; j < 16; ++j) _mm512_storeu_ps(out + j * I, acc[j]);
+      }
+}
+
+torch::Tensor so2_grad_theta(torch::Tensor h, torch::Tensor x, torch::Tensor gy) {
+  TORCH_CHECK(h.dim() == 2 && x.dim() == 3 && gy.dim() == 3 && x.size(0) == h.size(0) && gy.size(0) == h.size(0) && gy.size(1) == x.size(1),
+              "expected h [P, K], x [P, R, I], gy [P, R, O]");
+  TORCH_CHECK(h.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && gy.scalar_type() == at::kFloat, "float32 only");
+  TORCH_CHECK(h.is_contiguous() && x.is_contiguous() && gy.is_contiguous(), "contiguous tensors only");
+  const int64_t P = h.size(0), K = h.size(1), O = gy.size(2), I = x.size(2), R = x.size(1);
+  TORCH_CHECK(K % 16 == 0 && I % 16 == 0 && R >= 1 && R <= 4, "needs K % 16 == 0, I % 16 == 0 and 1 <= R <= 4");
+  auto gt = torch::zeros({O, K, I}, x.options());
+  const float *hp = h.data_ptr<float>(), *xp = x.data_ptr<float>(), *gp = gy.data_ptr<float>();
+  float* tp = gt.data_ptr<float>();
+  const int64_t chunk = std::max<int64_t>(16, (256 << 10) / (4 * R * I));  // slots whose x fills ~256 KB of L2
+  at::parallel_for(0, O, 1, [&](int64_t o0, int64_t o1) {  // each thread owns rows o of the result: no reduction across threads
+    for (int64_t p0 = 0; p0 < P; p0 += chunk) {
+      const int64_t p1 = std::min(P, p0 + chunk);
+      switch (R) {
+        case 1: grad_theta_tile<1>(hp, xp, gp, tp, K, O, I, o0, o1, p0, p1); break;
+        case 2: grad_theta_tile<2>(hp, xp, gp, tp, K, O, I, o0, o1, p0, p1); break;
+        case 3: grad_theta_tile<3>(hp, xp, gp, tp, K, O, I, o0, o1, p0, p1); break;
+        default: grad_theta_tile<4>(hp, xp, gp, tp, K, O, I, o0, o1, p0, p1);
+      }
+    }
+  });
+  return gt;
+}
+
+// grad_h[u, k] = sum_o sum_i theta[o, k, i] G_u[o, i] for units u: slots (rows 0..R), or with `split` (slot, edge) pairs
+// (rows of edge e: e R/2 .. (e+1) R/2). Two units share every load of theta; G of 8 tiles of 16 i per unit in registers.
+static void grad_h_pair(const float* theta, const float* x, const float* gy, float* out, int64_t K, int64_t O, int64_t I, int64_t R,
+                        const int64_t slot[2], const int64_t r0[2], const int64_t r1[2]) {
+  alignas(64) float acc[2][128 * 16];
+  for (int u = 0; u < 2; ++u) for (int64_t j = 0; j < K * 16; ++j) acc[u][j] = 0.f;
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t i0 = 0; i0 < I; i0 += 128) {
+      const int nt = (int)std::min<int64_t>(8, (I - i0) / 16);
+      __m512 G[2][8];
+      for (int u = 0; u < 2; ++u)
+        for (int t = 0; t < 8; ++t) if (t < nt) {
+          __m512 g = _mm512_setzero_ps();
+          for (int64_t r = r0[u]; r < r1[u]; ++r)
+            g = _mm512_fmadd_ps(_mm512_set1_ps(gy[(slot[u] * R + r) * O + o]), _mm512_loadu_ps(x + (slot[u] * R + r) * I + i0 + 16 * t), g);
+          G[u][t] = g;
+        }
+      const float* th = theta + o * K * I + i0;
+      for (int64_t k = 0; k < K; ++k) {
+        __m512 a0 = _mm512_load_ps(acc[0] + k * 16), a1 = _mm512_load_ps(acc[1] + k * 16);
+        for (int t = 0; t < 8; ++t) if (t < nt) {
+          const __m512 tk = _mm512_loadu_ps(th + k * I + 16 * t);
+          a0 = _mm512_fmadd_ps(tk, G[0][t], a0);
+          a1 = _mm512_fmadd_ps(tk, G[1][t], a1);
+        }
+        _mm512_store_ps(acc[0] + k * 16, a0);
+        _mm512_store_ps(acc[1] + k * 16, a1);
+      }
+    }
+  for (int u = 0; u < 2; ++u)
+    for (int64_t k = 0; k < K; ++k) out[u * K + k] = _mm512_reduce_add_ps(_mm512_load_ps(acc[u] + k * 16));
+}
+
+torch::Tensor so2_grad_h(torch::Tensor theta, torch::Tensor x, torch::Tensor gy, bool split) {
+  TORCH_CHECK(theta.dim() == 3 && x.dim() == 3 && gy.dim() == 3 && x.size(0) == gy.size(0) && x.size(1) == gy.size(1)
+              && theta.size(0) == gy.size(2) && theta.size(2) == x.size(2), "expected theta [O, K, I], x [P, R, I], gy [P, R, O]");
+  TORCH_CHECK(theta.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && gy.scalar_type() == at::kFloat, "float32 only");
+  TORCH_CHECK(theta.is_contiguous() && x.is_contiguous() && gy.is_contiguous(), "contiguous tensors only");
+  const int64_t P = x.size(0), R = x.size(1), I = x.size(2), O = theta.size(0), K = theta.size(1);
+  TORCH_CHECK(K % 16 == 0 && K <= 128 && I % 16 == 0 && R >= 1 && R <= 4 && (!split || R % 2 == 0),
+              "needs K % 16 == 0, K <= 128, I % 16 == 0, 1 <= R <= 4 (even with split)");
+  const int64_t U = split ? 2 * P : P;
+  auto gh = torch::empty({U, K}, x.options());
+  const float *tp = theta.data_ptr<float>(), *xp = x.data_ptr<float>(), *gp = gy.data_ptr<float>();
+  float* hp = gh.data_ptr<float>();
+  at::parallel_for(0, (U + 1) / 2, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t pair = begin; pair < end; ++pair) {
+      int64_t slot[2], r0[2], r1[2];
+      for (int u = 0; u < 2; ++u) {
+        const int64_t unit = std::min(2 * pair + u, U - 1);  // an odd last unit is paired with itself
+        slot[u] = split ? unit / 2 : unit;
+        r0[u] = split ? (unit % 2) * (R / 2) : 0;
+        r1[u] = split ? r0[u] + R / 2 : R;
+      }
+      if (2 * pair + 1 < U) grad_h_pair(tp, xp, gp, hp + 2 * pair * K, K, O, I, R, slot, r0, r1);
+      else {  // the duplicate unit's result goes to scratch
+        float out2[2 * 128];
+        grad_h_pair(tp, xp, gp, out2, K, O, I, R, slot, r0, r1);
+        for (int64_t k = 0; k < K; ++k) hp[2 * pair * K + k] = out2[k];
+      }
+    }
+  });
+  return gh;
+}
+'''
+
+@lru_cache(maxsize=None)
+def _native_so2():  # the compiled kernels (so2_forward, so2_grad_x, so2_grad_theta, so2_grad_h), or None where they cannot run
+    if os.environ.get('SE3NB_NATIVE', '1') == '0' or not torch.backends.cpu.get_cpu_capability().startswith('AVX512'): return None
+    try:
+        from torch.utils.cpp_extension import load_inline
+        print("se3nb: loading the fused SO(2) CPU kernels (compiled on first use, about 30 s)", file=sys.stderr, flush=True)
+        return load_inline('se3nb_so2_cpu', cpp_sources=[_NATIVE_SOURCE], functions=['so2_forward', 'so2_grad_x', 'so2_grad_theta', 'so2_grad_h'],
+                           extra_cflags=['-O3', '-mavx512f', '-mavx512dq', '-mfma', '-fopenmp'], extra_ldflags=['-fopenmp'])
+    except Exception as error:  # no compiler or ninja, a failed build: the torch products compute the same
+        warnings.warn(f"se3nb: the fused SO(2) CPU kernels are unavailable, using torch's products ({type(error).__name__}: {error})")
+        return None
+
+def _native_for(h: Tensor):  # the fused kernels if they apply to this product (float32 on CPU), else None
+    return _native_so2() if h.dtype == torch.float32 and h.device.type == 'cpu' else None
+
+def _native_block(native, rows: int, I: int, H: int) -> bool:  # the kernels' limits: at most 4 rows, 16 | I, 16 | H <= 128
+    return native is not None and rows <= 4 and I % 16 == 0 and H % 16 == 0 and H <= 128
+
+def _theta(w: Tensor, O: int, I: int) -> Tensor:  # [O, H, I] one m-block of the folded weights, i contiguous
+    return w.view(O, I, -1).transpose(1, 2).contiguous()
 
 # %% ../nbs/04a_so2.ipynb #a4a49ce6
 def so2_messages(plans: Mapping[str, SO2Plan],  # per kernel group

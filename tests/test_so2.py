@@ -240,3 +240,81 @@ def test_threads_running_the_product_at_once_do_not_share_scratch_buffers():
     [t.start() for t in threads]; [t.join() for t in threads]
     for i in range(2): run(i, alone)
     assert all(torch.equal(together[i][l], alone[i][l]) for i in range(2) for l in alone[i])
+
+
+def _native_kernels():
+    "The fused float32 CPU kernels; a machine that can build them must (a failed build is a failure, not a skip)."
+    import os
+    import shutil
+    from torch.utils.cpp_extension import is_ninja_available
+    import se3nb.so2 as so2
+    native = so2._native_so2()
+    if native is None:
+        can_build = torch.backends.cpu.get_cpu_capability().startswith('AVX512') and is_ninja_available() \
+            and shutil.which(os.environ.get('CXX', 'c++')) is not None and os.environ.get('SE3NB_NATIVE', '1') != '0'
+        if can_build: pytest.fail("the fused SO(2) CPU kernels did not build on an AVX-512 machine with a compiler and ninja")
+        pytest.skip("fused SO(2) CPU kernels need AVX-512, a C++ compiler and ninja")
+    return native
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("P", [0, 1, 7, 130])
+def test_fused_cpu_kernels_equal_the_torch_products(monkeypatch, P, split):
+    import se3nb.so2 as so2
+    _native_kernels()
+    torch.manual_seed(P)
+    H = 32
+    blocks = [(2, 48, 64), (4, 96, 192), (4, 32, 128), (2, 8, 24)]  # (rows, O, I); the last (16 does not divide I) runs in torch
+    sizes = tuple(O * I for _, O, I in blocks)
+    h = torch.relu(torch.randn(P, H, dtype=F64))
+    inputs = [h, h.clone() if split else None, torch.randn(sum(sizes), H, dtype=F64) / 6] + \
+             [torch.randn(P, R, I, dtype=F64) for R, _, I in blocks]
+    results = {}
+    for name, dtype, native in (('truth', F64, False), ('torch', torch.float32, False), ('fused', torch.float32, True)):
+        if not native: monkeypatch.setattr(so2, '_native_for', lambda h: None)
+        else: monkeypatch.undo()
+        args = [None if t is None else t.to(dtype).requires_grad_() for t in inputs]
+        ys = so2._SO2Product.apply(args[0], args[1], args[2], sizes, *args[3:])
+        cotangents = [torch.randn(y.shape, generator=torch.Generator().manual_seed(i), dtype=F64).to(dtype) for i, y in enumerate(ys)]
+        grads = torch.autograd.grad(ys, [t for t in args if t is not None], cotangents, allow_unused=True)
+        results[name] = [t.double() for t in ys] + [g.double() for g in grads]
+    # the fused kernels sum in another order: as close to the float64 truth as the float32 torch products are
+    for truth, torch_f32, fused in zip(results['truth'], results['torch'], results['fused']):
+        assert fused.shape == truth.shape
+        if truth.numel() == 0: continue
+        if not truth.any():  # the weight gradient of zero slots
+            assert not fused.any(); continue
+        scale = truth.abs().max()
+        assert (fused - truth).abs().max() / scale < max(4 * ((torch_f32 - truth).abs().max() / scale).item(), 1e-6)
+        assert (fused - torch_f32).abs().max() / scale < 1e-5
+
+
+def test_fused_cpu_kernels_in_a_float32_model(monkeypatch):
+    import se3nb.so2 as so2
+    _native_kernels()
+    torch.manual_seed(0)
+    kw = dict(num_layers=2, fiber_in=Fiber({0: 16}), fiber_hidden=Fiber.create(4, 16), fiber_out=Fiber({0: 16, 1: 16}),
+              num_heads=2, channels_div=1, fiber_edge=Fiber({0: 4}))
+    model = SE3Transformer(**kw)
+    graph, _, edge = random_molecule_batch(6)
+    x = {0: torch.randn(graph.num_nodes, 16, 1)}
+    results = []
+    for native in (True, False):
+        if not native: monkeypatch.setattr(so2, '_native_for', lambda h: None)
+        model.zero_grad()
+        out = model(graph, x, edge)
+        sum((v * torch.sin(torch.arange(v.numel(), dtype=v.dtype)).view_as(v)).sum() for v in out.values()).backward()
+        results.append(([out[l].detach() for l in sorted(out)], [p.grad.clone() for p in model.parameters()]))
+    for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-7
+
+
+def test_fused_cpu_kernels_can_be_switched_off(monkeypatch):
+    import se3nb.so2 as so2
+    monkeypatch.setenv('SE3NB_NATIVE', '0')
+    so2._native_so2.cache_clear()
+    try:
+        assert so2._native_so2() is None and so2._native_for(torch.zeros(1, 32)) is None
+    finally:
+        so2._native_so2.cache_clear()
+    assert so2._native_for(torch.zeros(1, 32, dtype=F64)) is None  # float64 always runs the torch products
