@@ -9,6 +9,7 @@ __all__ = ['CONV_PATHS', 'edge_rotations', 'wigner_D_batch', 'SO2Plan', 'reverse
 # %% ../nbs/04a_so2.ipynb #73d38bd5
 import math
 import os
+import re
 import sys
 import threading
 import warnings
@@ -553,7 +554,8 @@ def _native_so2():  # the compiled kernels (so2_forward, so2_grad_x, so2_grad_th
     try:
         from torch.utils.cpp_extension import load_inline
         print("se3nb: loading the fused SO(2) CPU kernels (compiled on first use, about 30 s)", file=sys.stderr, flush=True)
-        return load_inline('se3nb_so2_cpu', cpp_sources=[_NATIVE_SOURCE], functions=['so2_forward', 'so2_grad_x', 'so2_grad_theta', 'so2_grad_h'],
+        name = 'se3nb_so2_cpu_torch' + re.sub(r'\W', '_', torch.__version__)  # one build per torch version (the C++ ABI)
+        return load_inline(name, cpp_sources=[_NATIVE_SOURCE], functions=['so2_forward', 'so2_grad_x', 'so2_grad_theta', 'so2_grad_h'],
                            extra_cflags=['-O3', '-mavx512f', '-mavx512dq', '-mfma', '-fopenmp'], extra_ldflags=['-fopenmp'])
     except Exception as error:  # no compiler or ninja, a failed build: the torch products compute the same
         warnings.warn(f"se3nb: the fused SO(2) CPU kernels are unavailable, using torch's products ({type(error).__name__}: {error})")
