@@ -340,6 +340,26 @@ _NATIVE_SOURCE = r'''
 
 constexpr int64_t kSlots = 4, kSlotChunk = 64;
 
+// calls f with std::integral_constant<int, R> for R = 1..4: the row count of a product becomes a compile-time constant
+template <typename F>
+static void with_rows(int64_t R, F&& f) {
+  switch (R) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{});
+  }
+}
+
+// w[a] = sum_k h[s + a, k] t[k, 0..16] for the ns <= 4 slots from s: 16 weights of W(h) per slot, in registers
+static inline void build_weights(const float* h, const float* t, int64_t K, int64_t I, int64_t s, int64_t ns, __m512* w) {
+  for (int a = 0; a < kSlots; ++a) w[a] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; ++k) {
+    const __m512 tk = _mm512_loadu_ps(t + k * I);
+    for (int a = 0; a < kSlots; ++a) if (a < ns) w[a] = _mm512_fmadd_ps(_mm512_set1_ps(h[(s + a) * K + k]), tk, w[a]);
+  }
+}
+
 template <int R>
 static void forward_tile(const float* h, const float* theta, const float* x, float* y,
                          int64_t K, int64_t O, int64_t I, int64_t o0, int64_t o1, int64_t p0, int64_t p1) {
@@ -349,12 +369,8 @@ static void forward_tile(const float* h, const float* theta, const float* x, flo
       __m512 acc[kSlots][R];
       for (int a = 0; a < kSlots; ++a) for (int r = 0; r < R; ++r) acc[a][r] = _mm512_setzero_ps();
       for (int64_t i = 0; i < I; i += 16) {
-        __m512 w[kSlots] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        const float* t = theta + o * K * I + i;
-        for (int64_t k = 0; k < K; ++k) {
-          const __m512 tk = _mm512_loadu_ps(t + k * I);
-          for (int a = 0; a < kSlots; ++a) if (a < ns) w[a] = _mm512_fmadd_ps(_mm512_set1_ps(h[(s + a) * K + k]), tk, w[a]);
-        }
+        __m512 w[kSlots];
+        build_weights(h, theta + o * K * I + i, K, I, s, ns, w);
         for (int a = 0; a < kSlots; ++a) if (a < ns)
           for (int r = 0; r < R; ++r) acc[a][r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + ((s + a) * R + r) * I + i), w[a], acc[a][r]);
       }
@@ -371,12 +387,8 @@ static void grad_x_tile(const float* h, const float* theta, const float* gy, flo
     __m512 acc[kSlots][R];
     for (int a = 0; a < kSlots; ++a) for (int r = 0; r < R; ++r) acc[a][r] = _mm512_setzero_ps();
     for (int64_t o = 0; o < O; ++o) {
-      __m512 w[kSlots] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-      const float* t = theta + o * K * I + i;
-      for (int64_t k = 0; k < K; ++k) {
-        const __m512 tk = _mm512_loadu_ps(t + k * I);
-        for (int a = 0; a < kSlots; ++a) if (a < ns) w[a] = _mm512_fmadd_ps(_mm512_set1_ps(h[(s + a) * K + k]), tk, w[a]);
-      }
+      __m512 w[kSlots];
+      build_weights(h, theta + o * K * I + i, K, I, s, ns, w);
       for (int a = 0; a < kSlots; ++a) if (a < ns)
         for (int r = 0; r < R; ++r) acc[a][r] = _mm512_fmadd_ps(_mm512_set1_ps(gy[((s + a) * R + r) * O + o]), w[a], acc[a][r]);
     }
@@ -403,12 +415,7 @@ torch::Tensor so2_forward(torch::Tensor h, torch::Tensor theta, torch::Tensor x)
   at::parallel_for(0, o_tiles * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t o0 = (task / chunks) * 4, o1 = std::min(O, o0 + 4), p0 = (task % chunks) * kSlotChunk, p1 = std::min(P, p0 + kSlotChunk);
-      switch (R) {
-        case 1: forward_tile<1>(hp, tp, xp, yp, K, O, I, o0, o1, p0, p1); break;
-        case 2: forward_tile<2>(hp, tp, xp, yp, K, O, I, o0, o1, p0, p1); break;
-        case 3: forward_tile<3>(hp, tp, xp, yp, K, O, I, o0, o1, p0, p1); break;
-        default: forward_tile<4>(hp, tp, xp, yp, K, O, I, o0, o1, p0, p1);
-      }
+      with_rows(R, [&](auto rows) { forward_tile<decltype(rows)::value>(hp, tp, xp, yp, K, O, I, o0, o1, p0, p1); });
     }
   });
   return y;
@@ -425,12 +432,7 @@ torch::Tensor so2_grad_x(torch::Tensor h, torch::Tensor theta, torch::Tensor gy)
   at::parallel_for(0, i_tiles * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t i = (task / chunks) * 16, p0 = (task % chunks) * kSlotChunk, p1 = std::min(P, p0 + kSlotChunk);
-      switch (R) {
-        case 1: grad_x_tile<1>(hp, tp, gp, xp, K, O, I, i, p0, p1); break;
-        case 2: grad_x_tile<2>(hp, tp, gp, xp, K, O, I, i, p0, p1); break;
-        case 3: grad_x_tile<3>(hp, tp, gp, xp, K, O, I, i, p0, p1); break;
-        default: grad_x_tile<4>(hp, tp, gp, xp, K, O, I, i, p0, p1);
-      }
+      with_rows(R, [&](auto rows) { grad_x_tile<decltype(rows)::value>(hp, tp, gp, xp, K, O, I, i, p0, p1); });
     }
   });
   return gx;
@@ -471,12 +473,7 @@ torch::Tensor so2_grad_theta(torch::Tensor h, torch::Tensor x, torch::Tensor gy)
   at::parallel_for(0, O, 1, [&](int64_t o0, int64_t o1) {  // each thread owns rows o of the result: no reduction across threads
     for (int64_t p0 = 0; p0 < P; p0 += chunk) {
       const int64_t p1 = std::min(P, p0 + chunk);
-      switch (R) {
-        case 1: grad_theta_tile<1>(hp, xp, gp, tp, K, O, I, o0, o1, p0, p1); break;
-        case 2: grad_theta_tile<2>(hp, xp, gp, tp, K, O, I, o0, o1, p0, p1); break;
-        case 3: grad_theta_tile<3>(hp, xp, gp, tp, K, O, I, o0, o1, p0, p1); break;
-        default: grad_theta_tile<4>(hp, xp, gp, tp, K, O, I, o0, o1, p0, p1);
-      }
+      with_rows(R, [&](auto rows) { grad_theta_tile<decltype(rows)::value>(hp, xp, gp, tp, K, O, I, o0, o1, p0, p1); });
     }
   });
   return gt;
