@@ -481,11 +481,12 @@ torch::Tensor so2_grad_theta(torch::Tensor h, torch::Tensor x, torch::Tensor gy)
 
 // grad_h[u, k] = sum_o sum_i theta[o, k, i] G_u[o, i] for units u: slots (rows 0..R), or with `split` (slot, edge) pairs
 // (rows of edge e: e R/2 .. (e+1) R/2). Two units share every load of theta; G of 8 tiles of 16 i per unit in registers.
+// Adds the sums over outputs o0..o1 to out[0..2K].
 static void grad_h_pair(const float* theta, const float* x, const float* gy, float* out, int64_t K, int64_t O, int64_t I, int64_t R,
-                        const int64_t slot[2], const int64_t r0[2], const int64_t r1[2]) {
+                        int64_t o0, int64_t o1, const int64_t slot[2], const int64_t r0[2], const int64_t r1[2]) {
   alignas(64) float acc[2][128 * 16];
   for (int u = 0; u < 2; ++u) for (int64_t j = 0; j < K * 16; ++j) acc[u][j] = 0.f;
-  for (int64_t o = 0; o < O; ++o)
+  for (int64_t o = o0; o < o1; ++o)
     for (int64_t i0 = 0; i0 < I; i0 += 128) {
       const int nt = (int)std::min<int64_t>(8, (I - i0) / 16);
       __m512 G[2][8];
@@ -509,7 +510,7 @@ static void grad_h_pair(const float* theta, const float* x, const float* gy, flo
       }
     }
   for (int u = 0; u < 2; ++u)
-    for (int64_t k = 0; k < K; ++k) out[u * K + k] = _mm512_reduce_add_ps(_mm512_load_ps(acc[u] + k * 16));
+    for (int64_t k = 0; k < K; ++k) out[u * K + k] += _mm512_reduce_add_ps(_mm512_load_ps(acc[u] + k * 16));
 }
 
 torch::Tensor so2_grad_h(torch::Tensor theta, torch::Tensor x, torch::Tensor gy, bool split) {
@@ -520,28 +521,26 @@ torch::Tensor so2_grad_h(torch::Tensor theta, torch::Tensor x, torch::Tensor gy,
   const int64_t P = x.size(0), R = x.size(1), I = x.size(2), O = theta.size(0), K = theta.size(1);
   TORCH_CHECK(K % 16 == 0 && K <= 128 && I % 16 == 0 && R >= 1 && R <= 4 && (!split || R % 2 == 0),
               "needs K % 16 == 0, K <= 128, I % 16 == 0, 1 <= R <= 4 (even with split)");
-  const int64_t U = split ? 2 * P : P;
-  auto gh = torch::empty({U, K}, x.options());
+  const int64_t U = split ? 2 * P : P, pairs = (U + 1) / 2;
+  auto gh = torch::zeros({2 * pairs, K}, x.options());  // an odd last unit is paired with itself; its copy lands in a spare row
   const float *tp = theta.data_ptr<float>(), *xp = x.data_ptr<float>(), *gp = gy.data_ptr<float>();
   float* hp = gh.data_ptr<float>();
-  at::parallel_for(0, (U + 1) / 2, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t pair = begin; pair < end; ++pair) {
-      int64_t slot[2], r0[2], r1[2];
-      for (int u = 0; u < 2; ++u) {
-        const int64_t unit = std::min(2 * pair + u, U - 1);  // an odd last unit is paired with itself
-        slot[u] = split ? unit / 2 : unit;
-        r0[u] = split ? (unit % 2) * (R / 2) : 0;
-        r1[u] = split ? r0[u] + R / 2 : R;
+  // theta is read in blocks of outputs of ~256 KB that stay in L2 while all of a thread's units pass
+  const int64_t o_block = std::max<int64_t>(1, (256 << 10) / (4 * K * I));
+  at::parallel_for(0, pairs, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t o0 = 0; o0 < O; o0 += o_block)
+      for (int64_t pair = begin; pair < end; ++pair) {
+        int64_t slot[2], r0[2], r1[2];
+        for (int u = 0; u < 2; ++u) {
+          const int64_t unit = std::min(2 * pair + u, U - 1);
+          slot[u] = split ? unit / 2 : unit;
+          r0[u] = split ? (unit % 2) * (R / 2) : 0;
+          r1[u] = split ? r0[u] + R / 2 : R;
+        }
+        grad_h_pair(tp, xp, gp, hp + 2 * pair * K, K, O, I, R, o0, std::min(O, o0 + o_block), slot, r0, r1);
       }
-      if (2 * pair + 1 < U) grad_h_pair(tp, xp, gp, hp + 2 * pair * K, K, O, I, R, slot, r0, r1);
-      else {  // the duplicate unit's result goes to scratch
-        float out2[2 * 128];
-        grad_h_pair(tp, xp, gp, out2, K, O, I, R, slot, r0, r1);
-        for (int64_t k = 0; k < K; ++k) hp[2 * pair * K + k] = out2[k];
-      }
-    }
   });
-  return gh;
+  return gh.narrow(0, 0, U);
 }
 '''
 
