@@ -2,7 +2,7 @@
 PY ?= python3
 TORCH ?= torch==2.13.0
 
-.PHONY: install qm9 test test-nbs test-py export clean-nbs check-sync
+.PHONY: install qm9 test test-nbs test-py export clean-nbs check-sync lint format
 
 install:  ## torch first (the CPU wheel is on this machine; `make install TORCH=torch` elsewhere), then se3nb with its dev tools
 	$(PY) -m pip install -q "$(TORCH)"
@@ -13,6 +13,14 @@ qm9: install  ## the main job: train on the embedded QM9 (quick CPU preset, ~6-8
 
 test: install  ## every test: pytest and the notebooks
 	$(MAKE) test-py test-nbs
+
+lint:  ## ruff lint (notebooks, package, tests, tools, benchmarks) and ruff format check (everything but the generated package)
+	ruff check .
+	ruff format --check .
+
+format:  ## ruff format the notebooks, tests, tools and benchmarks, then export: the package follows its notebooks
+	ruff format .
+	nbdev_export
 
 test-py:
 	$(PY) -m pytest -q tests

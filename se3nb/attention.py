@@ -21,27 +21,41 @@ from .conv import EquivariantLinear
 from .so2 import EdgeFrames, conv_class
 
 # %% ../nbs/05_attention.ipynb #bac38a7f
-def _to_heads(feats: Mapping[int, Tensor], degrees: list[int], num_heads: int) -> Tensor:  # [rows, H, sum_l C_l (2l+1) / H]
-    return torch.cat([feats[l].reshape(feats[l].shape[0], num_heads, feats[l].shape[1] * feats[l].shape[2] // num_heads)
-                      for l in degrees], dim=-1)
+def _to_heads(
+    feats: Mapping[int, Tensor], degrees: list[int], num_heads: int
+) -> Tensor:  # [rows, H, sum_l C_l (2l+1) / H]
+    return torch.cat(
+        [
+            feats[l].reshape(feats[l].shape[0], num_heads, feats[l].shape[1] * feats[l].shape[2] // num_heads)
+            for l in degrees
+        ],
+        dim=-1,
+    )
+
 
 class SE3Attention(nn.Module):
     "Multi-head attention of each node over its incoming edges; returns the weighted sums of values."
+
     def __init__(self, num_heads: int, key_fiber: Fiber, value_fiber: Fiber):
         super().__init__()
         for name, f in (('key', key_fiber), ('value', value_fiber)):
             bad = [l for l, c in f.items() if c % num_heads]
-            if bad: raise ValueError(f"{name} channels {dict(f.items())} must be divisible by num_heads={num_heads} (degrees {bad} are not)")
+            if bad:
+                raise ValueError(
+                    f"{name} channels {dict(f.items())} must be divisible by num_heads={num_heads} (degrees {bad} are not)"
+                )
         self.num_heads, self.key_fiber, self.value_fiber = num_heads, key_fiber, value_fiber
 
-    def forward(self,
-                value: Mapping[int, Tensor],  # {l: [E, C_v, 2l+1]}
-                key: Mapping[int, Tensor],  # {l: [E, C_k, 2l+1]}
-                query: Mapping[int, Tensor],  # {l: [N, C_k, 2l+1]}
-                graph: Graph,
-                envelope: Tensor | None = None,  # [E]
-                *, edges_by_destination: bool = False,  # values, keys and envelope come in `graph.csr.edge_order`
-               ) -> dict[int, Tensor]:  # {l: [N, C_v, 2l+1]}
+    def forward(
+        self,
+        value: Mapping[int, Tensor],  # {l: [E, C_v, 2l+1]}
+        key: Mapping[int, Tensor],  # {l: [E, C_k, 2l+1]}
+        query: Mapping[int, Tensor],  # {l: [N, C_k, 2l+1]}
+        graph: Graph,
+        envelope: Tensor | None = None,  # [E]
+        *,
+        edges_by_destination: bool = False,  # values, keys and envelope come in `graph.csr.edge_order`
+    ) -> dict[int, Tensor]:  # {l: [N, C_v, 2l+1]}
         "Attention-weighted sum of the values of each node's incoming edges."
         with record_function('se3nb.attention'):
             if not edges_by_destination:  # the graph's edge order: sort once
@@ -55,52 +69,70 @@ class SE3Attention(nn.Module):
         k = _to_heads(key, self.key_fiber.degrees, H)  # [E, H, d]
         q = _to_heads(query, self.key_fiber.degrees, H)  # [N, H, d]
         v = _to_heads(value, self.value_fiber.degrees, H)  # [E, H, d_v]
-        z = segment_attention(k, q, v, graph.csr, scale=1 / math.sqrt(self.key_fiber.num_features), envelope=envelope)  # [N, H, d_v]
+        z = segment_attention(
+            k, q, v, graph.csr, scale=1 / math.sqrt(self.key_fiber.num_features), envelope=envelope
+        )  # [N, H, d_v]
         sizes = [c // H * degree_to_dim(l) for l, c in self.value_fiber.items()]
-        return {l: part.reshape(-1, c, degree_to_dim(l))  # [N, C_v, 2l+1]
-                for (l, c), part in zip(self.value_fiber.items(), torch.split(z, sizes, dim=-1))}
+        return {
+            l: part.reshape(-1, c, degree_to_dim(l))  # [N, C_v, 2l+1]
+            for (l, c), part in zip(self.value_fiber.items(), torch.split(z, sizes, dim=-1))
+        }
 
 # %% ../nbs/05_attention.ipynb #2b036113
 class AttentionBlock(nn.Module):
     "SE(3)-Transformer layer: TFN keys and values, linear queries, attention, skip concatenation and projection."
-    def __init__(self,
-                 fiber_in: Fiber, fiber_out: Fiber,
-                 fiber_edge: Fiber = Fiber({}),
-                 *,
-                 num_heads: int = 4,
-                 channels_div: int = 2,  # value channels = output channels // channels_div
-                 use_layer_norm: bool = False,  # in the radial MLPs
-                 max_degree: int | None = None,
-                 fuse_level: str = 'partial',
-                 path: str = 'so2',  # convolution: 'so2' (fast) or 'reference' (`04a_so2`)
-                ):
+
+    def __init__(
+        self,
+        fiber_in: Fiber,
+        fiber_out: Fiber,
+        fiber_edge: Fiber = Fiber({}),
+        *,
+        num_heads: int = 4,
+        channels_div: int = 2,  # value channels = output channels // channels_div
+        use_layer_norm: bool = False,  # in the radial MLPs
+        max_degree: int | None = None,
+        fuse_level: str = 'partial',
+        path: str = 'so2',  # convolution: 'so2' (fast) or 'reference' (`04a_so2`)
+    ):
         super().__init__()
         self.fiber_in = fiber_in
         value_fiber = Fiber({l: c // channels_div for l, c in fiber_out.items()})
         key_fiber = Fiber({l: c for l, c in value_fiber.items() if l in fiber_in})
         self.value_fiber, self.key_fiber = value_fiber, key_fiber
-        self.to_key_value = conv_class(path)(fiber_in, value_fiber + key_fiber, fiber_edge, pool=False,
-                                             use_layer_norm=use_layer_norm, max_degree=max_degree, fuse_level=fuse_level)
+        self.to_key_value = conv_class(path)(
+            fiber_in,
+            value_fiber + key_fiber,
+            fiber_edge,
+            pool=False,
+            use_layer_norm=use_layer_norm,
+            max_degree=max_degree,
+            fuse_level=fuse_level,
+        )
         self.to_query = EquivariantLinear(fiber_in, key_fiber)
         self.attention = SE3Attention(num_heads, key_fiber, value_fiber)
         self.project = EquivariantLinear(value_fiber + fiber_in, fiber_out)
 
-    def forward(self,
-                node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]} on fiber_in
-                edge_feats: Mapping[int, Tensor],  # {l: [E, C_l, 2l+1]}
-                invariants: Tensor,  # [E, C_edge_0 + 1]
-                graph: Graph,
-                geometry: Bases | EdgeFrames,  # from `self.to_key_value.geometry`, shared by all layers
-                envelope: Tensor | None = None,  # [E] smooth cutoff
-               ) -> dict[int, Tensor]:  # {l: [N, C_out_l, 2l+1]}
+    def forward(
+        self,
+        node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]} on fiber_in
+        edge_feats: Mapping[int, Tensor],  # {l: [E, C_l, 2l+1]}
+        invariants: Tensor,  # [E, C_edge_0 + 1]
+        graph: Graph,
+        geometry: Bases | EdgeFrames,  # from `self.to_key_value.geometry`, shared by all layers
+        envelope: Tensor | None = None,  # [E] smooth cutoff
+    ) -> dict[int, Tensor]:  # {l: [N, C_out_l, 2l+1]}
         "One attention layer."
         # edges come out sorted by destination (`Graph.csr`), so attention never permutes them
-        key_value = self.to_key_value(node_feats, edge_feats, invariants, graph, geometry,
-                                      by_destination=True)  # {l: [E, C_v (+ C_k), 2l+1]}
-        value = {l: kv[:, :self.value_fiber[l]] for l, kv in key_value.items()}  # [E, C_v, 2l+1]
-        key = {l: key_value[l][:, self.value_fiber[l]:] for l in self.key_fiber}  # [E, C_k, 2l+1]
-        if envelope is not None: envelope = envelope.index_select(0, graph.csr.edge_order)
-        z = self.attention(value, key, self.to_query(node_feats), graph, envelope,
-                           edges_by_destination=True)  # {l: [N, C_v, 2l+1]}
+        key_value = self.to_key_value(
+            node_feats, edge_feats, invariants, graph, geometry, by_destination=True
+        )  # {l: [E, C_v (+ C_k), 2l+1]}
+        value = {l: kv[:, : self.value_fiber[l]] for l, kv in key_value.items()}  # [E, C_v, 2l+1]
+        key = {l: key_value[l][:, self.value_fiber[l] :] for l in self.key_fiber}  # [E, C_k, 2l+1]
+        if envelope is not None:
+            envelope = envelope.index_select(0, graph.csr.edge_order)
+        z = self.attention(
+            value, key, self.to_query(node_feats), graph, envelope, edges_by_destination=True
+        )  # {l: [N, C_v, 2l+1]}
         z = {l: torch.cat([v, node_feats[l]], dim=1) if l in node_feats else v for l, v in z.items()}  # skip connection
         return self.project(z)

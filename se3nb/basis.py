@@ -25,35 +25,49 @@ def wigner_D(l: int, R: Tensor) -> Tensor:  # [2l+1, 2l+1]
     return torch.linalg.lstsq(Y, Y_rot).solution.T.to(device=R.device, dtype=R.dtype)  # [2l+1, 2l+1]
 
 # %% ../nbs/01_basis.ipynb #49fa957a
-def spherical_harmonics(rel_pos: Tensor,  # [E, 3] edge vectors
-                        max_J: int,  # highest frequency J
-                       ) -> Tensor:  # [E, (max_J+1)^2], J-major blocks of 2J+1
+def spherical_harmonics(
+    rel_pos: Tensor,  # [E, 3] edge vectors
+    max_J: int,  # highest frequency J
+) -> Tensor:  # [E, (max_J+1)^2], J-major blocks of 2J+1
     "Real spherical harmonics $Y_0, \\dots, Y_{J_{max}}$ of the normalized edge directions (e3nn, integral normalization)."
-    return o3.spherical_harmonics(list(range(max_J + 1)), rel_pos, normalize=True, normalization='integral')  # [E, (J+1)^2]
+    return o3.spherical_harmonics(
+        list(range(max_J + 1)), rel_pos, normalize=True, normalization='integral'
+    )  # [E, (J+1)^2]
 
 # %% ../nbs/01_basis.ipynb #ddf3cbc5
 @lru_cache(maxsize=None)
-def clebsch_gordan(J: int, l_in: int, l_out: int, device: torch.device | str = 'cpu', dtype: torch.dtype = torch.float64
-                  ) -> Tensor:  # [2l_out+1, 2l_in+1, 2J+1]
+def clebsch_gordan(
+    J: int, l_in: int, l_out: int, device: torch.device | str = 'cpu', dtype: torch.dtype = torch.float64
+) -> Tensor:  # [2l_out+1, 2l_in+1, 2J+1]
     "Clebsch–Gordan coefficients $Q_J$ that couple $Y_J$ with a type-`l_in` input into a type-`l_out` output (cached)."
     if not abs(l_in - l_out) <= J <= l_in + l_out:
-        raise ValueError(f"J={J} does not couple degrees {l_in} and {l_out}: need {abs(l_in - l_out)} <= J <= {l_in + l_out}")
-    return o3.wigner_3j(J, l_in, l_out, dtype=torch.float64).permute(2, 1, 0).to(device=device, dtype=dtype)  # [2l_out+1, 2l_in+1, 2J+1]
+        raise ValueError(
+            f"J={J} does not couple degrees {l_in} and {l_out}: need {abs(l_in - l_out)} <= J <= {l_in + l_out}"
+        )
+    return (
+        o3.wigner_3j(J, l_in, l_out, dtype=torch.float64).permute(2, 1, 0).to(device=device, dtype=dtype)
+    )  # [2l_out+1, 2l_in+1, 2J+1]
 
 # %% ../nbs/01_basis.ipynb #f4d27a56
 def num_frequencies(in_degrees: tuple[int, ...], out_degrees: tuple[int, ...]) -> int:
     "Number of frequencies $\\sum_{l_{out}} \\sum_{l_{in}} (2\\min(l_{in}, l_{out})+1)$ of a fused basis."
     return sum(degree_to_dim(min(l_in, l_out)) for l_out in out_degrees for l_in in in_degrees)
 
+
 @lru_cache(maxsize=None)
-def basis_matrix(in_degrees: tuple[int, ...], out_degrees: tuple[int, ...], device: torch.device | str = 'cpu',
-                 dtype: torch.dtype = torch.float64
-                ) -> Tensor:  # [(J_max+1)^2, D_in * F * D_out]
+def basis_matrix(
+    in_degrees: tuple[int, ...],
+    out_degrees: tuple[int, ...],
+    device: torch.device | str = 'cpu',
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:  # [(J_max+1)^2, D_in * F * D_out]
     "Constant matrix $M$ with `spherical_harmonics(r, J_max) @ M` = the fused basis of `in_degrees` -> `out_degrees` (cached)."
     J_max = max(in_degrees) + max(out_degrees)
     d_in = [degree_to_dim(l) for l in in_degrees]
     d_out = [degree_to_dim(l) for l in out_degrees]
-    M = torch.zeros((J_max + 1) ** 2, sum(d_in), num_frequencies(in_degrees, out_degrees), sum(d_out), dtype=torch.float64)
+    M = torch.zeros(
+        (J_max + 1) ** 2, sum(d_in), num_frequencies(in_degrees, out_degrees), sum(d_out), dtype=torch.float64
+    )
     f0 = 0
     for b, l_out in enumerate(out_degrees):
         k0 = sum(d_out[:b])
@@ -61,22 +75,28 @@ def basis_matrix(in_degrees: tuple[int, ...], out_degrees: tuple[int, ...], devi
             i0 = sum(d_in[:a])
             for J in range(abs(l_in - l_out), l_in + l_out + 1):
                 Q = clebsch_gordan(J, l_in, l_out)  # [2l_out+1, 2l_in+1, 2J+1]
-                M[J * J:(J + 1) ** 2, i0:i0 + d_in[a], f0, k0:k0 + d_out[b]] = Q.permute(2, 1, 0)
+                M[J * J : (J + 1) ** 2, i0 : i0 + d_in[a], f0, k0 : k0 + d_out[b]] = Q.permute(2, 1, 0)
                 f0 += 1
     return M.reshape(M.shape[0], -1).to(device=device, dtype=dtype)  # [(J+1)^2, D_in*F*D_out]
 
-def kernel_basis(Y: Tensor,  # [E, (J_max'+1)^2] spherical harmonics with J_max' >= max(in) + max(out)
-                 in_degrees: tuple[int, ...], out_degrees: tuple[int, ...],
-                ) -> Tensor:  # [E, D_in, F, D_out]
+
+def kernel_basis(
+    Y: Tensor,  # [E, (J_max'+1)^2] spherical harmonics with J_max' >= max(in) + max(out)
+    in_degrees: tuple[int, ...],
+    out_degrees: tuple[int, ...],
+) -> Tensor:  # [E, D_in, F, D_out]
     "Fused TFN kernel basis of `in_degrees` -> `out_degrees` from precomputed spherical harmonics."
     M = basis_matrix(tuple(in_degrees), tuple(out_degrees), Y.device, Y.dtype)  # [(J+1)^2, D_in*F*D_out]
     D_in = sum(degree_to_dim(l) for l in in_degrees)
     D_out = sum(degree_to_dim(l) for l in out_degrees)
-    return (Y[:, :M.shape[0]] @ M).view(Y.shape[0], D_in, num_frequencies(in_degrees, out_degrees), D_out)  # [E, D_in, F, D_out]
+    return (Y[:, : M.shape[0]] @ M).view(
+        Y.shape[0], D_in, num_frequencies(in_degrees, out_degrees), D_out
+    )  # [E, D_in, F, D_out]
 
 # %% ../nbs/01_basis.ipynb #3ac2c76b
-def basis_equivariance_error(max_degree: int = 3, num_rotations: int = 20, dtype: torch.dtype = torch.float64, seed: int = 0
-                            ) -> Tensor:  # [num_rotations] max relative error over all degree pairs
+def basis_equivariance_error(
+    max_degree: int = 3, num_rotations: int = 20, dtype: torch.dtype = torch.float64, seed: int = 0
+) -> Tensor:  # [num_rotations] max relative error over all degree pairs
     "Max relative error of $W(Rr) = D_{in} W(r) D_{out}^\\top$ over all pairs up to `max_degree`, one entry per random rotation."
     g = torch.Generator().manual_seed(seed)
     r = torch.randn(64, 3, generator=g, dtype=torch.float64)
@@ -99,10 +119,12 @@ def basis_equivariance_error(max_degree: int = 3, num_rotations: int = 20, dtype
 # %% ../nbs/01_basis.ipynb #67817a6b
 class Bases:
     "The spherical harmonics of a graph's edges and every fused kernel basis derived from them, each computed once."
-    def __init__(self,
-                 rel_pos: Tensor,  # [E, 3]
-                 max_degree: int,  # highest feature degree used by the model
-                ):
+
+    def __init__(
+        self,
+        rel_pos: Tensor,  # [E, 3]
+        max_degree: int,  # highest feature degree used by the model
+    ):
         self.max_degree = max_degree
         self.dtype = rel_pos.dtype if rel_pos.dtype in (torch.float32, torch.float64) else torch.float32
         with torch.autocast(rel_pos.device.type, enabled=False):  # bases stay in full precision under AMP
@@ -114,14 +136,17 @@ class Bases:
         key = (tuple(in_degrees), tuple(out_degrees))
         if key not in self._cache:
             if max(key[0]) > self.max_degree or max(key[1]) > self.max_degree:
-                raise ValueError(f"basis for degrees {key} requested, but these bases were built for max_degree={self.max_degree}")
+                raise ValueError(
+                    f"basis for degrees {key} requested, but these bases were built for max_degree={self.max_degree}"
+                )
             with torch.autocast(self.Y.device.type, enabled=False):
                 self._cache[key] = kernel_basis(self.Y, *key).to(self.dtype)  # [E, D_in, F, D_out]
         return self._cache[key]
 
     def precompute(self, keys: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> "Bases":
         "Compute the listed fused bases now (e.g. in a data loader worker); returns self."
-        for k in keys: self.get(*k)
+        for k in keys:
+            self.get(*k)
         return self
 
     def to(self, device: torch.device | str) -> "Bases":
@@ -131,4 +156,5 @@ class Bases:
         return self
 
     @property
-    def num_edges(self) -> int: return self.Y.shape[0]
+    def num_edges(self) -> int:
+        return self.Y.shape[0]

@@ -10,13 +10,12 @@ __all__ = ['NVIDIA_CPU_BASELINE', 'random_molecule_batch', 'Case', 'run_case', '
 import argparse
 import json
 import math
-import os
 import platform
 import resource
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,17 +28,21 @@ from .graph import Graph, batch_graphs, radius_graph
 from .model import SE3TransformerPooled
 
 # %% ../nbs/10_benchmark.ipynb #c42418ad
-def random_molecule_batch(batch_size: int, *, atoms: int = 18, radius: float | None = None, seed: int = 0,
-                          device: str = 'cpu') -> tuple[Graph, dict[int, Tensor], dict[int, Tensor]]:
+def random_molecule_batch(
+    batch_size: int, *, atoms: int = 18, radius: float | None = None, seed: int = 0, device: str = 'cpu'
+) -> tuple[Graph, dict[int, Tensor], dict[int, Tensor]]:
     "A batch of random molecules: graph, node features `{0: [N, 6, 1]}`, edge features `{0: [E, 4, 1]}`."
     g = torch.Generator().manual_seed(seed)
     graphs = []
     for _ in range(batch_size):
         n = max(2, int(torch.randint(atoms // 2, atoms + atoms // 2 + 1, (1,), generator=g)))
-        parent = torch.cat([torch.zeros(1, dtype=torch.long), (torch.rand(n - 1, generator=g) * torch.arange(1, n)).long()])
+        parent = torch.cat(
+            [torch.zeros(1, dtype=torch.long), (torch.rand(n - 1, generator=g) * torch.arange(1, n)).long()]
+        )
         step = torch.nn.functional.normalize(torch.randn(n, 3, generator=g), dim=-1) * 1.5
         pos = torch.zeros(n, 3)
-        for i in range(1, n): pos[i] = pos[parent[i]] + step[i]  # a tree of 1.5 Å bonds
+        for i in range(1, n):
+            pos[i] = pos[parent[i]] + step[i]  # a tree of 1.5 Å bonds
         if radius is None:
             a, b = torch.arange(1, n), parent[1:]  # tree bonds
             rings = torch.randint(0, n, (2, n // 12), generator=g)  # ring closures
@@ -51,16 +54,23 @@ def random_molecule_batch(batch_size: int, *, atoms: int = 18, radius: float | N
     graph = batch_graphs(graphs)
     N, E = graph.num_nodes, graph.num_edges
     elements = torch.randint(0, 5, (N,), generator=g)
-    node = torch.cat([torch.nn.functional.one_hot(elements, 5).float(), torch.tensor([1., 6, 7, 8, 9])[elements, None]], 1)
-    bond = torch.minimum(graph.src, graph.dst) * N + torch.maximum(graph.src, graph.dst)  # [E] the same for both directions
+    node = torch.cat(
+        [torch.nn.functional.one_hot(elements, 5).float(), torch.tensor([1.0, 6, 7, 8, 9])[elements, None]], 1
+    )
+    bond = torch.minimum(graph.src, graph.dst) * N + torch.maximum(
+        graph.src, graph.dst
+    )  # [E] the same for both directions
     _, bond = torch.unique(bond, return_inverse=True)
-    edge = torch.nn.functional.one_hot(torch.randint(0, 4, (int(bond.max()) + 1 if E else 0,), generator=g)[bond], 4).float()
+    edge = torch.nn.functional.one_hot(
+        torch.randint(0, 4, (int(bond.max()) + 1 if E else 0,), generator=g)[bond], 4
+    ).float()
     return graph.to(device), {0: node[:, :, None].to(device)}, {0: edge[:, :, None].to(device)}
 
 # %% ../nbs/10_benchmark.ipynb #2e0d7f8a
 @dataclass
 class Case:
     "One benchmark measurement: what is timed, on what, in which precision."
+
     mode: str = 'train'  # 'train' | 'inference'
     batch_size: int = 64  # molecules per batch
     precision: str = 'fp32'  # 'fp32' | 'tf32' | 'amp'
@@ -78,22 +88,41 @@ class Case:
     path: str = 'so2'  # convolutions: 'so2' or 'reference' (`04a_so2`)
     fixture: str | None = None  # a molecule batch file (e.g. NVIDIA's qm9_batch64.pt) instead of random molecules
 
+
 def _model(case: Case) -> SE3TransformerPooled:
     heads = math.gcd(case.num_heads, max(1, case.num_channels // 2))  # value channels must split evenly into heads
-    return SE3TransformerPooled(Fiber({0: 6}), Fiber({0: case.num_degrees * case.num_channels}), Fiber({0: 4}), case.num_degrees,
-                                case.num_channels, 1, num_layers=case.num_layers, num_heads=heads, low_memory=case.low_memory,
-                                path=case.path).to(case.device)
+    return SE3TransformerPooled(
+        Fiber({0: 6}),
+        Fiber({0: case.num_degrees * case.num_channels}),
+        Fiber({0: 4}),
+        case.num_degrees,
+        case.num_channels,
+        1,
+        num_layers=case.num_layers,
+        num_heads=heads,
+        low_memory=case.low_memory,
+        path=case.path,
+    ).to(case.device)
+
 
 def _batch(case: Case):
-    if case.fixture is None: return random_molecule_batch(case.batch_size, atoms=case.atoms, radius=case.radius, device=case.device)
+    if case.fixture is None:
+        return random_molecule_batch(case.batch_size, atoms=case.atoms, radius=case.radius, device=case.device)
     b = torch.load(case.fixture, weights_only=True)
-    graph = Graph(torch.stack([b['src'], b['dst']]), int(b['num_nodes']), rel_pos=b['rel_pos'], batch_num_nodes=b['batch_num_nodes'],
-                  batch_num_edges=b['batch_num_edges']).to(case.device)
+    graph = Graph(
+        torch.stack([b['src'], b['dst']]),
+        int(b['num_nodes']),
+        rel_pos=b['rel_pos'],
+        batch_num_nodes=b['batch_num_nodes'],
+        batch_num_edges=b['batch_num_edges'],
+    ).to(case.device)
     return graph, {0: b['node_feats']['0'].to(case.device)}, {0: b['edge_feats']['0'].to(case.device)}
+
 
 def run_case(case: Case) -> dict:
     "Time one case in this process; returns the figures with the case."
-    if case.threads: torch.set_num_threads(case.threads)
+    if case.threads:
+        torch.set_num_threads(case.threads)
     torch.manual_seed(0)
     cuda = case.device.startswith('cuda')
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = case.precision == 'tf32'
@@ -103,41 +132,67 @@ def run_case(case: Case) -> dict:
     target = torch.randn(B, device=case.device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     amp_dtype = torch.float16 if cuda else torch.bfloat16
-    scaler = torch.amp.GradScaler('cuda', enabled=cuda and case.precision == 'amp') if hasattr(torch, 'amp') and hasattr(torch.amp, 'GradScaler') else None
+    scaler = (
+        torch.amp.GradScaler('cuda', enabled=cuda and case.precision == 'amp')
+        if hasattr(torch, 'amp') and hasattr(torch.amp, 'GradScaler')
+        else None
+    )
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     model.train(case.mode == 'train')
 
     def step():
         with torch.autocast(case.device.split(':')[0], dtype=amp_dtype, enabled=case.precision == 'amp'):
             if case.mode == 'inference':
-                with torch.no_grad(): return model(graph, node, edge)
+                with torch.no_grad():
+                    return model(graph, node, edge)
             loss = torch.nn.functional.l1_loss(model(graph, node, edge).float(), target)
         opt.zero_grad(set_to_none=True)
         if scaler is not None and scaler.is_enabled():
-            scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         else:
-            loss.backward(); opt.step()
+            loss.backward()
+            opt.step()
 
-    if cuda: torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for i in range(case.warmup + case.steps):
-        sync(); t0 = time.perf_counter()
+        sync()
+        t0 = time.perf_counter()
         step()
-        sync(); times.append(time.perf_counter() - t0)
-    t = np.array(times[case.warmup:]) * 1e3  # ms
-    return {'case': asdict(case), 'molecules': B, 'atoms': graph.num_nodes, 'edges': graph.num_edges,
-            'mean_ms': float(t.mean()), 'median_ms': float(np.median(t)), 'p90_ms': float(np.percentile(t, 90)),
-            'p95_ms': float(np.percentile(t, 95)), 'p99_ms': float(np.percentile(t, 99)),
-            'molecules_per_ms': B / float(t.mean()),
-            'peak_memory_gb': (torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 1e9,
-            'memory_kind': 'torch.cuda.max_memory_allocated' if cuda else 'peak RSS of the process',
-            'parameters': sum(p.numel() for p in model.parameters()), 'threads': torch.get_num_threads()}
+        sync()
+        times.append(time.perf_counter() - t0)
+    t = np.array(times[case.warmup :]) * 1e3  # ms
+    return {
+        'case': asdict(case),
+        'molecules': B,
+        'atoms': graph.num_nodes,
+        'edges': graph.num_edges,
+        'mean_ms': float(t.mean()),
+        'median_ms': float(np.median(t)),
+        'p90_ms': float(np.percentile(t, 90)),
+        'p95_ms': float(np.percentile(t, 95)),
+        'p99_ms': float(np.percentile(t, 99)),
+        'molecules_per_ms': B / float(t.mean()),
+        'peak_memory_gb': (
+            torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        )
+        / 1e9,
+        'memory_kind': 'torch.cuda.max_memory_allocated' if cuda else 'peak RSS of the process',
+        'parameters': sum(p.numel() for p in model.parameters()),
+        'threads': torch.get_num_threads(),
+    }
+
 
 def run_case_in_subprocess(case: Case) -> dict:
     "Run a case in a fresh Python process, so its peak memory is its own."
-    out = subprocess.run([sys.executable, '-m', 'se3nb.benchmark', '--case', json.dumps(asdict(case))],
-                         capture_output=True, text=True)
-    if out.returncode: raise RuntimeError(f"benchmark case {case} failed:\n{out.stderr[-3000:]}")
+    out = subprocess.run(
+        [sys.executable, '-m', 'se3nb.benchmark', '--case', json.dumps(asdict(case))], capture_output=True, text=True
+    )
+    if out.returncode:
+        raise RuntimeError(f"benchmark case {case} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 # %% ../nbs/10_benchmark.ipynb #df3f24e9
@@ -146,37 +201,63 @@ def loglog_slope(x: list[float], y: list[float]) -> float:
     return float(np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)[0])
 
 # %% ../nbs/10_benchmark.ipynb #2e1d2c94
-_BACKWARD_STAGES = [('SO2Product', 'kernel'), ('SparseFold', 'radial_mlp'), ('RadialKernelProduct', 'kernel'), ('Bmm', 'kernel'), ('Permute', 'kernel'), ('Addmm', 'radial_mlp'),
-                    ('LayerNorm', 'radial_mlp'), ('Relu', 'radial_mlp'), ('Threshold', 'radial_mlp'), ('IndexAdd', 'aggregation'),
-                    ('Index', 'aggregation'), ('Scatter', 'aggregation'), ('Exp', 'attention'), ('GroupNorm', 'norm'),
-                    ('Norm', 'norm'), ('Clamp', 'norm')]
+_BACKWARD_STAGES = [
+    ('SO2Product', 'kernel'),
+    ('SparseFold', 'radial_mlp'),
+    ('RadialKernelProduct', 'kernel'),
+    ('Bmm', 'kernel'),
+    ('Permute', 'kernel'),
+    ('Addmm', 'radial_mlp'),
+    ('LayerNorm', 'radial_mlp'),
+    ('Relu', 'radial_mlp'),
+    ('Threshold', 'radial_mlp'),
+    ('IndexAdd', 'aggregation'),
+    ('Index', 'aggregation'),
+    ('Scatter', 'aggregation'),
+    ('Exp', 'attention'),
+    ('GroupNorm', 'norm'),
+    ('Norm', 'norm'),
+    ('Clamp', 'norm'),
+]
+
 
 def _stage_of(stack: list[str]) -> str:
     for name in reversed(stack):
-        if name.startswith('se3nb.'): return name[len('se3nb.'):]
-        if 'Optimizer.step' in name or 'Adam.step' in name: return 'optimizer'
+        if name.startswith('se3nb.'):
+            return name[len('se3nb.') :]
+        if 'Optimizer.step' in name or 'Adam.step' in name:
+            return 'optimizer'
         if name.startswith('autograd::engine::evaluate_function: '):
             node = name.split(': ', 1)[1]
             return next((stage for key, stage in _BACKWARD_STAGES if key in node), 'other backward')
     return 'other'
 
+
 def profile_training_step(case: Case) -> dict[str, float]:
     "Milliseconds of self CPU time per stage in one training step (after one warm-up step)."
     from torch.profiler import profile, ProfilerActivity
-    if case.threads: torch.set_num_threads(case.threads)
+
+    if case.threads:
+        torch.set_num_threads(case.threads)
     model = _model(case)
     graph, node, edge = _batch(case)
     opt = torch.optim.Adam(model.parameters())
     target = torch.randn(graph.num_graphs, device=case.device)
+
     def step():
-        opt.zero_grad(); torch.nn.functional.l1_loss(model(graph, node, edge), target).backward(); opt.step()
+        opt.zero_grad()
+        torch.nn.functional.l1_loss(model(graph, node, edge), target).backward()
+        opt.step()
+
     step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof: step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
     events = sorted(prof.events(), key=lambda e: (e.time_range.start, -e.time_range.end))
     totals: dict[str, float] = {}
     open_: list = []
     for e in events:
-        while open_ and open_[-1].time_range.end <= e.time_range.start: open_.pop()
+        while open_ and open_[-1].time_range.end <= e.time_range.start:
+            open_.pop()
         stack = [o.name for o in open_] + [e.name]
         stage = _stage_of(stack)
         totals[stage] = totals.get(stage, 0.0) + e.self_cpu_time_total / 1e3
@@ -184,101 +265,204 @@ def profile_training_step(case: Case) -> dict[str, float]:
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 # %% ../nbs/10_benchmark.ipynb #7d23eaa5
-NVIDIA_CPU_BASELINE = {'inference': {'variant': 'low_memory=True', 'seconds_per_batch64': 0.48, 'molecules_per_s': 134, 'peak_rss_gb': 0.78},
-                       'train': {'variant': 'tensor_cores=False', 'seconds_per_batch64': 2.09, 'molecules_per_s': 31, 'peak_rss_gb': 2.79}}
+NVIDIA_CPU_BASELINE = {
+    'inference': {
+        'variant': 'low_memory=True',
+        'seconds_per_batch64': 0.48,
+        'molecules_per_s': 134,
+        'peak_rss_gb': 0.78,
+    },
+    'train': {'variant': 'tensor_cores=False', 'seconds_per_batch64': 2.09, 'molecules_per_s': 31, 'peak_rss_gb': 2.79},
+}
+
 
 def _device_name(device: str) -> str:
-    if device.startswith('cuda'): return torch.cuda.get_device_name(torch.device(device))
+    if device.startswith('cuda'):
+        return torch.cuda.get_device_name(torch.device(device))
     return platform.processor() or platform.machine()
 
+
 def _plot_scaling(results: list[dict], key: str, label: str, path: Path) -> None:
-    import matplotlib; matplotlib.use('Agg')
+    import matplotlib
+
+    matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    x = [r['x'] for r in results]; t = [r['mean_ms'] for r in results]; m = [r['peak_memory_gb'] for r in results]
+
+    x = [r['x'] for r in results]
+    t = [r['mean_ms'] for r in results]
+    m = [r['peak_memory_gb'] for r in results]
     fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    axes[0].loglog(x, t, 'o-'); axes[0].set(title=f'training step time vs {label} (slope {loglog_slope(x, t):.2f})', xlabel=label, ylabel='ms')
-    axes[1].loglog(x, m, 's-'); axes[1].set(title=f'peak memory vs {label} (slope {loglog_slope(x, m):.2f})', xlabel=label, ylabel='GB')
-    fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
+    axes[0].loglog(x, t, 'o-')
+    axes[0].set(title=f'training step time vs {label} (slope {loglog_slope(x, t):.2f})', xlabel=label, ylabel='ms')
+    axes[1].loglog(x, m, 's-')
+    axes[1].set(title=f'peak memory vs {label} (slope {loglog_slope(x, m):.2f})', xlabel=label, ylabel='GB')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
 
 def _plot_stages(profiles: dict[str, dict[str, float]], path: Path) -> None:
     "Grouped bars: one training step by stage for each profiled convolution path."
-    import matplotlib; matplotlib.use('Agg')
+    import matplotlib
+
+    matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    names = sorted({k for st in profiles.values() for k in st}, key=lambda k: -max(st.get(k, 0.0) for st in profiles.values()))
+
+    names = sorted(
+        {k for st in profiles.values() for k in st}, key=lambda k: -max(st.get(k, 0.0) for st in profiles.values())
+    )
     fig, ax = plt.subplots(figsize=(6, 3.2))
     height = 0.8 / len(profiles)
     for i, (label, st) in enumerate(profiles.items()):
-        ax.barh([j + i * height for j in range(len(names))][::-1], [st.get(k, 0.0) for k in names][::-1], height, label=label)
+        ax.barh(
+            [j + i * height for j in range(len(names))][::-1],
+            [st.get(k, 0.0) for k in names][::-1],
+            height,
+            label=label,
+        )
     ax.set_yticks([j + 0.4 - height / 2 for j in range(len(names))][::-1], names)
-    ax.set(title='one training step by stage (self CPU time)', xlabel='ms'); ax.legend()
-    fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
+    ax.set(title='one training step by stage (self CPU time)', xlabel='ms')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
-def run_suite(*, out_dir: str | Path, device: str = 'cpu', train_batches: tuple[int, ...] = (16, 64),
-              inference_batches: tuple[int, ...] = (64, 256), precisions: tuple[str, ...] = ('fp32',), steps: int = 10,
-              warmup: int = 3, threads: int | None = None, smoke: bool = False, fixture: str | Path | None = None,
-              scaling: bool = True, radius_atoms: tuple[int, ...] = (32, 64, 128, 256), progress: bool = True,
-              path: str = 'so2',  # convolution path of the suite; 'so2' also times and profiles the reference at the largest batch
-             ) -> dict:
+
+def run_suite(
+    *,
+    out_dir: str | Path,
+    device: str = 'cpu',
+    train_batches: tuple[int, ...] = (16, 64),
+    inference_batches: tuple[int, ...] = (64, 256),
+    precisions: tuple[str, ...] = ('fp32',),
+    steps: int = 10,
+    warmup: int = 3,
+    threads: int | None = None,
+    smoke: bool = False,
+    fixture: str | Path | None = None,
+    scaling: bool = True,
+    radius_atoms: tuple[int, ...] = (32, 64, 128, 256),
+    progress: bool = True,
+    path: str = 'so2',  # convolution path of the suite; 'so2' also times and profiles the reference at the largest batch
+) -> dict:
     "Run the benchmark suite (each case in a fresh process) and write `results.json` and plots to `out_dir`."
     from tqdm.auto import tqdm
-    out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     small = dict(num_layers=1, num_channels=8, num_degrees=2) if smoke else {}
-    if smoke: train_batches, inference_batches, steps, warmup = (2,), (2,), 2, 1
+    if smoke:
+        train_batches, inference_batches, steps, warmup = (2,), (2,), 2, 1
     base = dict(device=device, steps=steps, warmup=warmup, threads=threads, path=path, **small)
     plan: list[tuple[str, Case]] = []
     for p in precisions:
         plan += [('train', Case(mode='train', batch_size=b, precision=p, **base)) for b in train_batches]
         plan += [('inference', Case(mode='inference', batch_size=b, precision=p, **base)) for b in inference_batches]
-    plan += [('memory', Case(mode=m, batch_size=train_batches[-1], low_memory=lm, **base)) for m in ('train',) for lm in (False, True)]
+    plan += [
+        ('memory', Case(mode=m, batch_size=train_batches[-1], low_memory=lm, **base))
+        for m in ('train',)
+        for lm in (False, True)
+    ]
     compare = path == 'so2' and not smoke
     if compare:  # the same cases on the reference path: the speed-up of the SO(2) form
-        plan += [('reference', Case(mode=m, batch_size=b, **{**base, 'path': 'reference'}))
-                 for m, b in (('train', train_batches[-1]), ('inference', inference_batches[0]))]
+        plan += [
+            ('reference', Case(mode=m, batch_size=b, **{**base, 'path': 'reference'}))
+            for m, b in (('train', train_batches[-1]), ('inference', inference_batches[0]))
+        ]
     if fixture is None and not smoke:
         from se3nb.compat import find_nvidia_fixtures
+
         d = find_nvidia_fixtures()
         fixture = d / 'qm9_batch64.pt' if d else None
     if fixture is not None:
-        plan += [('nvidia_cpu', Case(mode=m, fixture=str(fixture), **{**base, 'device': 'cpu'})) for m in ('inference', 'train')]
+        plan += [
+            ('nvidia_cpu', Case(mode=m, fixture=str(fixture), **{**base, 'device': 'cpu'}))
+            for m in ('inference', 'train')
+        ]
     sweeps = {}
     if scaling:
-        sweeps = {'atoms': [9, 18] if smoke else [9, 36, 144, 576, 2304],  # one molecule per step, up to thousands of atoms
-                  'radius_atoms': [8, 16] if smoke else radius_atoms,
-                  'max_degree': [1, 2] if smoke else [1, 2, 3, 4],
-                  'channels': [4, 8] if smoke else [8, 16, 32, 64]}
-        for a in sweeps['atoms']: plan.append(('scale_atoms', Case(batch_size=1, atoms=a, **{**base, 'steps': max(2, steps // 2)})))
-        for a in sweeps['radius_atoms']: plan.append(('scale_radius_atoms', Case(batch_size=1, atoms=a, radius=3.0, **{**base, 'steps': max(2, steps // 2)})))
-        for l in sweeps['max_degree']: plan.append(('scale_max_degree', Case(batch_size=2 if smoke else 16, **{**base, 'num_degrees': l + 1, 'steps': max(2, steps // 2)})))
-        for c in sweeps['channels']: plan.append(('scale_channels', Case(batch_size=2 if smoke else 16, **{**base, 'num_channels': c, 'steps': max(2, steps // 2)})))
+        sweeps = {
+            'atoms': [9, 18] if smoke else [9, 36, 144, 576, 2304],  # one molecule per step, up to thousands of atoms
+            'radius_atoms': [8, 16] if smoke else radius_atoms,
+            'max_degree': [1, 2] if smoke else [1, 2, 3, 4],
+            'channels': [4, 8] if smoke else [8, 16, 32, 64],
+        }
+        for a in sweeps['atoms']:
+            plan.append(('scale_atoms', Case(batch_size=1, atoms=a, **{**base, 'steps': max(2, steps // 2)})))
+        for a in sweeps['radius_atoms']:
+            plan.append(
+                ('scale_radius_atoms', Case(batch_size=1, atoms=a, radius=3.0, **{**base, 'steps': max(2, steps // 2)}))
+            )
+        for l in sweeps['max_degree']:
+            plan.append(
+                (
+                    'scale_max_degree',
+                    Case(batch_size=2 if smoke else 16, **{**base, 'num_degrees': l + 1, 'steps': max(2, steps // 2)}),
+                )
+            )
+        for c in sweeps['channels']:
+            plan.append(
+                (
+                    'scale_channels',
+                    Case(batch_size=2 if smoke else 16, **{**base, 'num_channels': c, 'steps': max(2, steps // 2)}),
+                )
+            )
     results: dict[str, list] = {}
     for kind, case in tqdm(plan, desc='benchmark cases', disable=not progress):
         r = run_case(case) if smoke else run_case_in_subprocess(case)  # smoke: in-process, memory figures not per case
-        if kind == 'scale_atoms' or kind == 'scale_radius_atoms': r['x'] = r['atoms'] / r['molecules']
-        if kind == 'scale_max_degree': r['x'] = case.num_degrees - 1
-        if kind == 'scale_channels': r['x'] = case.num_channels
+        if kind == 'scale_atoms' or kind == 'scale_radius_atoms':
+            r['x'] = r['atoms'] / r['molecules']
+        if kind == 'scale_max_degree':
+            r['x'] = case.num_degrees - 1
+        if kind == 'scale_channels':
+            r['x'] = case.num_channels
         results.setdefault(kind, []).append(r)
     stages = profile_training_step(Case(batch_size=train_batches[-1], **base))
     profiles = {path: stages}
-    if compare: profiles['reference'] = profile_training_step(Case(batch_size=train_batches[-1], **{**base, 'path': 'reference'}))
-    report = {'se3nb': se3nb.__version__, 'torch': torch.__version__, 'e3nn': __import__('e3nn').__version__,
-              'device': device, 'device_name': _device_name(device), 'threads': threads or torch.get_num_threads(),
-              'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'), 'smoke': smoke, 'results': results, 'path': path,
-              'stage_profile_ms': stages, 'stage_profile_reference_ms': profiles.get('reference'),
-              'what_was_timed': 'train: forward + L1 loss + backward + Adam step; inference: eval-mode forward under no_grad; '
-                                'mean over `steps` after `warmup`, device synchronized around each step; memory per fresh process'}
+    if compare:
+        profiles['reference'] = profile_training_step(
+            Case(batch_size=train_batches[-1], **{**base, 'path': 'reference'})
+        )
+    report = {
+        'se3nb': se3nb.__version__,
+        'torch': torch.__version__,
+        'e3nn': __import__('e3nn').__version__,
+        'device': device,
+        'device_name': _device_name(device),
+        'threads': threads or torch.get_num_threads(),
+        'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
+        'smoke': smoke,
+        'results': results,
+        'path': path,
+        'stage_profile_ms': stages,
+        'stage_profile_reference_ms': profiles.get('reference'),
+        'what_was_timed': 'train: forward + L1 loss + backward + Adam step; inference: eval-mode forward under no_grad; '
+        'mean over `steps` after `warmup`, device synchronized around each step; memory per fresh process',
+    }
     if 'nvidia_cpu' in results:
-        report['nvidia_cpu_comparison'] = {r['case']['mode']: {
-            'se3nb_seconds_per_batch': r['median_ms'] / 1e3, 'se3nb_molecules_per_s': r['molecules'] / (r['median_ms'] / 1e3),
-            'se3nb_peak_rss_gb': r['peak_memory_gb'], 'nvidia': NVIDIA_CPU_BASELINE[r['case']['mode']],
-            'speedup': NVIDIA_CPU_BASELINE[r['case']['mode']]['seconds_per_batch64'] / (r['median_ms'] / 1e3)}
-            for r in results['nvidia_cpu']}
+        report['nvidia_cpu_comparison'] = {
+            r['case']['mode']: {
+                'se3nb_seconds_per_batch': r['median_ms'] / 1e3,
+                'se3nb_molecules_per_s': r['molecules'] / (r['median_ms'] / 1e3),
+                'se3nb_peak_rss_gb': r['peak_memory_gb'],
+                'nvidia': NVIDIA_CPU_BASELINE[r['case']['mode']],
+                'speedup': NVIDIA_CPU_BASELINE[r['case']['mode']]['seconds_per_batch64'] / (r['median_ms'] / 1e3),
+            }
+            for r in results['nvidia_cpu']
+        }
     slopes = {}
-    for kind, label in (('scale_atoms', 'atoms of one molecule (bonds)'), ('scale_radius_atoms', 'atoms (radius graph 3 Å)'),
-                        ('scale_max_degree', 'max degree'), ('scale_channels', 'channels')):
+    for kind, label in (
+        ('scale_atoms', 'atoms of one molecule (bonds)'),
+        ('scale_radius_atoms', 'atoms (radius graph 3 Å)'),
+        ('scale_max_degree', 'max degree'),
+        ('scale_channels', 'channels'),
+    ):
         if kind in results:
             rs = results[kind]
-            slopes[kind] = {'time': loglog_slope([r['x'] for r in rs], [r['mean_ms'] for r in rs]),
-                            'memory': loglog_slope([r['x'] for r in rs], [r['peak_memory_gb'] for r in rs])}
+            slopes[kind] = {
+                'time': loglog_slope([r['x'] for r in rs], [r['mean_ms'] for r in rs]),
+                'memory': loglog_slope([r['x'] for r in rs], [r['peak_memory_gb'] for r in rs]),
+            }
             _plot_scaling(rs, kind, label, out_dir / f'{kind}.png')
     report['loglog_slopes'] = slopes
     _plot_stages(profiles, out_dir / 'stage_profile.png')
@@ -290,44 +474,82 @@ def run_suite(*, out_dir: str | Path, device: str = 'cpu', train_batches: tuple[
 # %% ../nbs/10_benchmark.ipynb #a8e1c8d2
 def summary(report: dict) -> str:
     "A readable table of a suite's headline figures."
-    lines = [f"se3nb {report['se3nb']}, torch {report['torch']}, {report['device']} ({report['device_name']}), {report['threads']} threads"]
+    lines = [
+        f"se3nb {report['se3nb']}, torch {report['torch']}, {report['device']} ({report['device_name']}), {report['threads']} threads"
+    ]
     for kind in ('train', 'inference', 'memory', 'reference', 'nvidia_cpu'):
         for r in report['results'].get(kind, []):
             c = r['case']
-            lines.append(f"{kind:<10} {c['mode']:<9} {c.get('path', 'so2'):<9} batch {r['molecules']:>4} {c['precision']:<4} low_memory={c['low_memory']!s:<5} "
-                         f"mean {r['mean_ms']:9.1f} ms  p95 {r['p95_ms']:9.1f} ms  {r['molecules_per_ms']:8.3f} mol/ms  "
-                         f"peak {r['peak_memory_gb']:.2f} GB")
+            lines.append(
+                f"{kind:<10} {c['mode']:<9} {c.get('path', 'so2'):<9} batch {r['molecules']:>4} {c['precision']:<4} low_memory={c['low_memory']!s:<5} "
+                f"mean {r['mean_ms']:9.1f} ms  p95 {r['p95_ms']:9.1f} ms  {r['molecules_per_ms']:8.3f} mol/ms  "
+                f"peak {r['peak_memory_gb']:.2f} GB"
+            )
     for kind, v in report.get('nvidia_cpu_comparison', {}).items():
-        lines.append(f"vs NVIDIA CPU {kind}: {v['se3nb_molecules_per_s']:.1f} mol/s vs {v['nvidia']['molecules_per_s']} "
-                     f"({v['speedup']:.2f}x), RSS {v['se3nb_peak_rss_gb']:.2f} vs {v['nvidia']['peak_rss_gb']} GB")
+        lines.append(
+            f"vs NVIDIA CPU {kind}: {v['se3nb_molecules_per_s']:.1f} mol/s vs {v['nvidia']['molecules_per_s']} "
+            f"({v['speedup']:.2f}x), RSS {v['se3nb_peak_rss_gb']:.2f} vs {v['nvidia']['peak_rss_gb']} GB"
+        )
     for kind, s in report.get('loglog_slopes', {}).items():
         lines.append(f"{kind}: time slope {s['time']:.2f}, memory slope {s['memory']:.2f}")
-    lines.append(f"stages (ms, {report.get('path', 'so2')}): " + ', '.join(f"{k} {v:.0f}" for k, v in report['stage_profile_ms'].items()))
+    lines.append(
+        f"stages (ms, {report.get('path', 'so2')}): "
+        + ', '.join(f"{k} {v:.0f}" for k, v in report['stage_profile_ms'].items())
+    )
     if report.get('stage_profile_reference_ms'):
-        lines.append('stages (ms, reference): ' + ', '.join(f"{k} {v:.0f}" for k, v in report['stage_profile_reference_ms'].items()))
+        lines.append(
+            'stages (ms, reference): '
+            + ', '.join(f"{k} {v:.0f}" for k, v in report['stage_profile_reference_ms'].items())
+        )
     return '\n'.join(lines)
+
 
 def main(argv: list[str] | None = None) -> None:
     "Entry point of `se3nb-bench`."
     p = argparse.ArgumentParser(prog='se3nb-bench', description='se3nb speed and memory benchmarks')
-    p.add_argument('--out-dir', default='benchmarks/results/run'); p.add_argument('--device', default='cpu')
-    p.add_argument('--train-batches', default='16,64'); p.add_argument('--inference-batches', default='64,256')
+    p.add_argument('--out-dir', default='benchmarks/results/run')
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--train-batches', default='16,64')
+    p.add_argument('--inference-batches', default='64,256')
     p.add_argument('--precisions', default='fp32', help="comma list of fp32, tf32, amp")
-    p.add_argument('--steps', type=int, default=10); p.add_argument('--warmup', type=int, default=3)
-    p.add_argument('--threads', type=int, default=None); p.add_argument('--smoke', action='store_true')
-    p.add_argument('--no-scaling', action='store_true'); p.add_argument('--fixture', default=None)
-    p.add_argument('--radius-atoms', default='32,64,128,256', help='molecule sizes of the radius-graph sweep (GPU: up to 4096)')
-    p.add_argument('--path', default='so2', choices=['so2', 'reference'], help='convolution path (so2 also times the reference)')
+    p.add_argument('--steps', type=int, default=10)
+    p.add_argument('--warmup', type=int, default=3)
+    p.add_argument('--threads', type=int, default=None)
+    p.add_argument('--smoke', action='store_true')
+    p.add_argument('--no-scaling', action='store_true')
+    p.add_argument('--fixture', default=None)
+    p.add_argument(
+        '--radius-atoms', default='32,64,128,256', help='molecule sizes of the radius-graph sweep (GPU: up to 4096)'
+    )
+    p.add_argument(
+        '--path', default='so2', choices=['so2', 'reference'], help='convolution path (so2 also times the reference)'
+    )
     p.add_argument('--case', default=None, help='internal: run one JSON case and print its result')
     a = p.parse_args(argv)
     if a.case:
-        print(json.dumps(run_case(Case(**json.loads(a.case))))); return
-    ints = lambda s: tuple(int(x) for x in s.split(',') if x)
-    report = run_suite(out_dir=a.out_dir, device=a.device, train_batches=ints(a.train_batches), inference_batches=ints(a.inference_batches),
-                       precisions=tuple(a.precisions.split(',')), steps=a.steps, warmup=a.warmup, threads=a.threads, smoke=a.smoke,
-                       fixture=a.fixture, scaling=not a.no_scaling, radius_atoms=ints(a.radius_atoms),
-                       path=a.path)
+        print(json.dumps(run_case(Case(**json.loads(a.case)))))
+        return
+
+    def ints(s):
+        return tuple(int(x) for x in s.split(',') if x)
+
+    report = run_suite(
+        out_dir=a.out_dir,
+        device=a.device,
+        train_batches=ints(a.train_batches),
+        inference_batches=ints(a.inference_batches),
+        precisions=tuple(a.precisions.split(',')),
+        steps=a.steps,
+        warmup=a.warmup,
+        threads=a.threads,
+        smoke=a.smoke,
+        fixture=a.fixture,
+        scaling=not a.no_scaling,
+        radius_atoms=ints(a.radius_atoms),
+        path=a.path,
+    )
     print(summary(report))
 
 # %% ../nbs/10_benchmark.ipynb #a0dec86e
-if __name__ == '__main__' and not hasattr(sys, 'ps1') and 'ipykernel' not in sys.modules: main()
+if __name__ == '__main__' and not hasattr(sys, 'ps1') and 'ipykernel' not in sys.modules:
+    main()

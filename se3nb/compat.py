@@ -23,25 +23,33 @@ from .graph import Graph
 from .model import SE3Transformer, SE3TransformerPooled
 
 # %% ../nbs/07a_compat.ipynb #812c7dbb
-_TO_SE3NB = [(re.compile(r'\.conv\.(\d+),(\d+)\.radial_func\.'), r'.radial.\1_\2.'),
-             (re.compile(r'\.conv_out\.(\d+)\.radial_func\.'), r'.radial.out\1.'),
-             (re.compile(r'\.conv_in\.(\d+)\.radial_func\.'), r'.radial.in\1.'),
-             (re.compile(r'\.conv\.radial_func\.'), r'.radial.all.'),
-             (re.compile(r'\.to_kernel_self\.(\d+)$'), r'.self_interaction.\1')]
-_TO_NVIDIA = [(re.compile(r'\.radial\.(\d+)_(\d+)\.'), r'.conv.\1,\2.radial_func.'),
-              (re.compile(r'\.radial\.out(\d+)\.'), r'.conv_out.\1.radial_func.'),
-              (re.compile(r'\.radial\.in(\d+)\.'), r'.conv_in.\1.radial_func.'),
-              (re.compile(r'\.radial\.all\.'), r'.conv.radial_func.'),
-              (re.compile(r'\.self_interaction\.(\d+)$'), r'.to_kernel_self.\1')]
+_TO_SE3NB = [
+    (re.compile(r'\.conv\.(\d+),(\d+)\.radial_func\.'), r'.radial.\1_\2.'),
+    (re.compile(r'\.conv_out\.(\d+)\.radial_func\.'), r'.radial.out\1.'),
+    (re.compile(r'\.conv_in\.(\d+)\.radial_func\.'), r'.radial.in\1.'),
+    (re.compile(r'\.conv\.radial_func\.'), r'.radial.all.'),
+    (re.compile(r'\.to_kernel_self\.(\d+)$'), r'.self_interaction.\1'),
+]
+_TO_NVIDIA = [
+    (re.compile(r'\.radial\.(\d+)_(\d+)\.'), r'.conv.\1,\2.radial_func.'),
+    (re.compile(r'\.radial\.out(\d+)\.'), r'.conv_out.\1.radial_func.'),
+    (re.compile(r'\.radial\.in(\d+)\.'), r'.conv_in.\1.radial_func.'),
+    (re.compile(r'\.radial\.all\.'), r'.conv.radial_func.'),
+    (re.compile(r'\.self_interaction\.(\d+)$'), r'.to_kernel_self.\1'),
+]
+
 
 def _rename(key: str, rules) -> str:
     key = '.' + key
-    for pattern, repl in rules: key = pattern.sub(repl, key)
+    for pattern, repl in rules:
+        key = pattern.sub(repl, key)
     return key[1:]
+
 
 def nvidia_key_to_se3nb(key: str) -> str:
     "se3nb name of an NVIDIA state_dict key."
     return _rename(key, _TO_SE3NB)
+
 
 def se3nb_key_to_nvidia(key: str) -> str:
     "NVIDIA name of an se3nb state_dict key."
@@ -51,13 +59,17 @@ def se3nb_key_to_nvidia(key: str) -> str:
 MODEL_CLASSES = {'SE3Transformer': SE3Transformer, 'SE3TransformerPooled': SE3TransformerPooled}
 _FIBER_ARGS = ('fiber_in', 'fiber_hidden', 'fiber_out', 'fiber_edge')
 
+
 def nvidia_fuse_level(tensor_cores: bool = False, low_memory: bool = False) -> str:
     "se3nb `fuse_level` of NVIDIA's flags."
     return 'none' if low_memory else 'full' if tensor_cores else 'partial'
 
-def build_from_nvidia_kwargs(model_name: str, kwargs: Mapping,
-                             path: str = 'so2',  # se3nb's convolution path (same function)
-                            ) -> nn.Module:
+
+def build_from_nvidia_kwargs(
+    model_name: str,
+    kwargs: Mapping,
+    path: str = 'so2',  # se3nb's convolution path (same function)
+) -> nn.Module:
     "An se3nb model with the parameter layout NVIDIA's `model_name(**kwargs)` would have."
     if model_name not in MODEL_CLASSES:
         raise ValueError(f"model_name must be one of {list(MODEL_CLASSES)}, got {model_name!r}")
@@ -66,65 +78,96 @@ def build_from_nvidia_kwargs(model_name: str, kwargs: Mapping,
     args = {k: (Fiber({int(l): int(c) for l, c in v.items()}) if k in _FIBER_ARGS else v) for k, v in kwargs.items()}
     args['fuse_level'] = nvidia_fuse_level(args.pop('tensor_cores', False), args.get('low_memory', False))
     ignored = sorted(set(args) - accepted)
-    if ignored: warnings.warn(f"NVIDIA kwargs not used by {model_name}: {ignored}")
+    if ignored:
+        warnings.warn(f"NVIDIA kwargs not used by {model_name}: {ignored}")
     return cls(**{k: v for k, v in args.items() if k in accepted}, path=path)
+
 
 def _mismatches(expected: Mapping[str, Tensor], given: Mapping[str, Tensor], limit: int = 5) -> list[str]:
     missing = [k for k in expected if k not in given]
     unexpected = [k for k in given if k not in expected]
-    shapes = [f"{k}: expected {list(expected[k].shape)}, got {list(given[k].shape)}"
-              for k in expected if k in given and expected[k].shape != given[k].shape]
+    shapes = [
+        f"{k}: expected {list(expected[k].shape)}, got {list(given[k].shape)}"
+        for k in expected
+        if k in given and expected[k].shape != given[k].shape
+    ]
     out = []
-    if missing: out.append(f"{len(missing)} missing keys, first: {missing[:limit]}")
-    if unexpected: out.append(f"{len(unexpected)} unexpected keys, first: {unexpected[:limit]}")
-    if shapes: out.append(f"{len(shapes)} shape mismatches, first: {shapes[:limit]}")
+    if missing:
+        out.append(f"{len(missing)} missing keys, first: {missing[:limit]}")
+    if unexpected:
+        out.append(f"{len(unexpected)} unexpected keys, first: {unexpected[:limit]}")
+    if shapes:
+        out.append(f"{len(shapes)} shape mismatches, first: {shapes[:limit]}")
     return out
+
 
 def load_nvidia_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor]) -> nn.Module:
     "Load an NVIDIA state_dict into an se3nb model of the same configuration (strict, with a readable error)."
-    if not isinstance(state_dict, Mapping): raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
     converted = {nvidia_key_to_se3nb(k): v for k, v in state_dict.items()}
     problems = _mismatches(model.state_dict(), converted)
     if problems:
-        raise ValueError("the NVIDIA state_dict does not match the requested configuration (NVIDIA key names shown "
-                         "after conversion to se3nb's): " + "; ".join(problems))
+        raise ValueError(
+            "the NVIDIA state_dict does not match the requested configuration (NVIDIA key names shown "
+            "after conversion to se3nb's): " + "; ".join(problems)
+        )
     model.load_state_dict(converted)
     return model
 
-def from_nvidia(model_name: str,  # 'SE3Transformer' or 'SE3TransformerPooled'
-                kwargs: Mapping,  # NVIDIA constructor kwargs, fibers as {degree: channels}
-                state_dict: Mapping[str, Tensor] | None = None,  # NVIDIA key names, any fusion layout
-                path: str = 'so2',  # se3nb's convolution path: 'so2' (fast) or 'reference'; same function
-               ) -> nn.Module:
+
+def from_nvidia(
+    model_name: str,  # 'SE3Transformer' or 'SE3TransformerPooled'
+    kwargs: Mapping,  # NVIDIA constructor kwargs, fibers as {degree: channels}
+    state_dict: Mapping[str, Tensor] | None = None,  # NVIDIA key names, any fusion layout
+    path: str = 'so2',  # se3nb's convolution path: 'so2' (fast) or 'reference'; same function
+) -> nn.Module:
     "An se3nb model equal to NVIDIA's `model_name(**kwargs)` loaded with `state_dict`."
     model = build_from_nvidia_kwargs(model_name, kwargs, path)
     return model if state_dict is None else load_nvidia_state_dict(model, state_dict)
+
 
 def to_nvidia_state_dict(model: nn.Module) -> dict[str, Tensor]:
     "The model's parameters under NVIDIA's key names (loadable by NVIDIA's model of the same configuration)."
     return {se3nb_key_to_nvidia(k): v for k, v in model.state_dict().items()}
 
 # %% ../nbs/07a_compat.ipynb #989b16da
-def nvidia_graph(src: Tensor,  # [E] source nodes (graph.edges()[0])
-                 dst: Tensor,  # [E] destination nodes
-                 num_nodes: int,
-                 rel_pos: Tensor,  # [E, 3] graph.edata['rel_pos'], used as given
-                 batch_num_nodes: Tensor | None = None,  # [B] graph.batch_num_nodes()
-                ) -> Graph:
+def nvidia_graph(
+    src: Tensor,  # [E] source nodes (graph.edges()[0])
+    dst: Tensor,  # [E] destination nodes
+    num_nodes: int,
+    rel_pos: Tensor,  # [E, 3] graph.edata['rel_pos'], used as given
+    batch_num_nodes: Tensor | None = None,  # [B] graph.batch_num_nodes()
+) -> Graph:
     "An se3nb `Graph` equal to a (batched) DGL graph of NVIDIA's models."
-    if batch_num_nodes is None: return Graph(torch.stack([src, dst]), num_nodes, rel_pos=rel_pos)
+    if batch_num_nodes is None:
+        return Graph(torch.stack([src, dst]), num_nodes, rel_pos=rel_pos)
     batch_num_nodes = torch.as_tensor(batch_num_nodes, device=src.device)
     node_graph = torch.repeat_interleave(torch.arange(len(batch_num_nodes), device=src.device), batch_num_nodes)
-    batch_num_edges = torch.bincount(node_graph[src], minlength=len(batch_num_nodes)) if src.numel() else torch.zeros_like(batch_num_nodes)
-    return Graph(torch.stack([src, dst]), num_nodes, rel_pos=rel_pos, batch_num_nodes=batch_num_nodes, batch_num_edges=batch_num_edges)
+    batch_num_edges = (
+        torch.bincount(node_graph[src], minlength=len(batch_num_nodes))
+        if src.numel()
+        else torch.zeros_like(batch_num_nodes)
+    )
+    return Graph(
+        torch.stack([src, dst]),
+        num_nodes,
+        rel_pos=rel_pos,
+        batch_num_nodes=batch_num_nodes,
+        batch_num_edges=batch_num_edges,
+    )
 
 # %% ../nbs/07a_compat.ipynb #e083c654
 def find_nvidia_fixtures() -> Path | None:
     "The shared NVIDIA fixture folder (`$SE3NB_FIXTURES`, or `shared/fixtures/nvidia` beside or inside the repository), if present."
-    candidates = [os.environ.get('SE3NB_FIXTURES')] + [str(p / 'fixtures' / 'nvidia') for base in (Path.cwd(), *Path.cwd().parents)
-                                                        for p in (base / 'shared', base.parent / 'shared')]
+    candidates = [os.environ.get('SE3NB_FIXTURES')] + [
+        str(p / 'fixtures' / 'nvidia')
+        for base in (Path.cwd(), *Path.cwd().parents)
+        for p in (base / 'shared', base.parent / 'shared')
+    ]
     for c in candidates:
-        if c and (Path(c) / 'MANIFEST.md').exists(): return Path(c)
+        if c and (Path(c) / 'MANIFEST.md').exists():
+            return Path(c)
     return None
 
 # %% ../nbs/07a_compat.ipynb #f0fcaf7c

@@ -21,43 +21,61 @@ from .graph import Graph
 # %% ../nbs/04_conv.ipynb #7dd6be83
 class RadialProfile(nn.Module):
     "MLP from invariant edge features to the radial weights $\\varphi$ of a group of TFN kernels."
-    def __init__(self,
-                 num_freq: int,  # F, frequencies of the group's kernels
-                 channels_in: int,  # C_in
-                 channels_out: int,  # C_out
-                 *,
-                 edge_dim: int = 1,  # invariant edge features (distance included)
-                 mid_dim: int = 32,  # hidden units
-                 use_layer_norm: bool = False,
-                ):
+
+    def __init__(
+        self,
+        num_freq: int,  # F, frequencies of the group's kernels
+        channels_in: int,  # C_in
+        channels_out: int,  # C_out
+        *,
+        edge_dim: int = 1,  # invariant edge features (distance included)
+        mid_dim: int = 32,  # hidden units
+        use_layer_norm: bool = False,
+    ):
         super().__init__()
         self.num_freq, self.channels_in, self.channels_out = num_freq, channels_in, channels_out
         norm = (lambda: nn.LayerNorm(mid_dim)) if use_layer_norm else (lambda: None)
-        layers = [nn.Linear(edge_dim, mid_dim), norm(), nn.ReLU(), nn.Linear(mid_dim, mid_dim), norm(), nn.ReLU(),
-                  nn.Linear(mid_dim, num_freq * channels_in * channels_out, bias=False)]
+        layers = [
+            nn.Linear(edge_dim, mid_dim),
+            norm(),
+            nn.ReLU(),
+            nn.Linear(mid_dim, mid_dim),
+            norm(),
+            nn.ReLU(),
+            nn.Linear(mid_dim, num_freq * channels_in * channels_out, bias=False),
+        ]
         self.net = nn.Sequential(*[m for m in layers if m is not None])  # indices match NVIDIA's `radial_func.net`
 
-    def hidden(self, edge_invariants: Tensor,  # [E, edge_dim]
-              ) -> Tensor:  # [E, mid_dim]
+    def hidden(
+        self,
+        edge_invariants: Tensor,  # [E, edge_dim]
+    ) -> Tensor:  # [E, mid_dim]
         "The MLP up to (not including) its last layer."
         return self.net[:-1](edge_invariants)  # [E, mid]
 
-    def forward(self, edge_invariants: Tensor,  # [E, edge_dim]
-               ) -> Tensor:  # [E, C_out, C_in * F]
+    def forward(
+        self,
+        edge_invariants: Tensor,  # [E, edge_dim]
+    ) -> Tensor:  # [E, C_out, C_in * F]
         "Radial weights of every edge."
-        return self.net(edge_invariants).view(-1, self.channels_out, self.channels_in * self.num_freq)  # [E, C_out, C_in*F]
+        return self.net(edge_invariants).view(
+            -1, self.channels_out, self.channels_in * self.num_freq
+        )  # [E, C_out, C_in*F]
 
 # %% ../nbs/04_conv.ipynb #b7d697b0
-def radial_kernel_product_reference(h: Tensor,  # [E, H] last hidden layer of the radial MLP
-                                    weight: Tensor,  # [C_out * C_in*F, H] its last weight
-                                    tmp_t: Tensor,  # [E, K, C_in*F] inputs contracted with the basis
-                                   ) -> Tensor:  # [E, K, C_out]
+def radial_kernel_product_reference(
+    h: Tensor,  # [E, H] last hidden layer of the radial MLP
+    weight: Tensor,  # [C_out * C_in*F, H] its last weight
+    tmp_t: Tensor,  # [E, K, C_in*F] inputs contracted with the basis
+) -> Tensor:  # [E, K, C_out]
     "Readable definition: build all per-edge radial weights, then apply them."
     R = torch.einsum('eh,ph->ep', h, weight).view(h.shape[0], -1, tmp_t.shape[-1])  # [E, C_out, C_in*F]
     return torch.einsum('eoc,ekc->eko', R, tmp_t)  # [E, K, C_out]
 
+
 def _edge_chunk(E: int, width: int) -> int:
     return max(8, min(E, (1 << 19) // max(width, 1)))  # ~2 MB of radial weights per block (float32): stays in cache
+
 
 class _RadialKernelProduct(torch.autograd.Function):
     @staticmethod
@@ -67,8 +85,8 @@ class _RadialKernelProduct(torch.autograd.Function):
         out = tmp_t.new_empty(E, K, C_out)  # [E, K, C_out]
         step = _edge_chunk(E, weight.shape[0])
         for s in range(0, E, step):
-            R = (h[s:s + step] @ weight.T).view(-1, C_out, CF)  # [e, C_out, C_in*F], dropped after use
-            torch.bmm(tmp_t[s:s + step], R.transpose(1, 2), out=out[s:s + step])
+            R = (h[s : s + step] @ weight.T).view(-1, C_out, CF)  # [e, C_out, C_in*F], dropped after use
+            torch.bmm(tmp_t[s : s + step], R.transpose(1, 2), out=out[s : s + step])
         ctx.save_for_backward(h, weight, tmp_t)
         return out
 
@@ -85,121 +103,159 @@ class _RadialKernelProduct(torch.autograd.Function):
         grad_t = torch.empty_like(tmp_t) if need_t else None
         step = _edge_chunk(E, weight.shape[0])
         for s in range(0, E, step):
-            g = grad_out[s:s + step]  # [e, K, C_out]
+            g = grad_out[s : s + step]  # [e, K, C_out]
             if need_t:  # rebuild this block's radial weights instead of having stored them
-                R = (h[s:s + step] @ weight.T).view(-1, C_out, CF)  # [e, C_out, C_in*F]
-                torch.bmm(g, R, out=grad_t[s:s + step])
+                R = (h[s : s + step] @ weight.T).view(-1, C_out, CF)  # [e, C_out, C_in*F]
+                torch.bmm(g, R, out=grad_t[s : s + step])
             if need_h or need_w:
-                grad_R = torch.bmm(g.transpose(1, 2), tmp_t[s:s + step]).view(-1, C_out * CF)  # [e, C_out*C_in*F]
-                if need_w: grad_w.addmm_(grad_R.T.to(acc), h[s:s + step].to(acc))
-                if need_h: torch.mm(grad_R, weight, out=grad_h[s:s + step])
+                grad_R = torch.bmm(g.transpose(1, 2), tmp_t[s : s + step]).view(-1, C_out * CF)  # [e, C_out*C_in*F]
+                if need_w:
+                    grad_w.addmm_(grad_R.T.to(acc), h[s : s + step].to(acc))
+                if need_h:
+                    torch.mm(grad_R, weight, out=grad_h[s : s + step])
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), grad_t
 
-def radial_kernel_product(h: Tensor,  # [E, H] last hidden layer of the radial MLP
-                          weight: Tensor,  # [C_out * C_in*F, H] its last weight
-                          tmp_t: Tensor,  # [E, K, C_in*F] inputs contracted with the basis
-                         ) -> Tensor:  # [E, K, C_out]
+
+def radial_kernel_product(
+    h: Tensor,  # [E, H] last hidden layer of the radial MLP
+    weight: Tensor,  # [C_out * C_in*F, H] its last weight
+    tmp_t: Tensor,  # [E, K, C_in*F] inputs contracted with the basis
+) -> Tensor:  # [E, K, C_out]
     "Messages $y = R\\,T$ with per-edge radial weights $R = h\\Theta^\\top$ built block by block and never stored."
     dtype = tmp_t.dtype  # under autocast: the low-precision dtype the basis product ran in
     with torch.autocast(tmp_t.device.type, enabled=False):
         return _RadialKernelProduct.apply(h.to(dtype), weight.to(dtype), tmp_t)
 
 # %% ../nbs/04_conv.ipynb #726bd681
-def smooth_cutoff(r: Tensor,  # [E] edge lengths
-                  cutoff: float,  # r_c
-                 ) -> Tensor:  # [E] in [0, 1]
+def smooth_cutoff(
+    r: Tensor,  # [E] edge lengths
+    cutoff: float,  # r_c
+) -> Tensor:  # [E] in [0, 1]
     "Envelope $u(r/r_c)$: 1 at 0, 0 from `cutoff` on, twice continuously differentiable."
     x = (r / cutoff).clamp(0.0, 1.0)
-    return 1 - x ** 3 * (10 - 15 * x + 6 * x ** 2)  # [E]
+    return 1 - x**3 * (10 - 15 * x + 6 * x**2)  # [E]
 
 # %% ../nbs/04_conv.ipynb #59af7b26
 FUSE_LEVELS = ('none', 'partial', 'full')
 
-def kernel_groups(fiber_in: Fiber,  # node input fiber
-                  fiber_out: Fiber,
-                  fiber_edge: Fiber,  # edge features; degree > 0 ones are concatenated to the source node features
-                  max_degree: int,  # the model's highest degree
-                  fuse_level: str = 'partial',  # 'none' | 'partial' | 'full'
-                 ) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:  # {group name: (in degrees, out degrees)}
+
+def kernel_groups(
+    fiber_in: Fiber,  # node input fiber
+    fiber_out: Fiber,
+    fiber_edge: Fiber,  # edge features; degree > 0 ones are concatenated to the source node features
+    max_degree: int,  # the model's highest degree
+    fuse_level: str = 'partial',  # 'none' | 'partial' | 'full'
+) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:  # {group name: (in degrees, out degrees)}
     "The degree pairs that share a radial MLP, in NVIDIA's layout for `fuse_level`."
-    if fuse_level not in FUSE_LEVELS: raise ValueError(f"fuse_level must be one of {FUSE_LEVELS}, got {fuse_level!r}")
+    if fuse_level not in FUSE_LEVELS:
+        raise ValueError(f"fuse_level must be one of {FUSE_LEVELS}, got {fuse_level!r}")
     channels_in = {l: c + fiber_edge[l] * (l > 0) for l, c in fiber_in.items()}
     all_degrees = list(range(max_degree + 1))
     full_in = len(set(channels_in.values())) == 1 and fiber_in.degrees == all_degrees
     full_out = len(set(fiber_out.channels)) == 1 and fiber_out.degrees == all_degrees
     ins, outs = tuple(fiber_in.degrees), tuple(fiber_out.degrees)
-    if fuse_level == 'full' and full_in and full_out: return {'all': (ins, outs)}
-    if fuse_level != 'none' and full_in: return {f'out{l}': (ins, (l,)) for l in outs}
-    if fuse_level != 'none' and full_out: return {f'in{l}': ((l,), outs) for l in ins}
+    if fuse_level == 'full' and full_in and full_out:
+        return {'all': (ins, outs)}
+    if fuse_level != 'none' and full_in:
+        return {f'out{l}': (ins, (l,)) for l in outs}
+    if fuse_level != 'none' and full_out:
+        return {f'in{l}': ((l,), outs) for l in ins}
     return {f'{a}_{b}': ((a,), (b,)) for a in ins for b in outs}
 
 # %% ../nbs/04_conv.ipynb #c39ee876
-def edge_invariants(rel_pos: Tensor,  # [E, 3]
-                    edge_feats: Mapping[int, Tensor],  # {l: [E, C_l, 2l+1]}; only degree 0 is used
-                   ) -> Tensor:  # [E, C_0 + 1]
+def edge_invariants(
+    rel_pos: Tensor,  # [E, 3]
+    edge_feats: Mapping[int, Tensor],  # {l: [E, C_l, 2l+1]}; only degree 0 is used
+) -> Tensor:  # [E, C_0 + 1]
     "Degree-0 edge features with the edge length appended."
     r = rel_pos.norm(dim=-1, keepdim=True)  # [E, 1]
     return torch.cat([edge_feats[0][..., 0], r.to(edge_feats[0].dtype)], dim=-1) if 0 in edge_feats else r  # [E, C_0+1]
 
 # %% ../nbs/04_conv.ipynb #b3b263fb
-def _gather_inputs(node_feats: Mapping[int, Tensor], edge_feats: Mapping[int, Tensor], src: Tensor, degrees: tuple[int, ...]
-                  ) -> Tensor:  # [E, C_in, D_in]
+def _gather_inputs(
+    node_feats: Mapping[int, Tensor], edge_feats: Mapping[int, Tensor], src: Tensor, degrees: tuple[int, ...]
+) -> Tensor:  # [E, C_in, D_in]
     xs = []
     for l in degrees:
         x = node_feats[l][src]  # [E, C_l, 2l+1]
-        if l > 0 and l in edge_feats: x = torch.cat([x, edge_feats[l]], dim=1)  # [E, C_l + C_edge_l, 2l+1]
+        if l > 0 and l in edge_feats:
+            x = torch.cat([x, edge_feats[l]], dim=1)  # [E, C_l + C_edge_l, 2l+1]
         xs.append(x)
     return torch.cat(xs, dim=-1)  # [E, C_in, D_in]
 
+
 class TFNConv(nn.Module):
     "Tensor Field Network convolution from `fiber_in` to `fiber_out` over the edges of a graph."
+
     geometry_type = Bases  # what `geometry` returns and `messages` reads
-    def __init__(self,
-                 fiber_in: Fiber, fiber_out: Fiber,
-                 fiber_edge: Fiber = Fiber({}),  # edge features (degree 0 feeds the radial MLPs)
-                 *,
-                 pool: bool = True,  # sum messages over incoming edges (else return them per edge)
-                 self_interaction: bool = False,
-                 use_layer_norm: bool = False,  # LayerNorm in the radial MLPs
-                 max_degree: int | None = None,  # the model's highest degree (decides the fusion layout)
-                 fuse_level: str = 'partial',  # 'none' | 'partial' | 'full': which pairs share a radial MLP
-                ):
+
+    def __init__(
+        self,
+        fiber_in: Fiber,
+        fiber_out: Fiber,
+        fiber_edge: Fiber = Fiber({}),  # edge features (degree 0 feeds the radial MLPs)
+        *,
+        pool: bool = True,  # sum messages over incoming edges (else return them per edge)
+        self_interaction: bool = False,
+        use_layer_norm: bool = False,  # LayerNorm in the radial MLPs
+        max_degree: int | None = None,  # the model's highest degree (decides the fusion layout)
+        fuse_level: str = 'partial',  # 'none' | 'partial' | 'full': which pairs share a radial MLP
+    ):
         super().__init__()
         self.fiber_in, self.fiber_out, self.fiber_edge, self.pool = fiber_in, fiber_out, fiber_edge, pool
         max_degree = max(fiber_in.max_degree, fiber_out.max_degree) if max_degree is None else max_degree
         self.groups = kernel_groups(fiber_in, fiber_out, fiber_edge, max_degree, fuse_level)
         channels_in = {l: c + fiber_edge[l] * (l > 0) for l, c in fiber_in.items()}
-        self.radial = nn.ModuleDict({
-            name: RadialProfile(num_frequencies(ins, outs), channels_in[ins[0]], fiber_out[outs[0]],
-                                edge_dim=fiber_edge[0] + 1, use_layer_norm=use_layer_norm)
-            for name, (ins, outs) in self.groups.items()})
+        self.radial = nn.ModuleDict(
+            {
+                name: RadialProfile(
+                    num_frequencies(ins, outs),
+                    channels_in[ins[0]],
+                    fiber_out[outs[0]],
+                    edge_dim=fiber_edge[0] + 1,
+                    use_layer_norm=use_layer_norm,
+                )
+                for name, (ins, outs) in self.groups.items()
+            }
+        )
         # NVIDIA's lone (0 -> 0) kernel skips its constant basis Y_0 Q = 1/sqrt(4 pi): rescale so its weights mean the same
-        self.basis_scale = {name: math.sqrt(4 * math.pi) if (ins, outs) == ((0,), (0,)) else 1.0
-                            for name, (ins, outs) in self.groups.items()}
-        self.self_interaction = nn.ParameterDict({
-            str(l): nn.Parameter(torch.randn(c, fiber_in[l]) / math.sqrt(fiber_in[l]))
-            for l, c in fiber_out.items() if self_interaction and l in fiber_in})
+        self.basis_scale = {
+            name: math.sqrt(4 * math.pi) if (ins, outs) == ((0,), (0,)) else 1.0
+            for name, (ins, outs) in self.groups.items()
+        }
+        self.self_interaction = nn.ParameterDict(
+            {
+                str(l): nn.Parameter(torch.randn(c, fiber_in[l]) / math.sqrt(fiber_in[l]))
+                for l, c in fiber_out.items()
+                if self_interaction and l in fiber_in
+            }
+        )
 
     @staticmethod
-    def geometry(graph: Graph, invariants: Tensor, max_degree: int,
-                 groups: list[tuple[tuple[int, ...], tuple[int, ...]]],  # (in degrees, out degrees) of every kernel group
-                ) -> Bases:
+    def geometry(
+        graph: Graph,
+        invariants: Tensor,
+        max_degree: int,
+        groups: list[tuple[tuple[int, ...], tuple[int, ...]]],  # (in degrees, out degrees) of every kernel group
+    ) -> Bases:
         "What `messages` needs about the edges, computed once per forward pass for all layers: the fused bases."
         return Bases(graph.rel_pos, max_degree).precompute(groups)
 
-    def messages(self,
-                 node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
-                 edge_feats: Mapping[int, Tensor],  # {l: [E, C_l, 2l+1]}
-                 invariants: Tensor,  # [E, C_edge_0 + 1] from `edge_invariants`
-                 graph: Graph,
-                 bases: Bases,
-                 order: Tensor | None = None,  # [E] edge ids: the rows of the result (None: the graph's edge order)
-                ) -> dict[int, Tensor]:  # {l: [E, C_out_l, 2l+1]}
+    def messages(
+        self,
+        node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
+        edge_feats: Mapping[int, Tensor],  # {l: [E, C_l, 2l+1]}
+        invariants: Tensor,  # [E, C_edge_0 + 1] from `edge_invariants`
+        graph: Graph,
+        bases: Bases,
+        order: Tensor | None = None,  # [E] edge ids: the rows of the result (None: the graph's edge order)
+    ) -> dict[int, Tensor]:  # {l: [E, C_out_l, 2l+1]}
         "Message of every edge by the definition: inputs contracted with the basis, then with the radial weights."
         out: dict[int, Tensor] = {}
         inputs: dict[tuple[int, ...], Tensor] = {}  # groups fused per output degree share their inputs
         for name, (ins, outs) in self.groups.items():
-            if ins not in inputs: inputs[ins] = _gather_inputs(node_feats, edge_feats, graph.src, ins)
+            if ins not in inputs:
+                inputs[ins] = _gather_inputs(node_feats, edge_feats, graph.src, ins)
             x = inputs[ins]  # [E, C_in, D_in]
             with record_function('se3nb.bases'):
                 B = bases.get(ins, outs) * self.basis_scale[name]  # [E, D_in, F, D_out]
@@ -216,23 +272,27 @@ class TFNConv(nn.Module):
                 out[l] = out[l] + part if l in out else part  # [E, C_out, 2l+1]
         return out if order is None else {l: y.index_select(0, order) for l, y in out.items()}
 
-    def forward(self,
-                node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
-                edge_feats: Mapping[int, Tensor],  # {l: [E, C_l, 2l+1]}
-                invariants: Tensor,  # [E, C_edge_0 + 1] from `edge_invariants`
-                graph: Graph,
-                geometry: Bases,  # from `self.geometry` (the SO(2) subclass of `04a_so2` takes its `EdgeFrames`)
-                edge_scale: Tensor | None = None,  # [E] per-message factor, e.g. a cutoff envelope
-                *, by_destination: bool = False,  # unpooled: rows in `graph.csr.edge_order` (sorted by destination)
-               ) -> dict[int, Tensor]:  # {l: [N, C_l, 2l+1]} if pool else {l: [E, C_l, 2l+1]}
+    def forward(
+        self,
+        node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
+        edge_feats: Mapping[int, Tensor],  # {l: [E, C_l, 2l+1]}
+        invariants: Tensor,  # [E, C_edge_0 + 1] from `edge_invariants`
+        graph: Graph,
+        geometry: Bases,  # from `self.geometry` (the SO(2) subclass of `04a_so2` takes its `EdgeFrames`)
+        edge_scale: Tensor | None = None,  # [E] per-message factor, e.g. a cutoff envelope
+        *,
+        by_destination: bool = False,  # unpooled: rows in `graph.csr.edge_order` (sorted by destination)
+    ) -> dict[int, Tensor]:  # {l: [N, C_l, 2l+1]} if pool else {l: [E, C_l, 2l+1]}
         "Messages of every edge, summed per destination node when `pool`."
         csr = graph.csr if self.pool or by_destination else None  # pooling sums over edges sorted by destination
         order = None if csr is None else csr.edge_order  # [E]
         dst = graph.dst if csr is None else csr.dst  # [E] destination of each row
         out = self.messages(node_feats, edge_feats, invariants, graph, geometry, order)  # {l: [E, C_out, 2l+1]}
-        if edge_scale is not None and order is not None: edge_scale = edge_scale.index_select(0, order)
+        if edge_scale is not None and order is not None:
+            edge_scale = edge_scale.index_select(0, order)
         for l, y in out.items():
-            if edge_scale is not None: y = y * edge_scale.to(y.dtype)[:, None, None]
+            if edge_scale is not None:
+                y = y * edge_scale.to(y.dtype)[:, None, None]
             if self.pool:
                 with record_function('se3nb.aggregation'):
                     y = csr.sum(y)  # [N, C_out, 2l+1]
@@ -241,7 +301,9 @@ class TFNConv(nn.Module):
             l = int(key)
             x_dst = node_feats[l] if self.pool else node_feats[l][dst]  # [rows, C_in, 2l+1]
             if self.pool:  # per-edge self-interaction summed over incoming edges = in-degree times the node term
-                count = csr.in_degree.to(x_dst.dtype) if edge_scale is None else csr.sum(edge_scale.to(x_dst.dtype))  # [N]
+                count = (
+                    csr.in_degree.to(x_dst.dtype) if edge_scale is None else csr.sum(edge_scale.to(x_dst.dtype))
+                )  # [N]
                 x_dst = x_dst * count[:, None, None]
             out[l] = out[l] + W.to(x_dst.dtype) @ x_dst  # [rows, C_out, 2l+1]
         return out
@@ -249,20 +311,28 @@ class TFNConv(nn.Module):
 # %% ../nbs/04_conv.ipynb #ad9f1c71
 class EquivariantLinear(nn.Module):
     "Per-degree channel mixing $y^l = W^l x^l$ (TFN self-interaction); degrees absent from the input give no output."
+
     def __init__(self, fiber_in: Fiber, fiber_out: Fiber):
         super().__init__()
         self.fiber_in, self.fiber_out = fiber_in, fiber_out
-        self.weights = nn.ParameterDict({
-            str(l): nn.Parameter(torch.randn(c, fiber_in[l]) / math.sqrt(fiber_in[l]))
-            for l, c in fiber_out.items() if l in fiber_in})
+        self.weights = nn.ParameterDict(
+            {
+                str(l): nn.Parameter(torch.randn(c, fiber_in[l]) / math.sqrt(fiber_in[l]))
+                for l, c in fiber_out.items()
+                if l in fiber_in
+            }
+        )
 
-    def forward(self, feats: Mapping[int, Tensor],  # {l: [N, C_in_l, 2l+1]}
-               ) -> dict[int, Tensor]:  # {l: [N, C_out_l, 2l+1]}
+    def forward(
+        self,
+        feats: Mapping[int, Tensor],  # {l: [N, C_in_l, 2l+1]}
+    ) -> dict[int, Tensor]:  # {l: [N, C_out_l, 2l+1]}
         "Mix channels degree by degree."
         return {int(l): W.to(feats[int(l)].dtype) @ feats[int(l)] for l, W in self.weights.items()}  # [N, C_out, 2l+1]
 
 # %% ../nbs/04_conv.ipynb #9b680c70
-def random_features(fiber: Fiber, num: int, *, dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None
-                   ) -> dict[int, Tensor]:  # {l: [num, C_l, 2l+1]}
+def random_features(
+    fiber: Fiber, num: int, *, dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None
+) -> dict[int, Tensor]:  # {l: [num, C_l, 2l+1]}
     "Standard-normal features of a fiber."
     return {l: torch.randn(num, c, degree_to_dim(l), generator=generator, dtype=dtype) for l, c in fiber.items()}

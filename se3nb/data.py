@@ -12,7 +12,6 @@ __all__ = ['HARTREE_TO_EV', 'QM9_TASKS', 'QM9_ELEMENTS', 'ATOMIC_NUMBERS', 'BOND
 
 # %% ../nbs/08_data.ipynb #3ab57138
 import csv
-import dataclasses
 import hashlib
 import io
 import json
@@ -20,8 +19,8 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +39,26 @@ from .graph import Graph, radius_graph
 HARTREE_TO_EV = 27.211386246  # eV per Hartree (CODATA 2018, as DGL and PyG)
 
 QM9_TASKS: dict[str, str] = {  # target name -> unit, in DGL's / PyG's order
-    'mu': 'D', 'alpha': 'a0^3', 'homo': 'eV', 'lumo': 'eV', 'gap': 'eV', 'r2': 'a0^2', 'zpve': 'eV',
-    'U0': 'eV', 'U': 'eV', 'H': 'eV', 'G': 'eV', 'Cv': 'cal/mol/K',
-    'U0_atom': 'eV', 'U_atom': 'eV', 'H_atom': 'eV', 'G_atom': 'eV', 'A': 'GHz', 'B': 'GHz', 'C': 'GHz'}
+    'mu': 'D',
+    'alpha': 'a0^3',
+    'homo': 'eV',
+    'lumo': 'eV',
+    'gap': 'eV',
+    'r2': 'a0^2',
+    'zpve': 'eV',
+    'U0': 'eV',
+    'U': 'eV',
+    'H': 'eV',
+    'G': 'eV',
+    'Cv': 'cal/mol/K',
+    'U0_atom': 'eV',
+    'U_atom': 'eV',
+    'H_atom': 'eV',
+    'G_atom': 'eV',
+    'A': 'GHz',
+    'B': 'GHz',
+    'C': 'GHz',
+}
 
 QM9_ELEMENTS = ('H', 'C', 'N', 'O', 'F')  # one-hot order of the node features
 ATOMIC_NUMBERS = {'H': 1, 'C': 6, 'N': 7, 'O': 8, 'F': 9}
@@ -54,7 +70,8 @@ ATOM_REF_HARTREE = {
     'C': (-37.846772, -37.845355, -37.844411, -37.861317),
     'N': (-54.583861, -54.582445, -54.581501, -54.598897),
     'O': (-75.064579, -75.063162, -75.062219, -75.079532),
-    'F': (-99.718730, -99.717314, -99.716370, -99.733544)}
+    'F': (-99.718730, -99.717314, -99.716370, -99.733544),
+}
 
 QM9_NUM_MOLECULES = 130_831  # molecules of QM9 after removing the 3,054 that failed the consistency check
 QM9_SPLIT_SIZES = (100_000, 17_748, 13_083)  # NVIDIA's train / validation / test sizes
@@ -70,10 +87,15 @@ def check_task(task: str) -> int:
 @dataclass(frozen=True)
 class DataConfig:
     "Options of the QM9 pipeline; defaults are NVIDIA's QM9 recipe."
+
     task: str = 'homo'  # one of QM9_TASKS
-    data_dir: str | None = None  # folder with qm9_part1..3.csv (a copy of qm9pack's files); None = the installed qm9pack wheel
+    data_dir: str | None = (
+        None  # folder with qm9_part1..3.csv (a copy of qm9pack's files); None = the installed qm9pack wheel
+    )
     cache_dir: str | None = None  # preprocessed cache; None = $SE3NB_CACHE or ~/.cache/se3nb
-    edges: str = 'bonds'  # 'bonds' (NVIDIA) or 'radius' (all pairs closer than cutoff; bonded pairs keep their bond one-hot)
+    edges: str = (
+        'bonds'  # 'bonds' (NVIDIA) or 'radius' (all pairs closer than cutoff; bonded pairs keep their bond one-hot)
+    )
     cutoff: float = 5.0  # Angstrom, radius graph only
     max_neighbours: int | None = None  # radius graph only: keep each atom's nearest sources
     max_molecules: int | None = None  # use only the first n molecules of QM9 (tests); split scaled proportionally
@@ -89,20 +111,26 @@ class DataConfig:
 
     def __post_init__(self):
         check_task(self.task)
-        if self.edges not in ('bonds', 'radius'): raise ValueError(f"edges must be 'bonds' or 'radius', got {self.edges!r}")
-        if self.cutoff <= 0: raise ValueError(f"cutoff must be > 0 Angstrom, got {self.cutoff}")
+        if self.edges not in ('bonds', 'radius'):
+            raise ValueError(f"edges must be 'bonds' or 'radius', got {self.edges!r}")
+        if self.cutoff <= 0:
+            raise ValueError(f"cutoff must be > 0 Angstrom, got {self.cutoff}")
         for name in ('max_molecules', 'max_train', 'max_val', 'max_test', 'max_neighbours'):
             v = getattr(self, name)
-            if v is not None and v < 1: raise ValueError(f"{name} must be >= 1 or None, got {v}")
-        if self.batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            if v is not None and v < 1:
+                raise ValueError(f"{name} must be >= 1 or None, got {v}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 # %% ../nbs/08_data.ipynb #4ba91e66
 class QM9FormatError(ValueError):
     "A row of the QM9 CSV files that cannot be parsed (the message names the molecule, file and line)."
 
+
 @dataclass
 class RawMolecule:
     "One parsed row of the QM9 CSV files."
+
     name: str  # e.g. 'dsgdb9nsd_000001.xyz'
     gdb_index: int  # QM9's own 1-based molecule id (1..133885, with gaps)
     smiles: str  # the data set's SMILES
@@ -111,15 +139,39 @@ class RawMolecule:
     props: dict[str, float]  # raw CSV properties (QM9 units: Hartree, Debye, bohr^3, ...)
     position: int = -1  # 0-based position in QM9 order (the index NVIDIA's split uses)
 
-QM9_CSV_COLUMNS = ('XYZ_file', 'Index', 'SMILES', 'N_atoms', 'Elements', 'XYZ_Ang', 'RotA_GHz', 'RotB_GHz', 'RotC_GHz',
-                   'Dipole_debye', 'Polarizability_bohr3', 'HOMO_au', 'LUMO_au', 'HOMO_LUMO_gap_au', 'R2_bohr2', 'ZPVE_au',
-                   'InternalEnergy_0K_au', 'InternalEnergy_298K_au', 'Enthalphy_298K_au', 'GibbsFreeEnergy_298K_au',
-                   'Heatcapacity_Cv_cal_mol_K')
+
+QM9_CSV_COLUMNS = (
+    'XYZ_file',
+    'Index',
+    'SMILES',
+    'N_atoms',
+    'Elements',
+    'XYZ_Ang',
+    'RotA_GHz',
+    'RotB_GHz',
+    'RotC_GHz',
+    'Dipole_debye',
+    'Polarizability_bohr3',
+    'HOMO_au',
+    'LUMO_au',
+    'HOMO_LUMO_gap_au',
+    'R2_bohr2',
+    'ZPVE_au',
+    'InternalEnergy_0K_au',
+    'InternalEnergy_298K_au',
+    'Enthalphy_298K_au',
+    'GibbsFreeEnergy_298K_au',
+    'Heatcapacity_Cv_cal_mol_K',
+)
 _PROP_COLUMNS = QM9_CSV_COLUMNS[6:]
 
+
 def _parse_float(text: str) -> float:
-    t = text.strip().strip("'\"").replace('*^', 'e')  # '*^' is Mathematica's exponent, found in QM9's original xyz files
+    t = (
+        text.strip().strip("'\"").replace('*^', 'e')
+    )  # '*^' is Mathematica's exponent, found in QM9's original xyz files
     return float(t)  # accepts '0.', '1.', '-1.5e-3'
+
 
 def _parse_list(text: str) -> list[str]:
     return [t.strip().strip("'\"") for t in text.replace('[', ' ').replace(']', ' ').split(',') if t.strip()]
@@ -130,30 +182,41 @@ def qm9_files(data_dir: str | os.PathLike | None = None) -> list[Path]:
     if data_dir is None:
         try:
             import importlib.util
+
             spec = importlib.util.find_spec('qm9pack')
-        except (ImportError, ValueError): spec = None
+        except (ImportError, ValueError):
+            spec = None
         if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError("QM9 needs the PyPI package qm9pack (`pip install qm9pack`) or data_dir= pointing to a "
-                                    "folder with qm9_part1.csv, qm9_part2.csv, qm9_part3.csv")
+            raise FileNotFoundError(
+                "QM9 needs the PyPI package qm9pack (`pip install qm9pack`) or data_dir= pointing to a "
+                "folder with qm9_part1.csv, qm9_part2.csv, qm9_part3.csv"
+            )
         data_dir = Path(list(spec.submodule_search_locations)[0]) / 'data'
     data_dir = Path(data_dir)
     files = sorted(data_dir.glob('qm9_part*.csv')) or sorted(data_dir.glob('qm9.csv'))
     if not files:
-        raise FileNotFoundError(f"no qm9_part*.csv or qm9.csv in {data_dir} (expected the CSV files of the qm9pack wheel)")
+        raise FileNotFoundError(
+            f"no qm9_part*.csv or qm9.csv in {data_dir} (expected the CSV files of the qm9pack wheel)"
+        )
     return files
+
 
 def _parse_row(row: list[str], col: dict[str, int], where: str) -> RawMolecule:
     name = row[col['XYZ_file']] if len(row) > col['XYZ_file'] else '?'
     try:
-        if len(row) != len(col): raise QM9FormatError(f"expected {len(col)} columns, got {len(row)}")
+        if len(row) != len(col):
+            raise QM9FormatError(f"expected {len(col)} columns, got {len(row)}")
         gdb_index = int(row[col['Index']])
         elements = _parse_list(row[col['Elements']])
         unknown = sorted(set(elements) - set(QM9_ELEMENTS))
-        if unknown: raise QM9FormatError(f"unknown elements {unknown} (QM9 has {', '.join(QM9_ELEMENTS)})")
+        if unknown:
+            raise QM9FormatError(f"unknown elements {unknown} (QM9 has {', '.join(QM9_ELEMENTS)})")
         n = int(row[col['N_atoms']])
-        if len(elements) != n: raise QM9FormatError(f"N_atoms = {n} but {len(elements)} elements")
+        if len(elements) != n:
+            raise QM9FormatError(f"N_atoms = {n} but {len(elements)} elements")
         coords = [_parse_float(t) for t in _parse_list(row[col['XYZ_Ang']])]
-        if len(coords) != 3 * n: raise QM9FormatError(f"{len(coords)} coordinates for {n} atoms (expected {3 * n})")
+        if len(coords) != 3 * n:
+            raise QM9FormatError(f"{len(coords)} coordinates for {n} atoms (expected {3 * n})")
         pos = np.asarray(coords, dtype=np.float64).reshape(n, 3)  # [n, 3]
         props = {c: _parse_float(row[col[c]]) for c in _PROP_COLUMNS}
         if not np.isfinite(pos).all() or not all(np.isfinite(v) for v in props.values()):
@@ -164,10 +227,13 @@ def _parse_row(row: list[str], col: dict[str, int], where: str) -> RawMolecule:
         raise QM9FormatError(f"malformed QM9 row for molecule {name} ({where}): {e}") from None
     return RawMolecule(name, gdb_index, row[col['SMILES']].strip(), elements, pos, props)
 
-def read_qm9(data_dir: str | os.PathLike | None = None,  # folder with the CSV files; None = qm9pack
-             max_molecules: int | None = None,  # stop after this many molecules
-             *, positions: set[int] | None = None,  # parse only these 0-based positions (QM9 order); None = all
-            ) -> Iterator[RawMolecule]:
+
+def read_qm9(
+    data_dir: str | os.PathLike | None = None,  # folder with the CSV files; None = qm9pack
+    max_molecules: int | None = None,  # stop after this many molecules
+    *,
+    positions: set[int] | None = None,  # parse only these 0-based positions (QM9 order); None = all
+) -> Iterator[RawMolecule]:
     "Stream the molecules of QM9 in order as `RawMolecule`s (a malformed row raises `QM9FormatError`)."
     csv.field_size_limit(1 << 28)
     count, last = 0, (max(positions) if positions else -1)
@@ -175,14 +241,19 @@ def read_qm9(data_dir: str | os.PathLike | None = None,  # folder with the CSV f
         with open(path, newline='') as f:
             reader = csv.reader(f)
             header = next(reader, None)
-            if header is None: raise QM9FormatError(f"{path} is empty")
+            if header is None:
+                raise QM9FormatError(f"{path} is empty")
             missing = [c for c in QM9_CSV_COLUMNS if c not in header]
-            if missing: raise QM9FormatError(f"{path} lacks the columns {missing}")
+            if missing:
+                raise QM9FormatError(f"{path} lacks the columns {missing}")
             col = {c: i for i, c in enumerate(header)}
             for row in reader:
-                if max_molecules is not None and count >= max_molecules: return
-                if positions is not None and count > last: return
-                if not row: continue
+                if max_molecules is not None and count >= max_molecules:
+                    return
+                if positions is not None and count > last:
+                    return
+                if not row:
+                    continue
                 if positions is None or count in positions:
                     mol = _parse_row(row, col, f"{path.name} line {reader.line_num}")
                     mol.position = count
@@ -190,18 +261,31 @@ def read_qm9(data_dir: str | os.PathLike | None = None,  # folder with the CSV f
                 count += 1
 
 # %% ../nbs/08_data.ipynb #621f91d9
-BOND_PATHS = ('determine_bonds', 'hueckel', 'smiles_template', 'connectivity_only')  # bond perception paths, in the order tried
+BOND_PATHS = (
+    'determine_bonds',
+    'hueckel',
+    'smiles_template',
+    'connectivity_only',
+)  # bond perception paths, in the order tried
+
 
 class _quiet_fds:
     "Silence the C-level stdout and stderr (RDKit's extended-Hueckel code prints warnings there)."
+
     def __enter__(self):
-        sys.stdout.flush(); sys.stderr.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
         self.saved = [os.dup(1), os.dup(2)]
         self.null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(self.null, 1); os.dup2(self.null, 2)
+        os.dup2(self.null, 1)
+        os.dup2(self.null, 2)
+
     def __exit__(self, *exc):
-        os.dup2(self.saved[0], 1); os.dup2(self.saved[1], 2)
-        for fd in self.saved + [self.null]: os.close(fd)
+        os.dup2(self.saved[0], 1)
+        os.dup2(self.saved[1], 2)
+        for fd in self.saved + [self.null]:
+            os.close(fd)
+
 
 def _rdkit():
     try:
@@ -212,60 +296,80 @@ def _rdkit():
     RDLogger.DisableLog('rdApp.*')
     return Chem, AllChem, rdDetermineBonds
 
+
 def _xyz_mol(elements: Sequence[str], pos: np.ndarray):
     Chem, _, _ = _rdkit()
     block = f"{len(elements)}\n\n" + "".join(f"{e} {x:.10f} {y:.10f} {z:.10f}\n" for e, (x, y, z) in zip(elements, pos))
     return Chem.MolFromXYZBlock(block)
+
 
 def _skeleton_key(mol, with_orders: bool) -> str:
     "Canonical SMILES of the heavy-atom graph (with_orders=False: atoms and connectivity only)."
     Chem, _, _ = _rdkit()
     m = Chem.RWMol(Chem.RemoveAllHs(mol, sanitize=False))  # also the hydrogens RDKit keeps for stereo
     if not with_orders:
-        for a in m.GetAtoms(): a.SetFormalCharge(0); a.SetIsAromatic(False); a.SetNoImplicit(True); a.SetNumExplicitHs(0)
-        for b in m.GetBonds(): b.SetBondType(Chem.BondType.SINGLE); b.SetIsAromatic(False)
+        for a in m.GetAtoms():
+            a.SetFormalCharge(0)
+            a.SetIsAromatic(False)
+            a.SetNoImplicit(True)
+            a.SetNumExplicitHs(0)
+        for b in m.GetBonds():
+            b.SetBondType(Chem.BondType.SINGLE)
+            b.SetIsAromatic(False)
     m.UpdatePropertyCache(strict=False)
     return Chem.MolToSmiles(m, canonical=True, isomericSmiles=False)  # stereo from 3D is not in QM9's SMILES
+
 
 def _reference_keys(smiles: str) -> tuple[str | None, str | None]:
     Chem, _, _ = _rdkit()
     ref = Chem.MolFromSmiles(smiles)
-    if ref is None: return None, None
+    if ref is None:
+        return None, None
     return _skeleton_key(ref, False), _skeleton_key(ref, True)
 
 # %% ../nbs/08_data.ipynb #ae2ceec9
 @dataclass
 class BondPerception:
     "Bonds of one molecule and how they were found."
+
     bonds: np.ndarray  # [M, 3] int64: atom i, atom j (i < j), bond type index into BOND_TYPES
     path: str  # one of BOND_PATHS
     graph_matches_smiles: bool  # heavy-atom connectivity equals the data set's SMILES
     smiles_matches: bool  # canonical SMILES (bond orders, charges) equals the data set's
 
-def perceive_bonds(elements: Sequence[str],  # [n] element symbols
-                   pos: np.ndarray,  # [n, 3] Angstrom
-                   smiles: str | None = None,  # the data set's SMILES (template fallback and match check)
-                  ) -> BondPerception:
+
+def perceive_bonds(
+    elements: Sequence[str],  # [n] element symbols
+    pos: np.ndarray,  # [n, 3] Angstrom
+    smiles: str | None = None,  # the data set's SMILES (template fallback and match check)
+) -> BondPerception:
     "Bonds from 3D coordinates with RDKit, falling back to the SMILES template and then to connectivity only."
     Chem, AllChem, rdDetermineBonds = _rdkit()
     mol, path = _xyz_mol(elements, pos), None
     try:
-        m = Chem.Mol(mol); rdDetermineBonds.DetermineBonds(m, charge=0); Chem.SanitizeMol(m)
+        m = Chem.Mol(mol)
+        rdDetermineBonds.DetermineBonds(m, charge=0)
+        Chem.SanitizeMol(m)
         mol, path = m, 'determine_bonds'
     except Exception:
         conn = Chem.Mol(mol)
         try:
             with _quiet_fds():  # YAeHMOP prints warnings on the C level
-                m = Chem.Mol(mol); rdDetermineBonds.DetermineBonds(m, useHueckel=True, charge=0); Chem.SanitizeMol(m)
+                m = Chem.Mol(mol)
+                rdDetermineBonds.DetermineBonds(m, useHueckel=True, charge=0)
+                Chem.SanitizeMol(m)
             mol, path = m, 'hueckel'
         except Exception:
             try:
-                with _quiet_fds(): rdDetermineBonds.DetermineConnectivity(conn, useHueckel=True, charge=0)
+                with _quiet_fds():
+                    rdDetermineBonds.DetermineConnectivity(conn, useHueckel=True, charge=0)
             except Exception:
-                conn = Chem.Mol(mol); rdDetermineBonds.DetermineConnectivity(conn)
+                conn = Chem.Mol(mol)
+                rdDetermineBonds.DetermineConnectivity(conn)
             try:
                 template = Chem.AddHs(Chem.MolFromSmiles(smiles))
-                m = AllChem.AssignBondOrdersFromTemplate(template, conn); Chem.SanitizeMol(m)
+                m = AllChem.AssignBondOrdersFromTemplate(template, conn)
+                Chem.SanitizeMol(m)
                 mol, path = m, 'smiles_template'
             except Exception:
                 mol, path = conn, 'connectivity_only'
@@ -273,7 +377,8 @@ def perceive_bonds(elements: Sequence[str],  # [n] element symbols
     bonds = []
     for b in mol.GetBonds():
         i, j = sorted((b.GetBeginAtomIdx(), b.GetEndAtomIdx()))
-        if b.GetBondType() not in kind: raise ValueError(f"unexpected RDKit bond type {b.GetBondType()} for SMILES {smiles}")
+        if b.GetBondType() not in kind:
+            raise ValueError(f"unexpected RDKit bond type {b.GetBondType()} for SMILES {smiles}")
         bonds.append((i, j, kind[b.GetBondType()]))
     bonds = np.array(sorted(bonds), dtype=np.int64).reshape(-1, 3)  # [M, 3]
     graph_ok = full_ok = False
@@ -288,111 +393,187 @@ def perceive_bonds(elements: Sequence[str],  # [n] element symbols
 def qm9_targets(mol: RawMolecule) -> np.ndarray:  # [19] float64, in the units of QM9_TASKS
     "The 19 QM9 targets of one molecule in DGL's / PyG's units."
     p, ev = mol.props, HARTREE_TO_EV
-    energies = [p['InternalEnergy_0K_au'], p['InternalEnergy_298K_au'], p['Enthalphy_298K_au'], p['GibbsFreeEnergy_298K_au']]
+    energies = [
+        p['InternalEnergy_0K_au'],
+        p['InternalEnergy_298K_au'],
+        p['Enthalphy_298K_au'],
+        p['GibbsFreeEnergy_298K_au'],
+    ]
     refs = np.array([ATOM_REF_HARTREE[e] for e in mol.elements]).sum(0)  # [4] Hartree
-    return np.array([p['Dipole_debye'], p['Polarizability_bohr3'], p['HOMO_au'] * ev, p['LUMO_au'] * ev,
-                     p['HOMO_LUMO_gap_au'] * ev, p['R2_bohr2'], p['ZPVE_au'] * ev, *(e * ev for e in energies),
-                     p['Heatcapacity_Cv_cal_mol_K'], *((np.array(energies) - refs) * ev),
-                     p['RotA_GHz'], p['RotB_GHz'], p['RotC_GHz']], dtype=np.float64)  # [19]
+    return np.array(
+        [
+            p['Dipole_debye'],
+            p['Polarizability_bohr3'],
+            p['HOMO_au'] * ev,
+            p['LUMO_au'] * ev,
+            p['HOMO_LUMO_gap_au'] * ev,
+            p['R2_bohr2'],
+            p['ZPVE_au'] * ev,
+            *(e * ev for e in energies),
+            p['Heatcapacity_Cv_cal_mol_K'],
+            *((np.array(energies) - refs) * ev),
+            p['RotA_GHz'],
+            p['RotB_GHz'],
+            p['RotC_GHz'],
+        ],
+        dtype=np.float64,
+    )  # [19]
 
 # %% ../nbs/08_data.ipynb #e5558f0d
 _CACHE_FORMAT = 1
+
 
 def default_cache_dir() -> Path:
     "`$SE3NB_CACHE`, or `~/.cache/se3nb`."
     return Path(os.environ.get('SE3NB_CACHE', Path.home() / '.cache' / 'se3nb'))
 
+
 def _source_id(files: Sequence[Path]) -> list:
     out = []
     for f in files:
-        with open(f, 'rb') as fh: head = hashlib.sha256(fh.read(1 << 16)).hexdigest()[:16]
+        with open(f, 'rb') as fh:
+            head = hashlib.sha256(fh.read(1 << 16)).hexdigest()[:16]
         out.append([f.name, f.stat().st_size, head])
     return out
 
-def qm9_cache_key(data_dir: str | os.PathLike | None = None, max_molecules: int | None = None,
-                  positions: Sequence[int] | None = None) -> dict:
+
+def qm9_cache_key(
+    data_dir: str | os.PathLike | None = None, max_molecules: int | None = None, positions: Sequence[int] | None = None
+) -> dict:
     "Everything the preprocessed QM9 depends on (its hash names the cache file)."
-    subset = None if positions is None else hashlib.sha256(np.asarray(sorted(positions), dtype=np.int64).tobytes()).hexdigest()[:16]
+    subset = (
+        None
+        if positions is None
+        else hashlib.sha256(np.asarray(sorted(positions), dtype=np.int64).tobytes()).hexdigest()[:16]
+    )
     try:
         from rdkit import __version__ as rdkit_version
-    except ImportError: rdkit_version = None
-    return {'se3nb': se3nb.__version__, 'format': _CACHE_FORMAT, 'rdkit': rdkit_version,
-            'source': _source_id(qm9_files(data_dir)), 'max_molecules': max_molecules, 'subset': subset,
-            'bond_paths': list(BOND_PATHS)}
+    except ImportError:
+        rdkit_version = None
+    return {
+        'se3nb': se3nb.__version__,
+        'format': _CACHE_FORMAT,
+        'rdkit': rdkit_version,
+        'source': _source_id(qm9_files(data_dir)),
+        'max_molecules': max_molecules,
+        'subset': subset,
+        'bond_paths': list(BOND_PATHS),
+    }
 
-def _key_hash(key: dict) -> str: return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+def _key_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 # %% ../nbs/08_data.ipynb #cd389496
-def preprocess_qm9(data_dir: str | os.PathLike | None = None,  # folder with the CSV files; None = qm9pack
-                   max_molecules: int | None = None,  # only the first n molecules
-                   *, positions: Sequence[int] | None = None,  # only these 0-based positions (QM9 order)
-                   progress: bool = True,  # tqdm bar
-                  ) -> dict:
+def preprocess_qm9(
+    data_dir: str | os.PathLike | None = None,  # folder with the CSV files; None = qm9pack
+    max_molecules: int | None = None,  # only the first n molecules
+    *,
+    positions: Sequence[int] | None = None,  # only these 0-based positions (QM9 order)
+    progress: bool = True,  # tqdm bar
+) -> dict:
     "Parse QM9 and perceive bonds; returns a dict of flat tensors (the cache's content)."
     total = len(set(positions)) if positions is not None else (max_molecules or QM9_NUM_MOLECULES)
     bar = None
     if progress:
         from tqdm.auto import tqdm
+
         bar = tqdm(total=total, desc='QM9 preprocessing', unit='mol', mininterval=1.0)
-    pos, z, bonds, n_atoms, n_bonds, targets, smiles, names, gdb, path, graph_ok, full_ok, where = ([] for _ in range(13))
+    pos, z, bonds, n_atoms, n_bonds, targets, smiles, names, gdb, path, graph_ok, full_ok, where = (
+        [] for _ in range(13)
+    )
     path_code = {p: i for i, p in enumerate(BOND_PATHS)}
     for mol in read_qm9(data_dir, max_molecules, positions=None if positions is None else set(positions)):
         bp = perceive_bonds(mol.elements, mol.pos, mol.smiles)
-        pos.append(mol.pos); z.extend(ATOMIC_NUMBERS[e] for e in mol.elements); bonds.append(bp.bonds)
-        n_atoms.append(len(mol.elements)); n_bonds.append(len(bp.bonds)); targets.append(qm9_targets(mol))
-        smiles.append(mol.smiles); names.append(mol.name); gdb.append(mol.gdb_index); where.append(mol.position)
-        path.append(path_code[bp.path]); graph_ok.append(bp.graph_matches_smiles); full_ok.append(bp.smiles_matches)
-        if bar is not None: bar.update(1)
-    if bar is not None: bar.close()
-    if not n_atoms: raise QM9FormatError("no molecules were read")
-    return {'pos': torch.from_numpy(np.concatenate(pos)),  # [sum n, 3] float64, Angstrom
-            'atomic_numbers': torch.tensor(z, dtype=torch.int8),  # [sum n]
-            'bonds': torch.from_numpy(np.concatenate(bonds)).to(torch.int16),  # [sum M, 3]: i, j (local), type
-            'num_atoms': torch.tensor(n_atoms), 'num_bonds': torch.tensor(n_bonds),  # [M_mol]
-            'targets': torch.from_numpy(np.stack(targets)),  # [M_mol, 19] float64
-            'smiles': smiles, 'names': names, 'gdb_index': torch.tensor(gdb),
-            'position': torch.tensor(where),  # [M_mol] 0-based position in QM9 order
-            'bond_path': torch.tensor(path, dtype=torch.int8),  # [M_mol] index into BOND_PATHS
-            'graph_matches_smiles': torch.tensor(graph_ok), 'smiles_matches': torch.tensor(full_ok),
-            'tasks': list(QM9_TASKS), 'bond_paths': list(BOND_PATHS)}
+        pos.append(mol.pos)
+        z.extend(ATOMIC_NUMBERS[e] for e in mol.elements)
+        bonds.append(bp.bonds)
+        n_atoms.append(len(mol.elements))
+        n_bonds.append(len(bp.bonds))
+        targets.append(qm9_targets(mol))
+        smiles.append(mol.smiles)
+        names.append(mol.name)
+        gdb.append(mol.gdb_index)
+        where.append(mol.position)
+        path.append(path_code[bp.path])
+        graph_ok.append(bp.graph_matches_smiles)
+        full_ok.append(bp.smiles_matches)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    if not n_atoms:
+        raise QM9FormatError("no molecules were read")
+    return {
+        'pos': torch.from_numpy(np.concatenate(pos)),  # [sum n, 3] float64, Angstrom
+        'atomic_numbers': torch.tensor(z, dtype=torch.int8),  # [sum n]
+        'bonds': torch.from_numpy(np.concatenate(bonds)).to(torch.int16),  # [sum M, 3]: i, j (local), type
+        'num_atoms': torch.tensor(n_atoms),
+        'num_bonds': torch.tensor(n_bonds),  # [M_mol]
+        'targets': torch.from_numpy(np.stack(targets)),  # [M_mol, 19] float64
+        'smiles': smiles,
+        'names': names,
+        'gdb_index': torch.tensor(gdb),
+        'position': torch.tensor(where),  # [M_mol] 0-based position in QM9 order
+        'bond_path': torch.tensor(path, dtype=torch.int8),  # [M_mol] index into BOND_PATHS
+        'graph_matches_smiles': torch.tensor(graph_ok),
+        'smiles_matches': torch.tensor(full_ok),
+        'tasks': list(QM9_TASKS),
+        'bond_paths': list(BOND_PATHS),
+    }
 
 # %% ../nbs/08_data.ipynb #c3a799c3
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     "torch.save to a temporary file in the same folder, then rename over `path` (a crash never leaves a half-written file)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
     try:
         with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f); f.flush(); os.fsync(f.fileno())
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
 
-def load_qm9(data_dir: str | os.PathLike | None = None,  # folder with the CSV files; None = qm9pack
-             max_molecules: int | None = None,  # only the first n molecules
-             *, positions: Sequence[int] | None = None,  # only these 0-based positions (a complete cache is used if present)
-             cache_dir: str | os.PathLike | None = None,  # None = default_cache_dir()
-             progress: bool = True,  # tqdm bar when building
-             rebuild: bool = False,  # ignore an existing cache
-            ) -> dict:
+
+def load_qm9(
+    data_dir: str | os.PathLike | None = None,  # folder with the CSV files; None = qm9pack
+    max_molecules: int | None = None,  # only the first n molecules
+    *,
+    positions: Sequence[int] | None = None,  # only these 0-based positions (a complete cache is used if present)
+    cache_dir: str | os.PathLike | None = None,  # None = default_cache_dir()
+    progress: bool = True,  # tqdm bar when building
+    rebuild: bool = False,  # ignore an existing cache
+) -> dict:
     "Preprocessed QM9 from the disk cache, built (atomically) when missing, stale or corrupt."
+
     def cached(key: dict, quiet: bool = False) -> dict | None:
         path = Path(cache_dir or default_cache_dir()) / f"qm9_{_key_hash(key)}.pt"
-        if not path.exists() or rebuild: return None
+        if not path.exists() or rebuild:
+            return None
         try:
             store = torch.load(path, weights_only=True)
-            if store.get('key') == key: return store
-            if not quiet: print(f"se3nb: QM9 cache {path} is stale (made with {store.get('key')}), rebuilding", file=sys.stderr)
+            if store.get('key') == key:
+                return store
+            if not quiet:
+                print(f"se3nb: QM9 cache {path} is stale (made with {store.get('key')}), rebuilding", file=sys.stderr)
         except Exception as e:
-            if not quiet: print(f"se3nb: QM9 cache {path} is unreadable ({type(e).__name__}: {e}), rebuilding", file=sys.stderr)
+            if not quiet:
+                print(f"se3nb: QM9 cache {path} is unreadable ({type(e).__name__}: {e}), rebuilding", file=sys.stderr)
         return None
+
     if positions is not None:  # a complete cache holds every subset
         store = cached(qm9_cache_key(data_dir, max_molecules), quiet=True)
-        if store is not None: return store
+        if store is not None:
+            return store
     key = qm9_cache_key(data_dir, max_molecules, positions)
     store = cached(key)
-    if store is not None: return store
+    if store is not None:
+        return store
     path = Path(cache_dir or default_cache_dir()) / f"qm9_{_key_hash(key)}.pt"
     store = preprocess_qm9(data_dir, max_molecules, positions=positions, progress=progress)
     store['key'] = key
@@ -404,23 +585,29 @@ def bond_report(store: dict) -> dict:
     "Counts of each bond-perception path and the fractions whose perceived graph matches the data set's SMILES."
     n = len(store['num_atoms'])
     counts = {p: int((store['bond_path'] == i).sum()) for i, p in enumerate(store['bond_paths'])}
-    return {'molecules': n, 'paths': counts,
-            'graph_matches_smiles': float(store['graph_matches_smiles'].float().mean()),
-            'smiles_matches': float(store['smiles_matches'].float().mean())}
+    return {
+        'molecules': n,
+        'paths': counts,
+        'graph_matches_smiles': float(store['graph_matches_smiles'].float().mean()),
+        'smiles_matches': float(store['smiles_matches'].float().mean()),
+    }
 
 # %% ../nbs/08_data.ipynb #3f1be231
 @dataclass
 class GraphSample:
     "One 3D graph: positions, directed edges, features and target."
+
     pos: Tensor  # [n, 3]
     edge_index: Tensor  # [2, e] long, row 0 source, row 1 destination (local node ids)
     node_feats: dict[int, Tensor]  # {l: [n, C_l, 2l+1]}
     edge_feats: dict[int, Tensor]  # {l: [e, C_l, 2l+1]}
     target: Tensor  # [] or [T]
 
+
 @dataclass
 class GraphBatch:
     "A batch of `GraphSample`s: one batched `Graph`, concatenated features, stacked targets, optional bases."
+
     graph: Graph  # B graphs, N nodes, E edges
     node_feats: dict[int, Tensor]  # {l: [N, C_l, 2l+1]}
     edge_feats: dict[int, Tensor]  # {l: [E, C_l, 2l+1]}
@@ -428,99 +615,150 @@ class GraphBatch:
     bases: Bases | EdgeFrames | None = None  # per-batch geometry for the model's convolutions, when requested
 
     @property
-    def num_graphs(self) -> int: return self.graph.num_graphs
+    def num_graphs(self) -> int:
+        return self.graph.num_graphs
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "GraphBatch":
         "Move every tensor to `device`."
-        mv = lambda d: {l: x.to(device, non_blocking=non_blocking) for l, x in d.items()}
+
+        def mv(d):
+            return {l: x.to(device, non_blocking=non_blocking) for l, x in d.items()}
+
         g = self.graph
-        graph = Graph(g.edge_index.to(device, non_blocking=non_blocking), g.num_nodes,
-                      pos=None if g.pos is None else g.pos.to(device, non_blocking=non_blocking),
-                      rel_pos=g.rel_pos.to(device, non_blocking=non_blocking),
-                      batch_num_nodes=g.batch_num_nodes.to(device), batch_num_edges=g.batch_num_edges.to(device), validate=False)
-        return GraphBatch(graph, mv(self.node_feats), mv(self.edge_feats), self.targets.to(device, non_blocking=non_blocking),
-                          None if self.bases is None else self.bases.to(device))
+        graph = Graph(
+            g.edge_index.to(device, non_blocking=non_blocking),
+            g.num_nodes,
+            pos=None if g.pos is None else g.pos.to(device, non_blocking=non_blocking),
+            rel_pos=g.rel_pos.to(device, non_blocking=non_blocking),
+            batch_num_nodes=g.batch_num_nodes.to(device),
+            batch_num_edges=g.batch_num_edges.to(device),
+            validate=False,
+        )
+        return GraphBatch(
+            graph,
+            mv(self.node_feats),
+            mv(self.edge_feats),
+            self.targets.to(device, non_blocking=non_blocking),
+            None if self.bases is None else self.bases.to(device),
+        )
 
     def pin_memory(self) -> "GraphBatch":
         "Page-locked copy (DataLoader(pin_memory=True) calls this)."
         g = self.graph
-        graph = Graph(g.edge_index.pin_memory(), g.num_nodes, pos=None if g.pos is None else g.pos.pin_memory(),
-                      rel_pos=g.rel_pos.pin_memory(), batch_num_nodes=g.batch_num_nodes, batch_num_edges=g.batch_num_edges,
-                      validate=False)
-        pin = lambda d: {l: x.pin_memory() for l, x in d.items()}
+        graph = Graph(
+            g.edge_index.pin_memory(),
+            g.num_nodes,
+            pos=None if g.pos is None else g.pos.pin_memory(),
+            rel_pos=g.rel_pos.pin_memory(),
+            batch_num_nodes=g.batch_num_nodes,
+            batch_num_edges=g.batch_num_edges,
+            validate=False,
+        )
+
+        def pin(d):
+            return {l: x.pin_memory() for l, x in d.items()}
+
         return GraphBatch(graph, pin(self.node_feats), pin(self.edge_feats), self.targets.pin_memory(), self.bases)
 
 # %% ../nbs/08_data.ipynb #f309d90a
-def collate_graphs(samples: Sequence[GraphSample],  # B samples
-                   *, max_degree: int | None = None,  # build the geometry of `path` up to this degree when set
-                   basis_keys: Sequence[tuple] | None = None,  # fused bases to precompute: [(in_degrees, out_degrees), ...]
-                   path: str = 'so2',  # the model's convolution path: 'so2' (EdgeFrames) or 'reference' (Bases)
-                  ) -> GraphBatch:
+def collate_graphs(
+    samples: Sequence[GraphSample],  # B samples
+    *,
+    max_degree: int | None = None,  # build the geometry of `path` up to this degree when set
+    basis_keys: Sequence[tuple] | None = None,  # fused bases to precompute: [(in_degrees, out_degrees), ...]
+    path: str = 'so2',  # the model's convolution path: 'so2' (EdgeFrames) or 'reference' (Bases)
+) -> GraphBatch:
     "Batch `GraphSample`s into a `GraphBatch` (disjoint union, edges grouped by graph)."
-    if not samples: raise ValueError("collate_graphs needs at least one sample")
+    if not samples:
+        raise ValueError("collate_graphs needs at least one sample")
     n = torch.tensor([s.pos.shape[0] for s in samples])  # [B]
     e = torch.tensor([s.edge_index.shape[1] for s in samples])  # [B]
     offsets = torch.cumsum(n, 0) - n  # [B]
     edge_index = torch.cat([s.edge_index + o for s, o in zip(samples, offsets.tolist())], 1)  # [2, E]
     pos = torch.cat([s.pos for s in samples])  # [N, 3]
     rel_pos = pos[edge_index[1]] - pos[edge_index[0]]  # [E, 3]
-    graph = Graph(edge_index, int(n.sum()), pos=pos, rel_pos=rel_pos, batch_num_nodes=n, batch_num_edges=e, validate=False)
-    cat = lambda key: {l: torch.cat([getattr(s, key)[l] for s in samples]) for l in getattr(samples[0], key)}
+    graph = Graph(
+        edge_index, int(n.sum()), pos=pos, rel_pos=rel_pos, batch_num_nodes=n, batch_num_edges=e, validate=False
+    )
+
+    def cat(key):
+        return {l: torch.cat([getattr(s, key)[l] for s in samples]) for l in getattr(samples[0], key)}
+
     node_feats, edge_feats = cat('node_feats'), cat('edge_feats')
     bases = None
     if max_degree is not None:
-        bases = conv_class(path).geometry(graph, edge_invariants(rel_pos, edge_feats), max_degree, list(basis_keys or []))
+        bases = conv_class(path).geometry(
+            graph, edge_invariants(rel_pos, edge_feats), max_degree, list(basis_keys or [])
+        )
     return GraphBatch(graph, node_feats, edge_feats, torch.stack([s.target for s in samples]), bases)
 
 # %% ../nbs/08_data.ipynb #cf758af5
 _NODE_TABLE = torch.zeros(10, 6)  # atomic number -> [one-hot H, C, N, O, F, Z]
-for _k, _e in enumerate(QM9_ELEMENTS): _NODE_TABLE[ATOMIC_NUMBERS[_e], _k] = 1.0; _NODE_TABLE[ATOMIC_NUMBERS[_e], 5] = ATOMIC_NUMBERS[_e]
+for _k, _e in enumerate(QM9_ELEMENTS):
+    _NODE_TABLE[ATOMIC_NUMBERS[_e], _k] = 1.0
+    _NODE_TABLE[ATOMIC_NUMBERS[_e], 5] = ATOMIC_NUMBERS[_e]
 _EDGE_TABLE = torch.eye(5)[:, :4]  # bond type (4 = not bonded) -> one-hot [4]
 
-def molecule_sample(atomic_numbers: Tensor,  # [n] long, each in 1, 6, 7, 8, 9
-                    pos: Tensor,  # [n, 3] Angstrom
-                    bonds: Tensor,  # [m, 3] long: atom i, atom j, bond type index into BOND_TYPES
-                    target: Tensor,  # [] (or [T]) in the task's units
-                    *, edges: str = 'bonds',  # 'bonds' or 'radius'
-                    cutoff: float = 5.0,  # Angstrom, radius graph only
-                    max_neighbours: int | None = None,  # radius graph only
-                   ) -> GraphSample:
+
+def molecule_sample(
+    atomic_numbers: Tensor,  # [n] long, each in 1, 6, 7, 8, 9
+    pos: Tensor,  # [n, 3] Angstrom
+    bonds: Tensor,  # [m, 3] long: atom i, atom j, bond type index into BOND_TYPES
+    target: Tensor,  # [] (or [T]) in the task's units
+    *,
+    edges: str = 'bonds',  # 'bonds' or 'radius'
+    cutoff: float = 5.0,  # Angstrom, radius graph only
+    max_neighbours: int | None = None,  # radius graph only
+) -> GraphSample:
     "A molecule as a `GraphSample` with NVIDIA's QM9 features (edges in both directions, sorted by source then destination)."
     n = pos.shape[0]
     if edges == 'bonds':
-        src = torch.cat([bonds[:, 0], bonds[:, 1]]); dst = torch.cat([bonds[:, 1], bonds[:, 0]])  # [2m]
+        src = torch.cat([bonds[:, 0], bonds[:, 1]])
+        dst = torch.cat([bonds[:, 1], bonds[:, 0]])  # [2m]
         kind = torch.cat([bonds[:, 2], bonds[:, 2]])  # [2m]
         order = torch.argsort(src * n + dst)
         edge_index, kind = torch.stack([src[order], dst[order]]), kind[order]  # [2, 2m], [2m]
     elif edges == 'radius':
         edge_index = radius_graph(pos, cutoff, max_neighbours=max_neighbours).edge_index  # [2, e]
         table = torch.full((n, n), 4, dtype=torch.long)  # 4 = not bonded
-        table[bonds[:, 0], bonds[:, 1]] = bonds[:, 2]; table[bonds[:, 1], bonds[:, 0]] = bonds[:, 2]
+        table[bonds[:, 0], bonds[:, 1]] = bonds[:, 2]
+        table[bonds[:, 1], bonds[:, 0]] = bonds[:, 2]
         kind = table[edge_index[0], edge_index[1]]  # [e]
-    else: raise ValueError(f"edges must be 'bonds' or 'radius', got {edges!r}")
-    return GraphSample(pos, edge_index, {0: _NODE_TABLE[atomic_numbers].unsqueeze(-1)},  # [n, 6, 1]
-                       {0: _EDGE_TABLE[kind].unsqueeze(-1)},  # [e, 4, 1]
-                       target)
+    else:
+        raise ValueError(f"edges must be 'bonds' or 'radius', got {edges!r}")
+    return GraphSample(
+        pos,
+        edge_index,
+        {0: _NODE_TABLE[atomic_numbers].unsqueeze(-1)},  # [n, 6, 1]
+        {0: _EDGE_TABLE[kind].unsqueeze(-1)},  # [e, 4, 1]
+        target,
+    )
 
 # %% ../nbs/08_data.ipynb #ac89165f
 class QM9Dataset(Dataset):
     "QM9 molecules of a preprocessed store as `GraphSample`s with NVIDIA's features and the target `task` in its units."
-    def __init__(self,
-                 store: dict,  # from load_qm9
-                 indices: Sequence[int] | None = None,  # 0-based QM9 positions (NVIDIA's split indices); None = all in the store
-                 *, task: str = 'homo',  # one of QM9_TASKS
-                 edges: str = 'bonds',  # 'bonds' or 'radius'
-                 cutoff: float = 5.0,  # Angstrom, radius graph only
-                 max_neighbours: int | None = None,  # radius graph only
-                ):
+
+    def __init__(
+        self,
+        store: dict,  # from load_qm9
+        indices: Sequence[int] | None = None,  # 0-based QM9 positions (NVIDIA's split indices); None = all in the store
+        *,
+        task: str = 'homo',  # one of QM9_TASKS
+        edges: str = 'bonds',  # 'bonds' or 'radius'
+        cutoff: float = 5.0,  # Angstrom, radius graph only
+        max_neighbours: int | None = None,  # radius graph only
+    ):
         self.task, self.task_col = task, check_task(task)
         self.edges, self.cutoff, self.max_neighbours = edges, cutoff, max_neighbours
         where = store['position']  # [M_mol] QM9 position of each stored molecule
-        row_of = torch.full((int(where.max()) + 1,), -1, dtype=torch.long); row_of[where] = torch.arange(len(where))
+        row_of = torch.full((int(where.max()) + 1,), -1, dtype=torch.long)
+        row_of[where] = torch.arange(len(where))
         positions = where.clone() if indices is None else torch.as_tensor(list(indices), dtype=torch.long)
         if len(positions) and (positions.min() < 0 or positions.max() >= len(row_of) or (row_of[positions] < 0).any()):
-            raise IndexError(f"some requested QM9 positions are not in this preprocessed store ({len(where)} molecules, "
-                             f"positions {int(where.min())}..{int(where.max())})")
+            raise IndexError(
+                f"some requested QM9 positions are not in this preprocessed store ({len(where)} molecules, "
+                f"positions {int(where.min())}..{int(where.max())})"
+            )
         self.positions = positions  # [M] QM9 positions
         self.indices = row_of[positions]  # [M] rows of the store
         self.atom_start = torch.cumsum(store['num_atoms'], 0) - store['num_atoms']  # [M_mol]
@@ -529,7 +767,8 @@ class QM9Dataset(Dataset):
         self.pos32 = store['pos'].float()  # [sum n, 3]
         self.targets = store['targets'][self.indices, self.task_col]  # [M] float64, task units
 
-    def __len__(self) -> int: return len(self.indices)
+    def __len__(self) -> int:
+        return len(self.indices)
 
     def molecule(self, i: int) -> int:
         "Position in QM9 order of item `i`."
@@ -539,47 +778,69 @@ class QM9Dataset(Dataset):
         k = int(self.indices[i])
         a0, n = int(self.atom_start[k]), int(self.store['num_atoms'][k])
         b0, m = int(self.bond_start[k]), int(self.store['num_bonds'][k])
-        return molecule_sample(self.store['atomic_numbers'][a0:a0 + n].long(), self.pos32[a0:a0 + n],  # [n], [n, 3]
-                               self.store['bonds'][b0:b0 + m].long(), self.targets[i].float(),  # [m, 3], []
-                               edges=self.edges, cutoff=self.cutoff, max_neighbours=self.max_neighbours)
+        return molecule_sample(
+            self.store['atomic_numbers'][a0 : a0 + n].long(),
+            self.pos32[a0 : a0 + n],  # [n], [n, 3]
+            self.store['bonds'][b0 : b0 + m].long(),
+            self.targets[i].float(),  # [m, 3], []
+            edges=self.edges,
+            cutoff=self.cutoff,
+            max_neighbours=self.max_neighbours,
+        )
 
 # %% ../nbs/08_data.ipynb #67efec23
 def split_sizes(num_molecules: int) -> tuple[int, int, int]:
     "NVIDIA's train / validation / test sizes (exact for all of QM9, proportional for a prefix)."
-    if num_molecules == QM9_NUM_MOLECULES: return QM9_SPLIT_SIZES
+    if num_molecules == QM9_NUM_MOLECULES:
+        return QM9_SPLIT_SIZES
     test = int(0.1 * num_molecules)
     train = int(num_molecules * QM9_SPLIT_SIZES[0] / QM9_NUM_MOLECULES)
     return train, num_molecules - train - test, test
 
-def qm9_split(num_molecules: int = QM9_NUM_MOLECULES,  # molecules, in QM9 order
-              seed: int = 0,  # NVIDIA: 0
-             ) -> tuple[list[int], list[int], list[int]]:
+
+def qm9_split(
+    num_molecules: int = QM9_NUM_MOLECULES,  # molecules, in QM9 order
+    seed: int = 0,  # NVIDIA: 0
+) -> tuple[list[int], list[int], list[int]]:
     "Indices of NVIDIA's train / validation / test split (`random_split` with `Generator().manual_seed(seed)`)."
-    parts = random_split(range(num_molecules), list(split_sizes(num_molecules)), generator=torch.Generator().manual_seed(seed))
+    parts = random_split(
+        range(num_molecules), list(split_sizes(num_molecules)), generator=torch.Generator().manual_seed(seed)
+    )
     return tuple(list(p.indices) for p in parts)
+
 
 @dataclass(frozen=True)
 class TargetScaler:
     "Standardization $\\hat y = (y - \\mu) / \\sigma$ with training statistics."
+
     mean: float  # task units
     std: float  # task units
-    def standardize(self, y: Tensor) -> Tensor: return (y - self.mean) / self.std
-    def unstandardize(self, y_hat: Tensor) -> Tensor: return y_hat * self.std + self.mean
+
+    def standardize(self, y: Tensor) -> Tensor:
+        return (y - self.mean) / self.std
+
+    def unstandardize(self, y_hat: Tensor) -> Tensor:
+        return y_hat * self.std + self.mean
 
 # %% ../nbs/08_data.ipynb #811a2218
 class GraphDataModule:
     "Train / validation / test datasets of `GraphSample`s, their feature fibers and target scaling, and their loaders."
-    def __init__(self,
-                 train: Dataset, val: Dataset, test: Dataset,  # datasets returning GraphSample
-                 *, fiber_node: Fiber,  # fiber of GraphSample.node_feats
-                 fiber_edge: Fiber,  # fiber of GraphSample.edge_feats
-                 scaler: TargetScaler | None = None,  # None = from the training targets
-                 target_name: str = 'target',  # name in logs and plots
-                 target_unit: str = '',  # unit of the target (MAE is reported in it)
-                 batch_size: int = 32,  # molecules per batch
-                 num_workers: int = 0,  # DataLoader workers
-                 max_degree: int | None = None,  # precompute per-batch bases up to this degree in collate
-                ):
+
+    def __init__(
+        self,
+        train: Dataset,
+        val: Dataset,
+        test: Dataset,  # datasets returning GraphSample
+        *,
+        fiber_node: Fiber,  # fiber of GraphSample.node_feats
+        fiber_edge: Fiber,  # fiber of GraphSample.edge_feats
+        scaler: TargetScaler | None = None,  # None = from the training targets
+        target_name: str = 'target',  # name in logs and plots
+        target_unit: str = '',  # unit of the target (MAE is reported in it)
+        batch_size: int = 32,  # molecules per batch
+        num_workers: int = 0,  # DataLoader workers
+        max_degree: int | None = None,  # precompute per-batch bases up to this degree in collate
+    ):
         self.train_set, self.val_set, self.test_set = train, val, test
         self.fiber_node, self.fiber_edge = fiber_node, fiber_edge
         self.target_name, self.target_unit = target_name, target_unit
@@ -591,58 +852,111 @@ class GraphDataModule:
     @staticmethod
     def _fit_scaler(train: Dataset) -> TargetScaler:
         y = getattr(train, 'targets', None)
-        y = torch.as_tensor(y, dtype=torch.float64) if y is not None else torch.stack([train[i].target.double() for i in range(len(train))])
+        y = (
+            torch.as_tensor(y, dtype=torch.float64)
+            if y is not None
+            else torch.stack([train[i].target.double() for i in range(len(train))])
+        )
         return TargetScaler(float(y.mean()), float(y.std()))
 
     def dataset(self, split: str) -> Dataset:
         "The dataset of `split` ('train', 'val' or 'test')."
         sets = {'train': self.train_set, 'val': self.val_set, 'test': self.test_set}
-        if split not in sets: raise ValueError(f"split must be one of {list(sets)}, got {split!r}")
+        if split not in sets:
+            raise ValueError(f"split must be one of {list(sets)}, got {split!r}")
         return sets[split]
 
     def collate(self, samples: Sequence[GraphSample]) -> GraphBatch:
         "`collate_graphs` with this module's basis options."
         return collate_graphs(samples, max_degree=self.max_degree, basis_keys=self.basis_keys, path=self.path)
 
-    def dataloader(self, split: str, *, shuffle: bool | None = None, sampler: Sampler | None = None,
-                   batch_size: int | None = None, generator: torch.Generator | None = None,
-                   drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
+    def dataloader(
+        self,
+        split: str,
+        *,
+        shuffle: bool | None = None,
+        sampler: Sampler | None = None,
+        batch_size: int | None = None,
+        generator: torch.Generator | None = None,
+        drop_last: bool = False,
+        pin_memory: bool = False,
+    ) -> DataLoader:
         "DataLoader of `split` (shuffled for 'train' unless a sampler is given)."
         shuffle = (split == 'train') if shuffle is None else shuffle
-        return DataLoader(self.dataset(split), batch_size=batch_size or self.batch_size, shuffle=shuffle and sampler is None,
-                          sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers, generator=generator,
-                          drop_last=drop_last, pin_memory=pin_memory, persistent_workers=self.num_workers > 0)
+        return DataLoader(
+            self.dataset(split),
+            batch_size=batch_size or self.batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            generator=generator,
+            drop_last=drop_last,
+            pin_memory=pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
 
     def mean_predictor_mae(self, split: str = 'test') -> float:
         "MAE (target units) of always predicting the training mean."
         ds = self.dataset(split)
         y = getattr(ds, 'targets', None)
-        y = torch.as_tensor(y, dtype=torch.float64) if y is not None else torch.stack([ds[i].target.double() for i in range(len(ds))])
+        y = (
+            torch.as_tensor(y, dtype=torch.float64)
+            if y is not None
+            else torch.stack([ds[i].target.double() for i in range(len(ds))])
+        )
         return float((y - self.scaler.mean).abs().mean())
 
 # %% ../nbs/08_data.ipynb #b89c2061
 class QM9DataModule(GraphDataModule):
     "QM9 with NVIDIA's features, split and target scaling, built from a `DataConfig`."
+
     def __init__(self, config: DataConfig = DataConfig()):
         self.config = config
         num = config.max_molecules or QM9_NUM_MOLECULES
         train, val, test = qm9_split(num, config.split_seed)
-        train, val, test = train[:config.max_train], val[:config.max_val], test[:config.max_test]
+        train, val, test = train[: config.max_train], val[: config.max_val], test[: config.max_test]
         subset = None if len(train) + len(val) + len(test) == num else sorted(train + val + test)
-        self.store = load_qm9(config.data_dir, config.max_molecules, positions=subset, cache_dir=config.cache_dir,
-                              progress=config.progress)
+        self.store = load_qm9(
+            config.data_dir,
+            config.max_molecules,
+            positions=subset,
+            cache_dir=config.cache_dir,
+            progress=config.progress,
+        )
         if subset is None and len(self.store['num_atoms']) != num:
-            raise QM9FormatError(f"expected {num} molecules, the data have {len(self.store['num_atoms'])}: "
-                                 "pass max_molecules for a shorter copy of QM9")
-        make = lambda idx: QM9Dataset(self.store, idx, task=config.task, edges=config.edges, cutoff=config.cutoff,
-                                      max_neighbours=config.max_neighbours)
-        super().__init__(make(train), make(val), make(test), fiber_node=Fiber({0: 6}), fiber_edge=Fiber({0: 4}),
-                         target_name=config.task, target_unit=QM9_TASKS[config.task], batch_size=config.batch_size,
-                         num_workers=config.num_workers, max_degree=config.max_degree if config.precompute_bases else None)
+            raise QM9FormatError(
+                f"expected {num} molecules, the data have {len(self.store['num_atoms'])}: "
+                "pass max_molecules for a shorter copy of QM9"
+            )
+
+        def make(idx):
+            return QM9Dataset(
+                self.store,
+                idx,
+                task=config.task,
+                edges=config.edges,
+                cutoff=config.cutoff,
+                max_neighbours=config.max_neighbours,
+            )
+
+        super().__init__(
+            make(train),
+            make(val),
+            make(test),
+            fiber_node=Fiber({0: 6}),
+            fiber_edge=Fiber({0: 4}),
+            target_name=config.task,
+            target_unit=QM9_TASKS[config.task],
+            batch_size=config.batch_size,
+            num_workers=config.num_workers,
+            max_degree=config.max_degree if config.precompute_bases else None,
+        )
 
 # %% ../nbs/08_data.ipynb #dcadcefc
 class PointCloudDataset(Dataset):
     "Example custom dataset: random point clouds, target = radius of gyration (Angstrom); fully connected edges."
+
     def __init__(self, num_graphs: int = 64, num_points: int = 8, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         self.pos = torch.randn(num_graphs, num_points, 3, generator=g)  # [G, n, 3]
@@ -651,19 +965,26 @@ class PointCloudDataset(Dataset):
         dst, src = (~torch.eye(n, dtype=torch.bool)).nonzero(as_tuple=True)
         self.edge_index = torch.stack([src, dst])  # [2, n(n-1)]
 
-    def __len__(self) -> int: return len(self.pos)
+    def __len__(self) -> int:
+        return len(self.pos)
 
     def __getitem__(self, i: int) -> GraphSample:
         pos = self.pos[i]  # [n, 3]
         dist = (pos[self.edge_index[1]] - pos[self.edge_index[0]]).norm(dim=-1)  # [e]
-        return GraphSample(pos, self.edge_index, {0: torch.ones(len(pos), 1, 1)}, {0: dist[:, None, None]}, self.targets[i])
+        return GraphSample(
+            pos, self.edge_index, {0: torch.ones(len(pos), 1, 1)}, {0: dist[:, None, None]}, self.targets[i]
+        )
 
 # %% ../nbs/08_data.ipynb #6968586d
 def main(argv: Sequence[str] | None = None) -> dict:
     "Preprocess QM9 (`python -m se3nb.data [--data-dir D] [--max-molecules N] [--cache-dir C] [--rebuild]`)."
-    import argparse, resource
+    import argparse
+    import resource
+
     p = argparse.ArgumentParser(prog='python -m se3nb.data', description=main.__doc__)
-    p.add_argument('--data-dir'); p.add_argument('--cache-dir'); p.add_argument('--max-molecules', type=int)
+    p.add_argument('--data-dir')
+    p.add_argument('--cache-dir')
+    p.add_argument('--max-molecules', type=int)
     p.add_argument('--rebuild', action='store_true')
     a = p.parse_args(argv)
     t0 = time.perf_counter()
@@ -674,4 +995,6 @@ def main(argv: Sequence[str] | None = None) -> dict:
     print(json.dumps(report, indent=1))
     return report
 
-if __name__ == '__main__' and 'IPython' not in sys.modules: main()  # not when run inside a notebook
+
+if __name__ == '__main__' and 'IPython' not in sys.modules:
+    main()  # not when run inside a notebook

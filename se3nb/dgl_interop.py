@@ -23,145 +23,219 @@ from .so2 import EdgeFrames
 from .graph import Graph
 
 # %% ../nbs/07b_dgl.ipynb #89c862f0
-_DGL_EXTRA = ("pip install 'se3nb[dgl]' (dgl==2.1.0 with torch==2.2.1, numpy<2, setuptools<70, torchdata==0.7.1, "
-              "pandas<3, pyyaml, pydantic: the only DGL build for Python 3.11)")
+_DGL_EXTRA = (
+    "pip install 'se3nb[dgl]' (dgl==2.1.0 with torch==2.2.1, numpy<2, setuptools<70, torchdata==0.7.1, "
+    "pandas<3, pyyaml, pydantic: the only DGL build for Python 3.11)"
+)
+
 
 def _import_dgl():
-    try: import dgl
-    except ImportError as e: raise ImportError(f"this needs DGL, which se3nb does not install by default: {_DGL_EXTRA}") from e
+    try:
+        import dgl
+    except ImportError as e:
+        raise ImportError(f"this needs DGL, which se3nb does not install by default: {_DGL_EXTRA}") from e
     return dgl
+
 
 def is_dgl_graph(obj) -> bool:
     "Whether `obj` is a `dgl.DGLGraph` (without importing DGL: an object of a module never imported cannot be one)."
     dgl = sys.modules.get('dgl')
     return dgl is not None and isinstance(obj, getattr(dgl, 'DGLGraph', ()))
 
-def from_dgl(g,  # dgl.DGLGraph (batched or not) with g.edata[rel_pos_key] [E, 3]
-             *,
-             rel_pos_key: str = 'rel_pos',  # edge data holding pos[dst] - pos[src] (NVIDIA's name)
-            ) -> Graph:
+
+def from_dgl(
+    g,  # dgl.DGLGraph (batched or not) with g.edata[rel_pos_key] [E, 3]
+    *,
+    rel_pos_key: str = 'rel_pos',  # edge data holding pos[dst] - pos[src] (NVIDIA's name)
+) -> Graph:
     "An se3nb `Graph` with the edges, edge vectors and batch sizes of a DGL graph."
     if not getattr(g, 'is_homogeneous', True):
-        raise ValueError(f"the DGL graph has several node/edge types {g.canonical_etypes}: SE(3)-Transformer graphs have one; "
-                         "convert it with dgl.to_homogeneous(g, edata=['rel_pos'])")
+        raise ValueError(
+            f"the DGL graph has several node/edge types {g.canonical_etypes}: SE(3)-Transformer graphs have one; "
+            "convert it with dgl.to_homogeneous(g, edata=['rel_pos'])"
+        )
     if rel_pos_key not in g.edata:
-        hint = (f"; its nodes have ndata['pos'], so: src, dst = g.edges(); g.edata['{rel_pos_key}'] = g.ndata['pos'][dst] - g.ndata['pos'][src]"
-                if 'pos' in g.ndata else "")
-        raise KeyError(f"the DGL graph has no edata['{rel_pos_key}'] (edge data keys: {list(g.edata.keys())}): set "
-                       f"g.edata['{rel_pos_key}'] to the [E, 3] edge vectors pos[dst] - pos[src] (NVIDIA's QM9 convention; the sign "
-                       f"matters, odd-degree features flip){hint}")
+        hint = (
+            f"; its nodes have ndata['pos'], so: src, dst = g.edges(); g.edata['{rel_pos_key}'] = g.ndata['pos'][dst] - g.ndata['pos'][src]"
+            if 'pos' in g.ndata
+            else ""
+        )
+        raise KeyError(
+            f"the DGL graph has no edata['{rel_pos_key}'] (edge data keys: {list(g.edata.keys())}): set "
+            f"g.edata['{rel_pos_key}'] to the [E, 3] edge vectors pos[dst] - pos[src] (NVIDIA's QM9 convention; the sign "
+            f"matters, odd-degree features flip){hint}"
+        )
     src, dst = g.edges()  # [E], [E] in edge-id order (the rows of edata)
     rel_pos = g.edata[rel_pos_key]  # [E, 3]
     if not isinstance(rel_pos, Tensor) or rel_pos.shape != (len(src), 3):
-        raise ValueError(f"g.edata['{rel_pos_key}'] must be a [E, 3] = [{len(src)}, 3] tensor of edge vectors, got "
-                         f"{list(getattr(rel_pos, 'shape', [])) or type(rel_pos).__name__}")
-    return Graph(torch.stack([src, dst]), g.num_nodes(), rel_pos=rel_pos,
-                 batch_num_nodes=g.batch_num_nodes(), batch_num_edges=g.batch_num_edges())
+        raise ValueError(
+            f"g.edata['{rel_pos_key}'] must be a [E, 3] = [{len(src)}, 3] tensor of edge vectors, got "
+            f"{list(getattr(rel_pos, 'shape', [])) or type(rel_pos).__name__}"
+        )
+    return Graph(
+        torch.stack([src, dst]),
+        g.num_nodes(),
+        rel_pos=rel_pos,
+        batch_num_nodes=g.batch_num_nodes(),
+        batch_num_edges=g.batch_num_edges(),
+    )
 
-def to_dgl(graph: Graph,  # se3nb graph
-           *,
-           idtype: torch.dtype = torch.int64,  # DGL's index type (int32 or int64)
-          ):  # dgl.DGLGraph with edata['rel_pos'] (and ndata['pos'] if the graph has positions), batch sizes set
+
+def to_dgl(
+    graph: Graph,  # se3nb graph
+    *,
+    idtype: torch.dtype = torch.int64,  # DGL's index type (int32 or int64)
+):  # dgl.DGLGraph with edata['rel_pos'] (and ndata['pos'] if the graph has positions), batch sizes set
     "A DGL graph equal to an se3nb `Graph`, as NVIDIA's models read it (imports DGL)."
     dgl = _import_dgl()
     g = dgl.graph((graph.src, graph.dst), num_nodes=graph.num_nodes, idtype=idtype, device=graph.device)
     g.edata['rel_pos'] = graph.rel_pos  # [E, 3]
-    if graph.pos is not None: g.ndata['pos'] = graph.pos  # [N, 3]
+    if graph.pos is not None:
+        g.ndata['pos'] = graph.pos  # [N, 3]
     g.set_batch_num_nodes(graph.batch_num_nodes.to(idtype))
     g.set_batch_num_edges(graph.batch_num_edges.to(idtype))
     return g
 
+
 def as_graph(graph) -> Graph:  # se3nb Graph or dgl.DGLGraph with edata['rel_pos']
     "The se3nb `Graph` of `graph`: itself, or `from_dgl(graph)` for a DGL graph."
-    if isinstance(graph, Graph): return graph
-    if is_dgl_graph(graph): return from_dgl(graph)
+    if isinstance(graph, Graph):
+        return graph
+    if is_dgl_graph(graph):
+        return from_dgl(graph)
     raise TypeError(f"graph must be an se3nb Graph or a dgl.DGLGraph with edata['rel_pos'], got {type(graph).__name__}")
 
 # %% ../nbs/07b_dgl.ipynb #3e160ecf
 def _check_devices(graph: Graph, from_dgl_graph: bool, node_feats: Mapping, edge_feats: Mapping | None) -> None:
     "A `ValueError` naming what to move when features and graph are on different devices."
     what = 'the DGL graph' if from_dgl_graph else 'the graph'
-    move = "graph = graph.to(device) (DGL moves edata['rel_pos'] along)" if from_dgl_graph else "graph = graph.to(device)"
+    move = (
+        "graph = graph.to(device) (DGL moves edata['rel_pos'] along)" if from_dgl_graph else "graph = graph.to(device)"
+    )
     for name, feats in (('node_feats', node_feats), ('edge_feats', edge_feats or {})):
         for l, x in feats.items():
             if isinstance(x, Tensor) and x.device != graph.device:
-                raise ValueError(f"{name}[{l!r}] is on {x.device} but {what} is on {graph.device}: put graph, features and model on "
-                                 f"one device, e.g. {move}, {name} = {{l: x.to(device) for l, x in {name}.items()}}, model.to(device)")
+                raise ValueError(
+                    f"{name}[{l!r}] is on {x.device} but {what} is on {graph.device}: put graph, features and model on "
+                    f"one device, e.g. {move}, {name} = {{l: x.to(device) for l, x in {name}.items()}}, model.to(device)"
+                )
+
 
 def _nvidia_state_dict_hook(module, state_dict, prefix, local_metadata) -> None:
     "state_dict() of an `NVIDIACompatModel`: se3nb keys under `model.` -> NVIDIA keys, in NVIDIA's order when known."
     from se3nb.compat import se3nb_key_to_nvidia  # compat imports model, which may import this module: import when used
+
     inner = prefix + 'model.'
-    items = {prefix + se3nb_key_to_nvidia(k[len(inner):]): state_dict.pop(k) for k in list(state_dict) if k.startswith(inner)}
+    items = {
+        prefix + se3nb_key_to_nvidia(k[len(inner) :]): state_dict.pop(k)
+        for k in list(state_dict)
+        if k.startswith(inner)
+    }
     order = [prefix + k for k in module.nvidia_key_order or []]
     keys = order if set(order) == set(items) else list(items)
-    for k in keys: state_dict[k] = items[k]
+    for k in keys:
+        state_dict[k] = items[k]
 
-def _nvidia_load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+
+def _nvidia_load_pre_hook(
+    module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+) -> None:
     "load_state_dict() of an `NVIDIACompatModel`: NVIDIA keys -> se3nb keys under `model.` (se3nb keys pass unchanged)."
     from se3nb.compat import nvidia_key_to_se3nb
+
     inner = prefix + 'model.'
     keys = [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]
-    if not keys: return
-    renamed = {k: inner + nvidia_key_to_se3nb(k[len(prefix):]) for k in keys}
-    for k in keys: state_dict[renamed[k]] = state_dict.pop(k)
+    if not keys:
+        return
+    renamed = {k: inner + nvidia_key_to_se3nb(k[len(prefix) :]) for k in keys}
+    for k in keys:
+        state_dict[renamed[k]] = state_dict.pop(k)
     expected = {inner + k: v.shape for k, v in module.model.state_dict().items()}
-    if set(renamed.values()) == set(expected) and all(getattr(state_dict[k], 'shape', None) == s for k, s in expected.items()):
-        module.nvidia_key_order = [k[len(prefix):] for k in keys]  # remembered only for a state_dict that fits
+    if set(renamed.values()) == set(expected) and all(
+        getattr(state_dict[k], 'shape', None) == s for k, s in expected.items()
+    ):
+        module.nvidia_key_order = [k[len(prefix) :] for k in keys]  # remembered only for a state_dict that fits
 
 # %% ../nbs/07b_dgl.ipynb #253fb492
 class NVIDIACompatModel(nn.Module):
     "An se3nb model behind NVIDIA's constructor arguments, call signature and state_dict key names."
-    def __init__(self,
-                 model_name: str,  # NVIDIA's class: 'SE3Transformer' or 'SE3TransformerPooled'
-                 kwargs: Mapping,  # NVIDIA's constructor kwargs, fibers as {degree: channels}
-                 state_dict: Mapping[str, Tensor] | None = None,  # NVIDIA key names, any fusion layout
-                ):
+
+    def __init__(
+        self,
+        model_name: str,  # NVIDIA's class: 'SE3Transformer' or 'SE3TransformerPooled'
+        kwargs: Mapping,  # NVIDIA's constructor kwargs, fibers as {degree: channels}
+        state_dict: Mapping[str, Tensor] | None = None,  # NVIDIA key names, any fusion layout
+    ):
         super().__init__()
         from se3nb.compat import from_nvidia  # compat imports model, which may import this module: import when used
+
         self.model_name, self.nvidia_kwargs = model_name, dict(kwargs)
-        self.model = from_nvidia(model_name, kwargs, state_dict)  # the se3nb model (SE3Transformer or SE3TransformerPooled)
-        self.nvidia_key_order: list[str] | None = None if state_dict is None else list(state_dict)  # NVIDIA's parameter order
+        self.model = from_nvidia(
+            model_name, kwargs, state_dict
+        )  # the se3nb model (SE3Transformer or SE3TransformerPooled)
+        self.nvidia_key_order: list[str] | None = (
+            None if state_dict is None else list(state_dict)
+        )  # NVIDIA's parameter order
         self._register_state_dict_hook(_nvidia_state_dict_hook)
         self._register_load_state_dict_pre_hook(_nvidia_load_pre_hook, with_module=True)
 
-    def forward(self,
-                graph,  # dgl.DGLGraph with edata['rel_pos'] [E, 3], or se3nb Graph
-                node_feats: Mapping[str | int, Tensor],  # {'l': [N, C_l, 2l+1]}
-                edge_feats: Mapping[str | int, Tensor] | None = None,  # {'l': [E, C_l, 2l+1]}
-                basis: Bases | EdgeFrames | Mapping | None = None,  # se3nb geometry of the model's path; NVIDIA's get_basis dict is ignored
-               ) -> dict[str | int, Tensor] | Tensor:  # like NVIDIA's model: {'l': [N, C_l, 2l+1]}, [N, C, 2l+1] or [B](, output_dim)
+    def forward(
+        self,
+        graph,  # dgl.DGLGraph with edata['rel_pos'] [E, 3], or se3nb Graph
+        node_feats: Mapping[str | int, Tensor],  # {'l': [N, C_l, 2l+1]}
+        edge_feats: Mapping[str | int, Tensor] | None = None,  # {'l': [E, C_l, 2l+1]}
+        basis: Bases
+        | EdgeFrames
+        | Mapping
+        | None = None,  # se3nb geometry of the model's path; NVIDIA's get_basis dict is ignored
+    ) -> (
+        dict[str | int, Tensor] | Tensor
+    ):  # like NVIDIA's model: {'l': [N, C_l, 2l+1]}, [N, C, 2l+1] or [B](, output_dim)
         "NVIDIA's `model(graph, node_feats, edge_feats, basis)`."
         se3_graph = as_graph(graph)
         _check_devices(se3_graph, se3_graph is not graph, node_feats, edge_feats)
         if isinstance(basis, Mapping):
-            warnings.warn("basis dicts from NVIDIA's get_basis are not used: se3nb computes its own basis from edata['rel_pos'] "
-                          "(pass basis=None, or the se3nb EdgeFrames / Bases the model's path needs to precompute)", stacklevel=2)
+            warnings.warn(
+                "basis dicts from NVIDIA's get_basis are not used: se3nb computes its own basis from edata['rel_pos'] "
+                "(pass basis=None, or the se3nb EdgeFrames / Bases the model's path needs to precompute)",
+                stacklevel=2,
+            )
             basis = None
         elif basis is not None and not isinstance(basis, (Bases, EdgeFrames)):
-            raise TypeError(f"basis must be None, se3nb EdgeFrames or Bases, or NVIDIA's basis dict, got {type(basis).__name__}")
+            raise TypeError(
+                f"basis must be None, se3nb EdgeFrames or Bases, or NVIDIA's basis dict, got {type(basis).__name__}"
+            )
         return self.model(se3_graph, node_feats, edge_feats, basis)
 
-    def extra_repr(self) -> str: return f"model_name={self.model_name!r}"
+    def extra_repr(self) -> str:
+        return f"model_name={self.model_name!r}"
 
 # %% ../nbs/07b_dgl.ipynb #0aac04a7
 def _nvidia_parameter_names(model: nn.Module) -> list[str]:
     "NVIDIA names of the model's parameters, in the order of `model.parameters()`."
     from se3nb.compat import se3nb_key_to_nvidia
+
     inner = model.model if isinstance(model, NVIDIACompatModel) else model
     return [se3nb_key_to_nvidia(n) for n, _ in inner.named_parameters()]
 
-def _reindex_optimizer_state(state: Mapping,  # optimizer.state_dict() over parameters named `old_names`, in that order
-                             old_names: list[str], new_names: list[str],  # the same names in the old and the new order
-                             shapes: Mapping[str, torch.Size],  # parameter shapes, to check the state tensors
-                            ) -> dict:
+
+def _reindex_optimizer_state(
+    state: Mapping,  # optimizer.state_dict() over parameters named `old_names`, in that order
+    old_names: list[str],
+    new_names: list[str],  # the same names in the old and the new order
+    shapes: Mapping[str, torch.Size],  # parameter shapes, to check the state tensors
+) -> dict:
     "The optimizer state of parameters `old_names`, renumbered for an optimizer over the same parameters in `new_names` order."
     if not isinstance(state, Mapping) or 'state' not in state or 'param_groups' not in state:
-        raise TypeError("an optimizer state_dict must be a dict with 'state' and 'param_groups' (optimizer.state_dict())")
+        raise TypeError(
+            "an optimizer state_dict must be a dict with 'state' and 'param_groups' (optimizer.state_dict())"
+        )
     ids = [i for group in state['param_groups'] for i in group['params']]
     if len(ids) != len(old_names):
-        raise ValueError(f"the optimizer state covers {len(ids)} parameters but the model has {len(old_names)}: it was saved for "
-                         "another model configuration, or for an optimizer over only some of the parameters")
+        raise ValueError(
+            f"the optimizer state covers {len(ids)} parameters but the model has {len(old_names)}: it was saved for "
+            "another model configuration, or for an optimizer over only some of the parameters"
+        )
     name_of = dict(zip(ids, old_names))
     new_index = {name: j for j, name in enumerate(new_names)}
     out_state = {}
@@ -169,101 +243,133 @@ def _reindex_optimizer_state(state: Mapping,  # optimizer.state_dict() over para
         name = name_of[i]
         for k, v in s.items():
             if isinstance(v, Tensor) and v.dim() > 0 and v.shape != shapes[name]:
-                raise ValueError(f"optimizer state '{k}' of {name} has shape {list(v.shape)} but the parameter has "
-                                 f"{list(shapes[name])}: the optimizer state does not belong to this parameter order")
+                raise ValueError(
+                    f"optimizer state '{k}' of {name} has shape {list(v.shape)} but the parameter has "
+                    f"{list(shapes[name])}: the optimizer state does not belong to this parameter order"
+                )
         out_state[new_index[name]] = s
     groups = [{**g, 'params': sorted(new_index[name_of[i]] for i in g['params'])} for g in state['param_groups']]
     return {'state': dict(sorted(out_state.items())), 'param_groups': groups}
 
-def nvidia_optimizer_state_to_se3nb(optimizer_state: Mapping,  # NVIDIA's optimizer.state_dict()
-                                    nvidia_state_dict: Mapping[str, Tensor],  # the checkpoint's state_dict (gives NVIDIA's order)
-                                    model: nn.Module,  # NVIDIACompatModel or se3nb model of the same configuration
-                                   ) -> dict:
+
+def nvidia_optimizer_state_to_se3nb(
+    optimizer_state: Mapping,  # NVIDIA's optimizer.state_dict()
+    nvidia_state_dict: Mapping[str, Tensor],  # the checkpoint's state_dict (gives NVIDIA's order)
+    model: nn.Module,  # NVIDIACompatModel or se3nb model of the same configuration
+) -> dict:
     "NVIDIA's optimizer state, renumbered for an optimizer over `model.parameters()`."
     names = _nvidia_parameter_names(model)
     shapes = dict(zip(names, (p.shape for p in model.parameters())))
     return _reindex_optimizer_state(optimizer_state, [k for k in nvidia_state_dict if k in shapes], names, shapes)
 
-def se3nb_optimizer_state_to_nvidia(optimizer_state: Mapping,  # optimizer.state_dict() over model.parameters()
-                                    model: nn.Module,  # NVIDIACompatModel or se3nb model
-                                    nvidia_key_order: list[str],  # NVIDIA's state_dict keys, in NVIDIA's order
-                                   ) -> dict:
+
+def se3nb_optimizer_state_to_nvidia(
+    optimizer_state: Mapping,  # optimizer.state_dict() over model.parameters()
+    model: nn.Module,  # NVIDIACompatModel or se3nb model
+    nvidia_key_order: list[str],  # NVIDIA's state_dict keys, in NVIDIA's order
+) -> dict:
     "An optimizer state over `model.parameters()`, renumbered in NVIDIA's parameter order."
     names = _nvidia_parameter_names(model)
     shapes = dict(zip(names, (p.shape for p in model.parameters())))
     order = [k for k in nvidia_key_order if k in shapes]
     if len(order) != len(names):
-        raise ValueError(f"nvidia_key_order names {len(order)} of the model's {len(names)} parameters: it belongs to another configuration")
+        raise ValueError(
+            f"nvidia_key_order names {len(order)} of the model's {len(names)} parameters: it belongs to another configuration"
+        )
     return _reindex_optimizer_state(optimizer_state, names, order, shapes)
 
 # %% ../nbs/07b_dgl.ipynb #893f8ad3
 @dataclass
 class NVIDIACheckpoint:
     "What `load_nvidia_checkpoint` read: the model, and the training state re-indexed for se3nb."
+
     model: NVIDIACompatModel  # weights loaded; .model is the plain se3nb model
     epoch: int | None = None  # the checkpoint's 'epoch'
     optimizer_state_dict: dict | None = None  # for optimizer.load_state_dict, optimizer over model.parameters()
     extra: dict = field(default_factory=dict)  # other entries, e.g. 'scheduler_state_dict'
 
+
 def _read_checkpoint(checkpoint, map_location) -> Mapping:
-    if isinstance(checkpoint, Mapping): return checkpoint
+    if isinstance(checkpoint, Mapping):
+        return checkpoint
     path = Path(checkpoint)
-    if not path.is_file(): raise FileNotFoundError(f"no checkpoint file at {path}")
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint file at {path}")
     corrupt = f"{path} is not a readable torch.save file (corrupt or truncated?)"
-    if not zipfile.is_zipfile(path): raise ValueError(f"{corrupt}: it is not the zip archive torch.save writes")
-    try: return torch.load(path, map_location=map_location, weights_only=True)
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{corrupt}: it is not the zip archive torch.save writes")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:  # weights_only refused a pickled Python object
         lines = [l.strip() for l in str(e).splitlines() if 'Unsupported' in l] or [str(e).strip().splitlines()[0]]
-        if 'operand' in lines[0]: raise ValueError(f"{corrupt}: {lines[0]}") from e  # not a pickle opcode: damaged data
-        raise ValueError(f"{path} holds Python objects besides tensors and plain containers, which torch.load(weights_only=True) "
-                         f"refuses ({lines[0]}). If you trust the file, load it with torch.load(path, weights_only=False) and pass "
-                         "the resulting dict instead of the path") from e
+        if 'operand' in lines[0]:
+            raise ValueError(f"{corrupt}: {lines[0]}") from e  # not a pickle opcode: damaged data
+        raise ValueError(
+            f"{path} holds Python objects besides tensors and plain containers, which torch.load(weights_only=True) "
+            f"refuses ({lines[0]}). If you trust the file, load it with torch.load(path, weights_only=False) and pass "
+            "the resulting dict instead of the path"
+        ) from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise ValueError(f"{corrupt}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
 
-def load_nvidia_checkpoint(checkpoint: str | Path | Mapping,  # file from NVIDIA's training script, or the dict it holds
-                           model_name: str,  # 'SE3Transformer' or 'SE3TransformerPooled'
-                           kwargs: Mapping,  # NVIDIA's constructor kwargs (e.g. vars(args) plus fibers and tensor_cores)
-                           *,
-                           map_location: str | torch.device = 'cpu',  # where tensors go (NVIDIA saves from the GPU)
-                          ) -> NVIDIACheckpoint:
+
+def load_nvidia_checkpoint(
+    checkpoint: str | Path | Mapping,  # file from NVIDIA's training script, or the dict it holds
+    model_name: str,  # 'SE3Transformer' or 'SE3TransformerPooled'
+    kwargs: Mapping,  # NVIDIA's constructor kwargs (e.g. vars(args) plus fibers and tensor_cores)
+    *,
+    map_location: str | torch.device = 'cpu',  # where tensors go (NVIDIA saves from the GPU)
+) -> NVIDIACheckpoint:
     "The model and training state of an NVIDIA checkpoint (`{'state_dict', 'optimizer_state_dict', 'epoch'}` or a bare state_dict)."
     ckpt = _read_checkpoint(checkpoint, map_location)
-    if not isinstance(ckpt, Mapping): raise TypeError(f"a checkpoint must hold a dict, got {type(ckpt).__name__}")
-    if 'state_dict' in ckpt: state_dict = ckpt['state_dict']
-    elif ckpt and all(isinstance(v, Tensor) for v in ckpt.values()): state_dict, ckpt = ckpt, {}  # a bare model.state_dict()
+    if not isinstance(ckpt, Mapping):
+        raise TypeError(f"a checkpoint must hold a dict, got {type(ckpt).__name__}")
+    if 'state_dict' in ckpt:
+        state_dict = ckpt['state_dict']
+    elif ckpt and all(isinstance(v, Tensor) for v in ckpt.values()):
+        state_dict, ckpt = ckpt, {}  # a bare model.state_dict()
     else:
-        raise KeyError(f"the checkpoint has no 'state_dict' entry (its keys: {list(ckpt)[:10]}): expected the file of NVIDIA's "
-                       "training script, {'state_dict': ..., 'optimizer_state_dict': ..., 'epoch': ...}, or a bare model.state_dict()")
-    if not isinstance(state_dict, Mapping): raise TypeError(f"checkpoint['state_dict'] must be a dict of tensors, got {type(state_dict).__name__}")
+        raise KeyError(
+            f"the checkpoint has no 'state_dict' entry (its keys: {list(ckpt)[:10]}): expected the file of NVIDIA's "
+            "training script, {'state_dict': ..., 'optimizer_state_dict': ..., 'epoch': ...}, or a bare model.state_dict()"
+        )
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"checkpoint['state_dict'] must be a dict of tensors, got {type(state_dict).__name__}")
     if state_dict and all(k.startswith('module.') for k in state_dict):  # saved from DistributedDataParallel
-        state_dict = {k[len('module.'):]: v for k, v in state_dict.items()}
+        state_dict = {k[len('module.') :]: v for k, v in state_dict.items()}
     model = NVIDIACompatModel(model_name, kwargs, state_dict)
     optimizer_state = ckpt.get('optimizer_state_dict')
-    if optimizer_state is not None: optimizer_state = nvidia_optimizer_state_to_se3nb(optimizer_state, state_dict, model)
+    if optimizer_state is not None:
+        optimizer_state = nvidia_optimizer_state_to_se3nb(optimizer_state, state_dict, model)
     extra = {k: v for k, v in ckpt.items() if k not in ('state_dict', 'optimizer_state_dict', 'epoch')}
     return NVIDIACheckpoint(model, ckpt.get('epoch'), optimizer_state, extra)
 
-def save_nvidia_checkpoint(model: nn.Module,  # NVIDIACompatModel, SE3Transformer or SE3TransformerPooled
-                           path: str | Path,
-                           *,
-                           optimizer: torch.optim.Optimizer | None = None,  # over model.parameters(); needed to resume in NVIDIA's script
-                           epoch: int = 0,
-                           extra: Mapping | None = None,  # more entries, e.g. {'scheduler_state_dict': ...}
-                           nvidia_key_order: list[str] | None = None,  # NVIDIA's key order (known for models loaded from NVIDIA)
-                          ) -> dict:
+
+def save_nvidia_checkpoint(
+    model: nn.Module,  # NVIDIACompatModel, SE3Transformer or SE3TransformerPooled
+    path: str | Path,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,  # over model.parameters(); needed to resume in NVIDIA's script
+    epoch: int = 0,
+    extra: Mapping | None = None,  # more entries, e.g. {'scheduler_state_dict': ...}
+    nvidia_key_order: list[str] | None = None,  # NVIDIA's key order (known for models loaded from NVIDIA)
+) -> dict:
     "Write a checkpoint NVIDIA's training and inference scripts load; returns the dict written."
     from se3nb.compat import to_nvidia_state_dict
+
     inner = model.model if isinstance(model, NVIDIACompatModel) else model
     order = nvidia_key_order or getattr(model, 'nvidia_key_order', None)
     state_dict = to_nvidia_state_dict(inner)
-    if order is not None and set(order) == set(state_dict): state_dict = {k: state_dict[k] for k in order}
+    if order is not None and set(order) == set(state_dict):
+        state_dict = {k: state_dict[k] for k in order}
     ckpt = {'state_dict': state_dict}
     if optimizer is not None:
         if order is None:
-            raise ValueError("NVIDIA's optimizer numbers parameters in its own order, known only for models loaded from an NVIDIA "
-                             "state_dict or checkpoint: pass nvidia_key_order=list(nvidia_model.state_dict()), or leave out the optimizer "
-                             "(the file then loads for inference: model.load_state_dict(checkpoint['state_dict']))")
+            raise ValueError(
+                "NVIDIA's optimizer numbers parameters in its own order, known only for models loaded from an NVIDIA "
+                "state_dict or checkpoint: pass nvidia_key_order=list(nvidia_model.state_dict()), or leave out the optimizer "
+                "(the file then loads for inference: model.load_state_dict(checkpoint['state_dict']))"
+            )
         ckpt['optimizer_state_dict'] = se3nb_optimizer_state_to_nvidia(optimizer.state_dict(), model, order)
     ckpt['epoch'] = epoch
     ckpt.update(extra or {})

@@ -15,14 +15,18 @@ from e3nn import o3
 from .basis import wigner_D
 
 # %% ../nbs/02_equivariance.ipynb #afa577ad
-def random_rotation(*, dtype: torch.dtype = torch.float64, generator: torch.Generator | None = None) -> Tensor:  # [3, 3]
+def random_rotation(
+    *, dtype: torch.dtype = torch.float64, generator: torch.Generator | None = None
+) -> Tensor:  # [3, 3]
     "A uniformly random rotation matrix (det +1)."
     q = torch.randn(4, dtype=torch.float64, generator=generator)
     return o3.quaternion_to_matrix(q / q.norm()).to(dtype)  # [3, 3]
 
-def rotate_features(feats: Mapping[int, Tensor],  # {l: [N, C, 2l+1]}
-                    R: Tensor,  # [3, 3]
-                   ) -> dict[int, Tensor]:  # {l: [N, C, 2l+1]}
+
+def rotate_features(
+    feats: Mapping[int, Tensor],  # {l: [N, C, 2l+1]}
+    R: Tensor,  # [3, 3]
+) -> dict[int, Tensor]:  # {l: [N, C, 2l+1]}
     "Rotate each degree-`l` feature by $D_l(R)$: `f @ D_l(R).T`."
     return {l: x @ wigner_D(int(l), R).to(x.dtype).T for l, x in feats.items()}
 
@@ -30,18 +34,23 @@ def rotate_features(feats: Mapping[int, Tensor],  # {l: [N, C, 2l+1]}
 def _as_dict(out) -> dict[int, Tensor]:
     return {int(l): v for l, v in out.items()} if isinstance(out, Mapping) else {0: out}
 
-def equivariance_error(fn: Callable[..., dict[int, Tensor] | Tensor],  # (pos, feats[, edge_feats]) -> outputs
-                       pos: Tensor,  # [N, 3]
-                       feats: Mapping[int, Tensor],  # {l: [N, C, 2l+1]}
-                       *,
-                       edge_feats: Mapping[int, Tensor] | None = None,  # {l: [E, C, 2l+1]}: rotated too and passed third
-                       num_rotations: int = 10,
-                       seed: int = 0,
-                      ) -> Tensor:  # [num_rotations] relative errors
+
+def equivariance_error(
+    fn: Callable[..., dict[int, Tensor] | Tensor],  # (pos, feats[, edge_feats]) -> outputs
+    pos: Tensor,  # [N, 3]
+    feats: Mapping[int, Tensor],  # {l: [N, C, 2l+1]}
+    *,
+    edge_feats: Mapping[int, Tensor] | None = None,  # {l: [E, C, 2l+1]}: rotated too and passed third
+    num_rotations: int = 10,
+    seed: int = 0,
+) -> Tensor:  # [num_rotations] relative errors
     "Relative equivariance error $\\max|f(Rx) - D(R)f(x)| / \\max|f(x)|$ for each of `num_rotations` random rotations."
     g = torch.Generator().manual_seed(seed)
-    call = (lambda p, f, R=None: fn(p, f)) if edge_feats is None else \
-           (lambda p, f, R=None: fn(p, f, dict(edge_feats) if R is None else rotate_features(edge_feats, R)))
+    call = (
+        (lambda p, f, R=None: fn(p, f))
+        if edge_feats is None
+        else (lambda p, f, R=None: fn(p, f, dict(edge_feats) if R is None else rotate_features(edge_feats, R)))
+    )
     out = _as_dict(call(pos, dict(feats)))
     scale = max(v.abs().max().item() for v in out.values()) or 1.0
     errors = []
@@ -52,8 +61,15 @@ def equivariance_error(fn: Callable[..., dict[int, Tensor] | Tensor],  # (pos, f
         errors.append(max((out_rot[l] - expected[l]).abs().max().item() for l in out) / scale)
     return torch.tensor(errors, dtype=torch.float64)
 
-def translation_error(fn: Callable[[Tensor, dict[int, Tensor]], dict[int, Tensor] | Tensor],  # (pos, feats) -> outputs
-                      pos: Tensor, feats: Mapping[int, Tensor], *, shift: float = 10.0, seed: int = 0) -> float:
+
+def translation_error(
+    fn: Callable[[Tensor, dict[int, Tensor]], dict[int, Tensor] | Tensor],  # (pos, feats) -> outputs
+    pos: Tensor,
+    feats: Mapping[int, Tensor],
+    *,
+    shift: float = 10.0,
+    seed: int = 0,
+) -> float:
     "Relative change of the outputs when every position is shifted by the same random vector of length `shift`."
     g = torch.Generator().manual_seed(seed)
     t = torch.randn(3, generator=g, dtype=torch.float64).to(pos)
@@ -62,14 +78,22 @@ def translation_error(fn: Callable[[Tensor, dict[int, Tensor]], dict[int, Tensor
     return max((out_t[l] - out[l]).abs().max().item() for l in out) / scale
 
 # %% ../nbs/02_equivariance.ipynb #a9fcd69e
-def plot_errors(errors: Mapping[str, Tensor],  # {label: [num_rotations]}
-                title: str, *, ax=None, tolerance: float | None = None):
+def plot_errors(
+    errors: Mapping[str, Tensor],  # {label: [num_rotations]}
+    title: str,
+    *,
+    ax=None,
+    tolerance: float | None = None,
+):
     "Log-scale plot of relative equivariance errors per rotation, one series per label."
-    import matplotlib.pyplot as plt
-    if ax is None: _, ax = plt.subplots(figsize=(5, 3))
+    import matplotlib.pyplot as plt  # imported when plotting: the library does not need matplotlib
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 3))
     for i, (label, err) in enumerate(errors.items()):
         ax.semilogy(err.clamp_min(1e-17).cpu(), 'os^vd'[i % 5], label=label)
-    if tolerance is not None: ax.axhline(tolerance, color='gray', ls='--', lw=1, label=f'tolerance {tolerance:g}')
+    if tolerance is not None:
+        ax.axhline(tolerance, color='gray', ls='--', lw=1, label=f'tolerance {tolerance:g}')
     ax.set(title=title, xlabel='random rotation', ylabel='relative equivariance error')
     ax.legend(fontsize=8)
     return ax

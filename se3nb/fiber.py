@@ -15,22 +15,27 @@ from e3nn import o3
 # %% ../nbs/00_fiber.ipynb #3e38256c
 def degree_to_dim(l: int) -> int:
     "Number of components $2l+1$ of a type-`l` feature."
-    if l < 0: raise ValueError(f"a degree must be >= 0, got {l}")
+    if l < 0:
+        raise ValueError(f"a degree must be >= 0, got {l}")
     return 2 * l + 1
 
 # %% ../nbs/00_fiber.ipynb #65ca5ce8
 class Fiber(Mapping):
     "Immutable map degree `l` -> number of channels `C_l`, iterated in ascending `l`."
-    def __init__(self,
-                 structure: Mapping[int, int],  # {l: C_l}
-                ):
+
+    def __init__(
+        self,
+        structure: Mapping[int, int],  # {l: C_l}
+    ):
         if not isinstance(structure, Mapping):
             raise TypeError(f"Fiber takes a dict {{degree: channels}}, got {type(structure).__name__}")
         items = {}
         for l, c in structure.items():
             l, c = int(l), int(c)
-            if l < 0 or c < 0: raise ValueError(f"degrees and channels must be >= 0, got degree {l} with {c} channels")
-            if c > 0: items[l] = c
+            if l < 0 or c < 0:
+                raise ValueError(f"degrees and channels must be >= 0, got degree {l} with {c} channels")
+            if c > 0:
+                items[l] = c
         self._structure = dict(sorted(items.items()))
 
     @classmethod
@@ -38,47 +43,80 @@ class Fiber(Mapping):
         "Fiber with `num_channels` channels for each degree `0..num_degrees-1`."
         return cls({l: num_channels for l in range(num_degrees)})
 
-    def __getitem__(self, l: int) -> int: return self._structure.get(int(l), 0)  # absent degree -> 0 channels
-    def __iter__(self) -> Iterator[int]: return iter(self._structure)
-    def __len__(self) -> int: return len(self._structure)
-    def __contains__(self, l) -> bool: return int(l) in self._structure
-    def __hash__(self) -> int: return hash(tuple(self._structure.items()))
-    def __eq__(self, other) -> bool: return isinstance(other, Mapping) and dict(self.items()) == {int(k): int(v) for k, v in other.items() if v}
-    def __repr__(self) -> str: return f"Fiber({self._structure})"
+    def __getitem__(self, l: int) -> int:
+        return self._structure.get(int(l), 0)  # absent degree -> 0 channels
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._structure)
+
+    def __len__(self) -> int:
+        return len(self._structure)
+
+    def __contains__(self, l) -> bool:
+        return int(l) in self._structure
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._structure.items()))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Mapping) and dict(self.items()) == {int(k): int(v) for k, v in other.items() if v}
+
+    def __repr__(self) -> str:
+        return f"Fiber({self._structure})"
 
     @property
-    def degrees(self) -> list[int]: return list(self._structure)
+    def degrees(self) -> list[int]:
+        return list(self._structure)
+
     @property
-    def channels(self) -> list[int]: return list(self._structure.values())
+    def channels(self) -> list[int]:
+        return list(self._structure.values())
+
     @property
-    def max_degree(self) -> int: return max(self._structure, default=-1)
+    def max_degree(self) -> int:
+        return max(self._structure, default=-1)
+
     @property
-    def dims(self) -> list[int]: return [degree_to_dim(l) for l in self._structure]
+    def dims(self) -> list[int]:
+        return [degree_to_dim(l) for l in self._structure]
+
     @property
-    def num_features(self) -> int: return sum(c * degree_to_dim(l) for l, c in self._structure.items())
+    def num_features(self) -> int:
+        return sum(c * degree_to_dim(l) for l, c in self._structure.items())
 
     def __add__(self, other: Mapping[int, int]) -> "Fiber":
         "Channels added degree by degree: the fiber of concatenated features."
         return Fiber({l: self[l] + int(other.get(l, 0)) for l in sorted(set(self) | {int(k) for k in other})})
 
-    def check(self,
-              feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
-              *,
-              num: int | None = None,  # expected leading size N (nodes or edges); None: any, but equal across degrees
-              name: str = "features",  # what to call them in the error
-             ) -> None:
+    def check(
+        self,
+        feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
+        *,
+        num: int | None = None,  # expected leading size N (nodes or edges); None: any, but equal across degrees
+        name: str = "features",  # what to call them in the error
+    ) -> None:
         "Raise a `ValueError` naming the degree and the shapes unless `feats` matches this fiber exactly."
-        if not isinstance(feats, Mapping): raise TypeError(f"{name} must be a dict {{degree: tensor}}, got {type(feats).__name__}")
+        if not isinstance(feats, Mapping):
+            raise TypeError(f"{name} must be a dict {{degree: tensor}}, got {type(feats).__name__}")
         keys = {int(l) for l in feats}
         if keys != set(self):
-            raise ValueError(f"{name}: expected degrees {self.degrees} (fiber {dict(self.items())}), got {sorted(keys)}")
+            raise ValueError(
+                f"{name}: expected degrees {self.degrees} (fiber {dict(self.items())}), got {sorted(keys)}"
+            )
         for l, c in self.items():
             x = feats[l] if l in feats else feats[str(l)]
-            if not isinstance(x, Tensor): raise TypeError(f"{name}[{l}] must be a Tensor, got {type(x).__name__}")
-            if x.dim() != 3 or x.shape[1] != c or x.shape[2] != degree_to_dim(l) or (num is not None and x.shape[0] != num):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{name}[{l}] must be a Tensor, got {type(x).__name__}")
+            if (
+                x.dim() != 3
+                or x.shape[1] != c
+                or x.shape[2] != degree_to_dim(l)
+                or (num is not None and x.shape[0] != num)
+            ):
                 lead = num if num is not None else 'N'
                 raise ValueError(f"{name}[{l}]: expected shape [{lead}, {c}, {degree_to_dim(l)}], got {list(x.shape)}")
-            if num is None: num = x.shape[0]
+            if num is None:
+                num = x.shape[0]
 
     def to_irreps(self, parity: int = 0) -> o3.Irreps:
         "The e3nn `Irreps` of this fiber (`parity` 0: SO(3) only, written as e3nn's natural parity $(-1)^l$)."
@@ -93,14 +131,17 @@ class Fiber(Mapping):
         return cls(out)
 
 # %% ../nbs/00_fiber.ipynb #c94b16b3
-def fuse_features(feats: Mapping[int, Tensor],  # {l: [N, C, 2l+1]}, same C for all l
-                  degrees: list[int],  # order of the blocks on the last axis
-                 ) -> Tensor:  # [N, C, sum_l (2l+1)]
+def fuse_features(
+    feats: Mapping[int, Tensor],  # {l: [N, C, 2l+1]}, same C for all l
+    degrees: list[int],  # order of the blocks on the last axis
+) -> Tensor:  # [N, C, sum_l (2l+1)]
     "Concatenate the m-axes of several degrees with the same channel count."
     return torch.cat([feats[l] for l in degrees], dim=-1)  # [N, C, sum(2l+1)]
 
-def unfuse_features(fused: Tensor,  # [N, C, sum_l (2l+1)]
-                    degrees: list[int],  # order of the blocks on the last axis
-                   ) -> dict[int, Tensor]:  # {l: [N, C, 2l+1]}
+
+def unfuse_features(
+    fused: Tensor,  # [N, C, sum_l (2l+1)]
+    degrees: list[int],  # order of the blocks on the last axis
+) -> dict[int, Tensor]:  # {l: [N, C, 2l+1]}
     "Split a fused tensor back into a feature dict."
     return dict(zip(degrees, torch.split(fused, [degree_to_dim(l) for l in degrees], dim=-1)))

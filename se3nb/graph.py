@@ -15,165 +15,243 @@ from torch import Tensor
 # %% ../nbs/03_graph.ipynb #f61b518c
 class Graph:
     "A batch of directed graphs as plain tensors; messages flow `src` -> `dst`."
-    def __init__(self,
-                 edge_index: Tensor,  # [2, E] long: row 0 source j, row 1 destination i
-                 num_nodes: int,  # N, all graphs of the batch together
-                 *,
-                 pos: Tensor | None = None,  # [N, 3] node positions
-                 rel_pos: Tensor | None = None,  # [E, 3] = pos[dst] - pos[src]; computed from pos when omitted
-                 batch_num_nodes: Tensor | None = None,  # [B] nodes per graph (sum N)
-                 batch_num_edges: Tensor | None = None,  # [B] edges per graph (sum E)
-                 validate: bool = True,  # check indices and positions (one host sync)
-                ):
+
+    def __init__(
+        self,
+        edge_index: Tensor,  # [2, E] long: row 0 source j, row 1 destination i
+        num_nodes: int,  # N, all graphs of the batch together
+        *,
+        pos: Tensor | None = None,  # [N, 3] node positions
+        rel_pos: Tensor | None = None,  # [E, 3] = pos[dst] - pos[src]; computed from pos when omitted
+        batch_num_nodes: Tensor | None = None,  # [B] nodes per graph (sum N)
+        batch_num_edges: Tensor | None = None,  # [B] edges per graph (sum E)
+        validate: bool = True,  # check indices and positions (one host sync)
+    ):
         if not isinstance(edge_index, Tensor) or edge_index.dim() != 2 or edge_index.shape[0] != 2:
-            raise ValueError(f"edge_index must be a [2, E] tensor, got {getattr(edge_index, 'shape', type(edge_index))}")
+            raise ValueError(
+                f"edge_index must be a [2, E] tensor, got {getattr(edge_index, 'shape', type(edge_index))}"
+            )
         if edge_index.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"edge_index must hold integers (int64), got {edge_index.dtype}")
         self.edge_index, self.num_nodes = edge_index.long(), int(num_nodes)
         device = edge_index.device
         E = edge_index.shape[1]
-        if pos is None and rel_pos is None: raise ValueError("a Graph needs pos [N, 3] or rel_pos [E, 3]")
+        if pos is None and rel_pos is None:
+            raise ValueError("a Graph needs pos [N, 3] or rel_pos [E, 3]")
         for name, x, n in (('pos', pos, self.num_nodes), ('rel_pos', rel_pos, E)):
-            if x is None: continue
-            if x.shape != (n, 3): raise ValueError(f"{name} must have shape [{n}, 3], got {list(x.shape)}")
-            if x.device != device: raise ValueError(f"{name} is on {x.device} but edge_index is on {device}: move both to one device")
-            if not x.is_floating_point(): raise TypeError(f"{name} must be floating point, got {x.dtype}")
+            if x is None:
+                continue
+            if x.shape != (n, 3):
+                raise ValueError(f"{name} must have shape [{n}, 3], got {list(x.shape)}")
+            if x.device != device:
+                raise ValueError(f"{name} is on {x.device} but edge_index is on {device}: move both to one device")
+            if not x.is_floating_point():
+                raise TypeError(f"{name} must be floating point, got {x.dtype}")
         self.pos, self.rel_pos = pos, rel_pos
-        if batch_num_nodes is None: batch_num_nodes = torch.tensor([self.num_nodes], device=device)
-        if batch_num_edges is None: batch_num_edges = torch.tensor([E], device=device)
-        self.batch_num_nodes, self.batch_num_edges = batch_num_nodes.to(device).long(), batch_num_edges.to(device).long()
+        if batch_num_nodes is None:
+            batch_num_nodes = torch.tensor([self.num_nodes], device=device)
+        if batch_num_edges is None:
+            batch_num_edges = torch.tensor([E], device=device)
+        self.batch_num_nodes, self.batch_num_edges = (
+            batch_num_nodes.to(device).long(),
+            batch_num_edges.to(device).long(),
+        )
         if self.batch_num_nodes.shape != self.batch_num_edges.shape:
-            raise ValueError(f"batch_num_nodes {list(self.batch_num_nodes.shape)} and batch_num_edges "
-                             f"{list(self.batch_num_edges.shape)} must both have one entry per graph")
-        if validate: self.validate()
-        if self.rel_pos is None: self.rel_pos = pos[self.edge_index[1]] - pos[self.edge_index[0]]  # [E, 3]
+            raise ValueError(
+                f"batch_num_nodes {list(self.batch_num_nodes.shape)} and batch_num_edges "
+                f"{list(self.batch_num_edges.shape)} must both have one entry per graph"
+            )
+        if validate:
+            self.validate()
+        if self.rel_pos is None:
+            self.rel_pos = pos[self.edge_index[1]] - pos[self.edge_index[0]]  # [E, 3]
 
     def validate(self) -> None:
         "Raise a `ValueError` for out-of-range edges, inconsistent counts or non-finite positions."
         E = self.num_edges
         if E and (self.edge_index.min() < 0 or self.edge_index.max() >= self.num_nodes):
             bad = ((self.edge_index < 0) | (self.edge_index >= self.num_nodes)).any(0).nonzero()[0, 0].item()
-            raise ValueError(f"edge {bad} = {self.edge_index[:, bad].tolist()} is out of range for {self.num_nodes} nodes "
-                             f"(expected indices in [0, {self.num_nodes - 1}])")
+            raise ValueError(
+                f"edge {bad} = {self.edge_index[:, bad].tolist()} is out of range for {self.num_nodes} nodes "
+                f"(expected indices in [0, {self.num_nodes - 1}])"
+            )
         if int(self.batch_num_nodes.sum()) != self.num_nodes or int(self.batch_num_edges.sum()) != E:
-            raise ValueError(f"batch_num_nodes sums to {int(self.batch_num_nodes.sum())} (expected {self.num_nodes}) and "
-                             f"batch_num_edges to {int(self.batch_num_edges.sum())} (expected {E})")
+            raise ValueError(
+                f"batch_num_nodes sums to {int(self.batch_num_nodes.sum())} (expected {self.num_nodes}) and "
+                f"batch_num_edges to {int(self.batch_num_edges.sum())} (expected {E})"
+            )
         for name, x in (('pos', self.pos), ('rel_pos', self.rel_pos)):
             if x is not None and not torch.isfinite(x).all():
                 row = (~torch.isfinite(x)).any(-1).nonzero()[0, 0].item()
-                raise ValueError(f"{name} has non-finite values (first at row {row}: {x[row].tolist()}): positions must be finite")
+                raise ValueError(
+                    f"{name} has non-finite values (first at row {row}: {x[row].tolist()}): positions must be finite"
+                )
         if self.num_graphs > 1 and E:  # each edge must stay inside its own graph
             gs, gd = self.node_graph[self.src], self.node_graph[self.dst]
             if not (torch.equal(gs, self.edge_graph) and torch.equal(gd, self.edge_graph)):
                 e = ((gs != self.edge_graph) | (gd != self.edge_graph)).nonzero()[0, 0].item()
-                raise ValueError(f"edge {e} joins nodes of graphs {gs[e].item()} and {gd[e].item()} but is listed in graph "
-                                 f"{self.edge_graph[e].item()}: edges must be grouped by graph like batch_num_edges says")
+                raise ValueError(
+                    f"edge {e} joins nodes of graphs {gs[e].item()} and {gd[e].item()} but is listed in graph "
+                    f"{self.edge_graph[e].item()}: edges must be grouped by graph like batch_num_edges says"
+                )
 
     @property
-    def src(self) -> Tensor: return self.edge_index[0]  # [E]
+    def src(self) -> Tensor:
+        return self.edge_index[0]  # [E]
+
     @property
-    def dst(self) -> Tensor: return self.edge_index[1]  # [E]
+    def dst(self) -> Tensor:
+        return self.edge_index[1]  # [E]
+
     @property
-    def num_edges(self) -> int: return self.edge_index.shape[1]
+    def num_edges(self) -> int:
+        return self.edge_index.shape[1]
+
     @property
-    def num_graphs(self) -> int: return self.batch_num_nodes.shape[0]
+    def num_graphs(self) -> int:
+        return self.batch_num_nodes.shape[0]
+
     @property
-    def device(self) -> torch.device: return self.edge_index.device
+    def device(self) -> torch.device:
+        return self.edge_index.device
+
     @property
     def csr(self) -> "DestinationCSR":
         "The edges sorted by destination (see below); built on first use and kept."
-        if getattr(self, '_csr', None) is None: self._csr = DestinationCSR(self.dst, self.num_nodes)
+        if getattr(self, '_csr', None) is None:
+            self._csr = DestinationCSR(self.dst, self.num_nodes)
         return self._csr
+
     @property
     def node_graph(self) -> Tensor:  # [N] graph id of each node
         return torch.repeat_interleave(torch.arange(self.num_graphs, device=self.device), self.batch_num_nodes)
+
     @property
     def edge_graph(self) -> Tensor:  # [E] graph id of each edge
         return torch.repeat_interleave(torch.arange(self.num_graphs, device=self.device), self.batch_num_edges)
 
     def with_positions(self, pos: Tensor) -> "Graph":
         "The same edges with new node positions (`rel_pos` recomputed)."
-        return Graph(self.edge_index, self.num_nodes, pos=pos, batch_num_nodes=self.batch_num_nodes,
-                     batch_num_edges=self.batch_num_edges, validate=False)
+        return Graph(
+            self.edge_index,
+            self.num_nodes,
+            pos=pos,
+            batch_num_nodes=self.batch_num_nodes,
+            batch_num_edges=self.batch_num_edges,
+            validate=False,
+        )
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Graph":
         "Move the graph to `device` and/or cast positions to `dtype`."
-        cast = lambda x: None if x is None else x.to(device=device, dtype=dtype)
-        return Graph(self.edge_index.to(device), self.num_nodes, pos=cast(self.pos), rel_pos=cast(self.rel_pos),
-                     batch_num_nodes=self.batch_num_nodes.to(device), batch_num_edges=self.batch_num_edges.to(device),
-                     validate=False)
+
+        def cast(x):
+            return None if x is None else x.to(device=device, dtype=dtype)
+
+        return Graph(
+            self.edge_index.to(device),
+            self.num_nodes,
+            pos=cast(self.pos),
+            rel_pos=cast(self.rel_pos),
+            batch_num_nodes=self.batch_num_nodes.to(device),
+            batch_num_edges=self.batch_num_edges.to(device),
+            validate=False,
+        )
 
     def __repr__(self) -> str:
         return f"Graph(num_graphs={self.num_graphs}, num_nodes={self.num_nodes}, num_edges={self.num_edges}, device={self.device})"
 
 # %% ../nbs/03_graph.ipynb #71ae02f8
-def segment_sum(x: Tensor,  # [E, ...] values per edge
-                index: Tensor,  # [E] segment of each edge (e.g. dst)
-                num_segments: int,  # number of segments (e.g. nodes)
-               ) -> Tensor:  # [num_segments, ...]
+def segment_sum(
+    x: Tensor,  # [E, ...] values per edge
+    index: Tensor,  # [E] segment of each edge (e.g. dst)
+    num_segments: int,  # number of segments (e.g. nodes)
+) -> Tensor:  # [num_segments, ...]
     "Sum of the rows of `x` per segment; empty segments give zeros."
     return x.new_zeros((num_segments,) + x.shape[1:]).index_add_(0, index, x)  # [S, ...]
 
-def segment_max(x: Tensor,  # [E, ...]
-                index: Tensor,  # [E]
-                num_segments: int,
-               ) -> Tensor:  # [num_segments, ...]
+
+def segment_max(
+    x: Tensor,  # [E, ...]
+    index: Tensor,  # [E]
+    num_segments: int,
+) -> Tensor:  # [num_segments, ...]
     "Maximum of the rows of `x` per segment; empty segments give zeros."
     idx = index.view(-1, *([1] * (x.dim() - 1))).expand_as(x)
     out = x.new_zeros((num_segments,) + x.shape[1:])
     return out.scatter_reduce(0, idx, x, reduce='amax', include_self=False)  # [S, ...]
 
-def edge_softmax(scores: Tensor,  # [E, H] scores per edge and head
-                 dst: Tensor,  # [E] destination node of each edge
-                 num_nodes: int,
-                ) -> Tensor:  # [E, H] weights summing to 1 over each node's incoming edges
+
+def edge_softmax(
+    scores: Tensor,  # [E, H] scores per edge and head
+    dst: Tensor,  # [E] destination node of each edge
+    num_nodes: int,
+) -> Tensor:  # [E, H] weights summing to 1 over each node's incoming edges
     "Softmax of edge scores over the incoming edges of each destination node (numerically stable)."
     shift = segment_max(scores.detach(), dst, num_nodes)[dst]  # [E, H]; a constant per segment, so no gradient needed
     e = torch.exp(scores - shift)  # [E, H]
     return e / segment_sum(e, dst, num_nodes)[dst]  # [E, H]
 
 # %% ../nbs/03_graph.ipynb #2383c7fd
-def _csr_reduce(x: Tensor,  # [E, ...] sorted by segment
-                lengths: Tensor,  # [S] segment lengths
-                reduce: str,  # 'sum' or 'max'
-               ) -> Tensor:  # [S, ...]; empty segments give zeros
+def _csr_reduce(
+    x: Tensor,  # [E, ...] sorted by segment
+    lengths: Tensor,  # [S] segment lengths
+    reduce: str,  # 'sum' or 'max'
+) -> Tensor:  # [S, ...]; empty segments give zeros
     "Segment reduction by `torch.segment_reduce` (used on GPUs: a CSR kernel, no atomics)."
     out = torch.segment_reduce(x, reduce, lengths=lengths, axis=0, unsafe=True)
     return out if reduce == 'sum' else torch.where((lengths > 0).view(-1, *([1] * (x.dim() - 1))), out, 0)
 
+
 class DestinationCSR:
     "Edges sorted by destination node (CSR), with the per-node sums and softmaxes of the model over that order."
-    def __init__(self, dst: Tensor,  # [E] destination of each edge
-                 num_nodes: int):
+
+    def __init__(
+        self,
+        dst: Tensor,  # [E] destination of each edge
+        num_nodes: int,
+    ):
         self.num_nodes, self.num_edges = num_nodes, dst.shape[0]
         self.edge_order = torch.argsort(dst, stable=True)  # [E] edges by destination, each node's edges in graph order
         self.dst = dst[self.edge_order]  # [E] sorted destinations
         self.in_degree = torch.bincount(dst, minlength=num_nodes)  # [N] segment lengths
-        self.offsets = torch.cat([self.in_degree.new_zeros(1), self.in_degree.cumsum(0)])  # [N+1] start of each node's run (CSR row pointer)
+        self.offsets = torch.cat(
+            [self.in_degree.new_zeros(1), self.in_degree.cumsum(0)]
+        )  # [N+1] start of each node's run (CSR row pointer)
 
-    def sum(self, x: Tensor,  # [E, ...] per edge, in `edge_order`
-           ) -> Tensor:  # [N, ...]; nodes without incoming edges get zeros
+    def sum(
+        self,
+        x: Tensor,  # [E, ...] per edge, in `edge_order`
+    ) -> Tensor:  # [N, ...]; nodes without incoming edges get zeros
         "Sum over each node's incoming edges."
-        if x.is_cuda: return _csr_reduce(x, self.in_degree, 'sum')
+        if x.is_cuda:
+            return _csr_reduce(x, self.in_degree, 'sum')
         return x.new_zeros((self.num_nodes,) + x.shape[1:]).index_add_(0, self.dst, x)
 
-    def max(self, x: Tensor,  # [E, ...] per edge, in `edge_order`
-           ) -> Tensor:  # [N, ...]; nodes without incoming edges get zeros
+    def max(
+        self,
+        x: Tensor,  # [E, ...] per edge, in `edge_order`
+    ) -> Tensor:  # [N, ...]; nodes without incoming edges get zeros
         "Maximum over each node's incoming edges."
-        if x.is_cuda: return _csr_reduce(x, self.in_degree, 'max')
+        if x.is_cuda:
+            return _csr_reduce(x, self.in_degree, 'max')
         return segment_max(x, self.dst, self.num_nodes)
 
-    def to_edges(self, x: Tensor,  # [N, ...] per node
-                ) -> Tensor:  # [E, ...] the value of each edge's destination, in `edge_order`
+    def to_edges(
+        self,
+        x: Tensor,  # [N, ...] per node
+    ) -> Tensor:  # [E, ...] the value of each edge's destination, in `edge_order`
         "Copy node values to their incoming edges."
         return x.index_select(0, self.dst)
 
-    def softmax(self, scores: Tensor,  # [E, H] per edge, in `edge_order`
-                envelope: Tensor | None = None,  # [E] smooth cutoff u in [0, 1], in `edge_order`
-               ) -> Tensor:  # [E, H]
+    def softmax(
+        self,
+        scores: Tensor,  # [E, H] per edge, in `edge_order`
+        envelope: Tensor | None = None,  # [E] smooth cutoff u in [0, 1], in `edge_order`
+    ) -> Tensor:  # [E, H]
         "Softmax over each node's incoming edges, shifted by each node's maximum; with an envelope $u\\,u e^s / \\sum u e^s$ (`05_attention`)."
         e = torch.exp(scores - self.to_edges(self.max(scores.detach())))  # [E, H]; the shift is a constant per node
-        if envelope is None: return e / self.to_edges(self.sum(e))
+        if envelope is None:
+            return e / self.to_edges(self.sum(e))
         u = envelope.to(scores.dtype)[:, None]  # [E, 1]
         e = u * e
         return u * e / (self.to_edges(self.sum(e)) + 1e-12)
@@ -182,13 +260,18 @@ class DestinationCSR:
         return f"DestinationCSR({self.num_edges} edges into {self.num_nodes} nodes, max in-degree {int(self.in_degree.max()) if self.num_nodes else 0})"
 
 # %% ../nbs/03_graph.ipynb #0c717378
-def graph_max_pool(x: Tensor,  # [N, ...] node features
-                   graph: Graph) -> Tensor:  # [B, ...]
+def graph_max_pool(
+    x: Tensor,  # [N, ...] node features
+    graph: Graph,
+) -> Tensor:  # [B, ...]
     "Per-graph maximum over nodes."
     return segment_max(x, graph.node_graph, graph.num_graphs)  # [B, ...]
 
-def graph_mean_pool(x: Tensor,  # [N, ...] node features
-                    graph: Graph) -> Tensor:  # [B, ...]
+
+def graph_mean_pool(
+    x: Tensor,  # [N, ...] node features
+    graph: Graph,
+) -> Tensor:  # [B, ...]
     "Per-graph mean over nodes."
     count = graph.batch_num_nodes.clamp_min(1).to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
     return segment_sum(x, graph.node_graph, graph.num_graphs) / count  # [B, ...]
@@ -196,15 +279,21 @@ def graph_mean_pool(x: Tensor,  # [N, ...] node features
 # %% ../nbs/03_graph.ipynb #28230d0d
 def batch_graphs(graphs: Sequence[Graph]) -> Graph:
     "Disjoint union of graphs (nodes and edges kept in order, graph after graph)."
-    if not graphs: raise ValueError("batch_graphs needs at least one graph")
+    if not graphs:
+        raise ValueError("batch_graphs needs at least one graph")
     offsets = torch.tensor([0] + [g.num_nodes for g in graphs[:-1]], device=graphs[0].device).cumsum(0)
     edge_index = torch.cat([g.edge_index + o for g, o in zip(graphs, offsets)], dim=1)  # [2, E]
     has_pos = all(g.pos is not None for g in graphs)
-    return Graph(edge_index, sum(g.num_nodes for g in graphs),
-                 pos=torch.cat([g.pos for g in graphs]) if has_pos else None,
-                 rel_pos=None if has_pos else torch.cat([g.rel_pos for g in graphs]),
-                 batch_num_nodes=torch.cat([g.batch_num_nodes for g in graphs]),
-                 batch_num_edges=torch.cat([g.batch_num_edges for g in graphs]), validate=False)
+    return Graph(
+        edge_index,
+        sum(g.num_nodes for g in graphs),
+        pos=torch.cat([g.pos for g in graphs]) if has_pos else None,
+        rel_pos=None if has_pos else torch.cat([g.rel_pos for g in graphs]),
+        batch_num_nodes=torch.cat([g.batch_num_nodes for g in graphs]),
+        batch_num_edges=torch.cat([g.batch_num_edges for g in graphs]),
+        validate=False,
+    )
+
 
 def unbatch(graph: Graph) -> list[Graph]:
     "Split a batch back into its graphs."
@@ -213,48 +302,77 @@ def unbatch(graph: Graph) -> list[Graph]:
     out = []
     for b in range(graph.num_graphs):
         n0, n1, e0, e1 = node_off[b], node_off[b + 1], edge_off[b], edge_off[b + 1]
-        out.append(Graph(graph.edge_index[:, e0:e1] - n0, n1 - n0, pos=None if graph.pos is None else graph.pos[n0:n1],
-                         rel_pos=graph.rel_pos[e0:e1], validate=False))
+        out.append(
+            Graph(
+                graph.edge_index[:, e0:e1] - n0,
+                n1 - n0,
+                pos=None if graph.pos is None else graph.pos[n0:n1],
+                rel_pos=graph.rel_pos[e0:e1],
+                validate=False,
+            )
+        )
     return out
 
 # %% ../nbs/03_graph.ipynb #adb93b6b
-def from_edge_list(src: Tensor,  # [E] source nodes
-                   dst: Tensor,  # [E] destination nodes
-                   num_nodes: int,
-                   *, pos: Tensor | None = None,  # [N, 3]
-                   rel_pos: Tensor | None = None,  # [E, 3]
-                  ) -> Graph:
+def from_edge_list(
+    src: Tensor,  # [E] source nodes
+    dst: Tensor,  # [E] destination nodes
+    num_nodes: int,
+    *,
+    pos: Tensor | None = None,  # [N, 3]
+    rel_pos: Tensor | None = None,  # [E, 3]
+) -> Graph:
     "A single graph from source and destination index lists."
     return Graph(torch.stack([src, dst]), num_nodes, pos=pos, rel_pos=rel_pos)
+
 
 def _per_graph(pos: Tensor, batch_num_nodes: Tensor | None, edges_of) -> Graph:
     counts = [pos.shape[0]] if batch_num_nodes is None else batch_num_nodes.tolist()
     edges, num_edges, start = [], [], 0
     for n in counts:
-        e = edges_of(pos[start:start + n]) + start  # [2, E_b]
-        edges.append(e); num_edges.append(e.shape[1]); start += n
-    return Graph(torch.cat(edges, 1), pos.shape[0], pos=pos, batch_num_nodes=torch.tensor(counts, device=pos.device),
-                 batch_num_edges=torch.tensor(num_edges, device=pos.device))
+        e = edges_of(pos[start : start + n]) + start  # [2, E_b]
+        edges.append(e)
+        num_edges.append(e.shape[1])
+        start += n
+    return Graph(
+        torch.cat(edges, 1),
+        pos.shape[0],
+        pos=pos,
+        batch_num_nodes=torch.tensor(counts, device=pos.device),
+        batch_num_edges=torch.tensor(num_edges, device=pos.device),
+    )
 
-def fully_connected(pos: Tensor,  # [N, 3]
-                    batch_num_nodes: Tensor | None = None,  # [B]; one graph when None
-                    *, self_loops: bool = False) -> Graph:
+
+def fully_connected(
+    pos: Tensor,  # [N, 3]
+    batch_num_nodes: Tensor | None = None,  # [B]; one graph when None
+    *,
+    self_loops: bool = False,
+) -> Graph:
     "Every ordered pair of nodes of the same graph is an edge."
+
     def edges_of(p):
         n = p.shape[0]
         adj = torch.ones(n, n, dtype=torch.bool, device=p.device)
-        if not self_loops: adj.fill_diagonal_(False)
+        if not self_loops:
+            adj.fill_diagonal_(False)
         dst, src = adj.nonzero(as_tuple=True)
         return torch.stack([src, dst])  # [2, E]
+
     return _per_graph(pos, batch_num_nodes, edges_of)
 
-def radius_graph(pos: Tensor,  # [N, 3]
-                 cutoff: float,  # r_c, same unit as pos
-                 batch_num_nodes: Tensor | None = None,  # [B]; one graph when None
-                 *, max_neighbours: int | None = None,  # keep only the nearest sources of each node
-                ) -> Graph:
+
+def radius_graph(
+    pos: Tensor,  # [N, 3]
+    cutoff: float,  # r_c, same unit as pos
+    batch_num_nodes: Tensor | None = None,  # [B]; one graph when None
+    *,
+    max_neighbours: int | None = None,  # keep only the nearest sources of each node
+) -> Graph:
     "Edges j -> i for all pairs of distinct nodes of a graph closer than `cutoff`."
-    if cutoff <= 0: raise ValueError(f"cutoff must be > 0, got {cutoff}")
+    if cutoff <= 0:
+        raise ValueError(f"cutoff must be > 0, got {cutoff}")
+
     def edges_of(p):
         d = torch.cdist(p, p)  # [n, n], row = destination
         d.fill_diagonal_(float('inf'))
@@ -264,4 +382,5 @@ def radius_graph(pos: Tensor,  # [N, 3]
             d = d.masked_fill(~keep, float('inf'))
         dst, src = (d < cutoff).nonzero(as_tuple=True)
         return torch.stack([src, dst])  # [2, E]
+
     return _per_graph(pos, batch_num_nodes, edges_of)

@@ -7,7 +7,7 @@ __all__ = ['check_inputs', 'SE3Transformer', 'ModelConfig', 'SE3TransformerPoole
 
 # %% ../nbs/07_model.ipynb #5de27426
 from collections.abc import Mapping
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -21,64 +21,115 @@ from .conv import TFNConv, edge_invariants, smooth_cutoff
 from .so2 import EdgeFrames, conv_class
 from .attention import AttentionBlock
 from .norm import NormNonlinearity, GraphPooling
-from .dgl_interop import as_graph  # 07b, an exception to the numbering: it imports only basis and graph at import time
+from se3nb.dgl_interop import (
+    as_graph,
+)  # 07b, an exception to the numbering: it imports only basis and graph at import time
 
 # %% ../nbs/07_model.ipynb #79989504
 def _int_keys(feats: Mapping | None) -> dict[int, Tensor]:
     return {} if feats is None else {int(l): v for l, v in feats.items()}
 
-def check_inputs(graph: Graph, node_feats: Mapping[int, Tensor], edge_feats: Mapping[int, Tensor],
-                 fiber_in: Fiber, fiber_edge: Fiber, dtype: torch.dtype, device: torch.device) -> None:
+
+def check_inputs(
+    graph: Graph,
+    node_feats: Mapping[int, Tensor],
+    edge_feats: Mapping[int, Tensor],
+    fiber_in: Fiber,
+    fiber_edge: Fiber,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> None:
     "Raise a clear `ValueError`/`TypeError` if the graph and features do not fit the model (shapes, degrees, device, dtype)."
-    if not isinstance(graph, Graph): raise TypeError(f"graph must be an se3nb Graph, got {type(graph).__name__}")
+    if not isinstance(graph, Graph):
+        raise TypeError(f"graph must be an se3nb Graph, got {type(graph).__name__}")
     fiber_in.check(node_feats, num=graph.num_nodes, name='node_feats')
     fiber_edge.check(edge_feats, num=graph.num_edges, name='edge_feats')
-    tensors = [('graph.rel_pos', graph.rel_pos)] + [(f'node_feats[{l}]', x) for l, x in node_feats.items()] + \
-              [(f'edge_feats[{l}]', x) for l, x in edge_feats.items()]
+    tensors = (
+        [('graph.rel_pos', graph.rel_pos)]
+        + [(f'node_feats[{l}]', x) for l, x in node_feats.items()]
+        + [(f'edge_feats[{l}]', x) for l, x in edge_feats.items()]
+    )
     for name, x in tensors:
-        if x.device != device: raise ValueError(f"{name} is on {x.device} but the model is on {device}: move graph, features and model to one device")
-        if x.dtype != dtype: raise TypeError(f"{name} has dtype {x.dtype} but the model's parameters are {dtype}: cast one of them (use torch.autocast for mixed precision)")
+        if x.device != device:
+            raise ValueError(
+                f"{name} is on {x.device} but the model is on {device}: move graph, features and model to one device"
+            )
+        if x.dtype != dtype:
+            raise TypeError(
+                f"{name} has dtype {x.dtype} but the model's parameters are {dtype}: cast one of them (use torch.autocast for mixed precision)"
+            )
 
 # %% ../nbs/07_model.ipynb #0b388f77
 class SE3Transformer(nn.Module):
     "SE(3)-equivariant graph transformer from node features `fiber_in` to `fiber_out`."
-    def __init__(self,
-                 num_layers: int,  # attention blocks
-                 fiber_in: Fiber,  # node input features
-                 fiber_hidden: Fiber,  # features between blocks
-                 fiber_out: Fiber,  # node output features
-                 num_heads: int,  # attention heads
-                 channels_div: int,  # value channels = hidden channels // channels_div
-                 fiber_edge: Fiber = Fiber({}),  # edge input features (the edge length is added to degree 0)
-                 return_type: int | None = None,  # return only this degree's features
-                 pooling: str | None = None,  # 'max' | 'avg': pool `return_type` over each graph
-                 norm: bool = True,  # NormNonlinearity after each block
-                 use_layer_norm: bool = True,  # LayerNorm inside the radial MLPs
-                 low_memory: bool = False,  # recompute activations in backward
-                 *,
-                 fuse_level: str = 'partial',  # NVIDIA parameter layout: 'none' | 'partial' | 'full'
-                 cutoff: float | None = None,  # smooth cutoff radius (None: NVIDIA's behaviour)
-                 path: str = 'so2',  # convolutions: 'so2' (fast) or 'reference'
-                ):
+
+    def __init__(
+        self,
+        num_layers: int,  # attention blocks
+        fiber_in: Fiber,  # node input features
+        fiber_hidden: Fiber,  # features between blocks
+        fiber_out: Fiber,  # node output features
+        num_heads: int,  # attention heads
+        channels_div: int,  # value channels = hidden channels // channels_div
+        fiber_edge: Fiber = Fiber({}),  # edge input features (the edge length is added to degree 0)
+        return_type: int | None = None,  # return only this degree's features
+        pooling: str | None = None,  # 'max' | 'avg': pool `return_type` over each graph
+        norm: bool = True,  # NormNonlinearity after each block
+        use_layer_norm: bool = True,  # LayerNorm inside the radial MLPs
+        low_memory: bool = False,  # recompute activations in backward
+        *,
+        fuse_level: str = 'partial',  # NVIDIA parameter layout: 'none' | 'partial' | 'full'
+        cutoff: float | None = None,  # smooth cutoff radius (None: NVIDIA's behaviour)
+        path: str = 'so2',  # convolutions: 'so2' (fast) or 'reference'
+    ):
         super().__init__()
         fiber_in, fiber_hidden, fiber_out, fiber_edge = map(Fiber, (fiber_in, fiber_hidden, fiber_out, fiber_edge))
-        if pooling is not None and return_type is None: raise ValueError("pooling needs return_type (the degree to pool)")
-        if num_layers < 0: raise ValueError(f"num_layers must be >= 0, got {num_layers}")
-        self.fiber_in, self.fiber_hidden, self.fiber_out, self.fiber_edge = fiber_in, fiber_hidden, fiber_out, fiber_edge
+        if pooling is not None and return_type is None:
+            raise ValueError("pooling needs return_type (the degree to pool)")
+        if num_layers < 0:
+            raise ValueError(f"num_layers must be >= 0, got {num_layers}")
+        self.fiber_in, self.fiber_hidden, self.fiber_out, self.fiber_edge = (
+            fiber_in,
+            fiber_hidden,
+            fiber_out,
+            fiber_edge,
+        )
         self.return_type, self.pooling, self.low_memory, self.cutoff = return_type, pooling, low_memory, cutoff
         self.path, conv = path, conv_class(path)
         self.max_degree = max(fiber_in.max_degree, fiber_hidden.max_degree, fiber_out.max_degree)
         layers, fin = [], fiber_in
         for _ in range(num_layers):
-            layers.append(AttentionBlock(fin, fiber_hidden, fiber_edge, num_heads=num_heads, channels_div=channels_div,
-                                         use_layer_norm=use_layer_norm, max_degree=self.max_degree, fuse_level=fuse_level,
-                                         path=path))
-            if norm: layers.append(NormNonlinearity(fiber_hidden))
+            layers.append(
+                AttentionBlock(
+                    fin,
+                    fiber_hidden,
+                    fiber_edge,
+                    num_heads=num_heads,
+                    channels_div=channels_div,
+                    use_layer_norm=use_layer_norm,
+                    max_degree=self.max_degree,
+                    fuse_level=fuse_level,
+                    path=path,
+                )
+            )
+            if norm:
+                layers.append(NormNonlinearity(fiber_hidden))
             fin = fiber_hidden
-        layers.append(conv(fin, fiber_out, fiber_edge, self_interaction=True, use_layer_norm=use_layer_norm,
-                           max_degree=self.max_degree, fuse_level=fuse_level))
+        layers.append(
+            conv(
+                fin,
+                fiber_out,
+                fiber_edge,
+                self_interaction=True,
+                use_layer_norm=use_layer_norm,
+                max_degree=self.max_degree,
+                fuse_level=fuse_level,
+            )
+        )
         self.graph_modules = nn.ModuleList(layers)  # same indices as NVIDIA's `graph_modules`
-        self.basis_keys = sorted({key for m in self.graph_modules.modules() if isinstance(m, TFNConv) for key in m.groups.values()})
+        self.basis_keys = sorted(
+            {key for m in self.graph_modules.modules() if isinstance(m, TFNConv) for key in m.groups.values()}
+        )
         self.pooling_module = GraphPooling(pooling, return_type) if pooling is not None else None
 
     def geometry(self, graph: Graph, invariants: Tensor) -> Bases | EdgeFrames:
@@ -88,22 +139,30 @@ class SE3Transformer(nn.Module):
     def _checked_geometry(self, bases, graph: Graph):
         kind = self.graph_modules[-1].geometry_type
         if not isinstance(bases, kind):
-            raise TypeError(f"path={self.path!r} needs {kind.__name__} as precomputed `bases`, got {type(bases).__name__}")
+            raise TypeError(
+                f"path={self.path!r} needs {kind.__name__} as precomputed `bases`, got {type(bases).__name__}"
+            )
         if bases.num_edges != graph.num_edges or bases.max_degree < self.max_degree:
-            raise ValueError(f"bases were built for {bases.num_edges} edges and max_degree {bases.max_degree}; "
-                             f"this graph has {graph.num_edges} edges and the model needs max_degree {self.max_degree}")
+            raise ValueError(
+                f"bases were built for {bases.num_edges} edges and max_degree {bases.max_degree}; "
+                f"this graph has {graph.num_edges} edges and the model needs max_degree {self.max_degree}"
+            )
         return bases.precompute(self.basis_keys)
 
     def _block(self, module: nn.Module, x, edge_feats, invariants, graph, bases, envelope):
-        if isinstance(module, NormNonlinearity): return module(x)
+        if isinstance(module, NormNonlinearity):
+            return module(x)
         return module(x, edge_feats, invariants, graph, bases, envelope)
 
-    def forward(self,
-                graph: Graph,
-                node_feats: Mapping[int | str, Tensor],  # {l: [N, C_l, 2l+1]}
-                edge_feats: Mapping[int | str, Tensor] | None = None,  # {l: [E, C_l, 2l+1]}
-                bases: Bases | EdgeFrames | None = None,  # this graph's geometry (EdgeFrames for path 'so2'), else computed here
-               ) -> dict[int | str, Tensor] | Tensor:  # {l: [N, C_l, 2l+1]}, or [N, C, 2l+1] / pooled [B, C]
+    def forward(
+        self,
+        graph: Graph,
+        node_feats: Mapping[int | str, Tensor],  # {l: [N, C_l, 2l+1]}
+        edge_feats: Mapping[int | str, Tensor] | None = None,  # {l: [E, C_l, 2l+1]}
+        bases: Bases
+        | EdgeFrames
+        | None = None,  # this graph's geometry (EdgeFrames for path 'so2'), else computed here
+    ) -> dict[int | str, Tensor] | Tensor:  # {l: [N, C_l, 2l+1]}, or [N, C, 2l+1] / pooled [B, C]
         "Run the model; keys of the result are `str` when the inputs' are."
         graph = as_graph(graph)  # a dgl.DGLGraph with edata['rel_pos'] becomes a Graph (DGL is never imported here)
         str_keys = any(isinstance(k, str) for k in node_feats)
@@ -118,18 +177,23 @@ class SE3Transformer(nn.Module):
         x = node_feats
         for module in self.graph_modules[:-1]:
             if self.low_memory and torch.is_grad_enabled():
-                x = checkpoint(self._block, module, x, edge_feats, invariants, graph, bases, envelope, use_reentrant=False)
+                x = checkpoint(
+                    self._block, module, x, edge_feats, invariants, graph, bases, envelope, use_reentrant=False
+                )
             else:
                 x = self._block(module, x, edge_feats, invariants, graph, bases, envelope)
         x = self.graph_modules[-1](x, edge_feats, invariants, graph, bases, edge_scale=envelope)  # {l: [N, C_l, 2l+1]}
-        if self.pooling_module is not None: return self.pooling_module(x, graph)  # [B, C]
-        if self.return_type is not None: return x[self.return_type]  # [N, C, 2l+1]
+        if self.pooling_module is not None:
+            return self.pooling_module(x, graph)  # [B, C]
+        if self.return_type is not None:
+            return x[self.return_type]  # [N, C, 2l+1]
         return {str(l) if str_keys else l: v for l, v in x.items()}
 
 # %% ../nbs/07_model.ipynb #34434301
 @dataclass(frozen=True)
 class ModelConfig:
     "Hyper-parameters of `SE3TransformerPooled`; defaults are NVIDIA's QM9 model."
+
     num_layers: int = 7  # attention blocks
     num_degrees: int = 4  # hidden degrees 0..num_degrees-1
     num_channels: int = 32  # hidden channels per degree
@@ -147,41 +211,85 @@ class ModelConfig:
     path: str = 'so2'  # convolutions: 'so2' (fast) or 'reference' (same function)
     cutoff: float | None = None  # smooth cutoff radius in Angstrom (None: NVIDIA's behaviour)
 
+
 class SE3TransformerPooled(nn.Module):
     "SE(3)-Transformer with max/mean pooling of degree-0 outputs and an MLP head: graph -> `[B]` or `[B, output_dim]`."
-    def __init__(self,
-                 fiber_in: Fiber, fiber_out: Fiber, fiber_edge: Fiber,
-                 num_degrees: int, num_channels: int, output_dim: int,
-                 *,
-                 num_layers: int = 7, num_heads: int = 8, channels_div: int = 2, pooling: str | None = 'max',
-                 norm: bool = True, use_layer_norm: bool = True, low_memory: bool = False,
-                 fuse_level: str = 'partial', cutoff: float | None = None, path: str = 'so2',
-                ):
+
+    def __init__(
+        self,
+        fiber_in: Fiber,
+        fiber_out: Fiber,
+        fiber_edge: Fiber,
+        num_degrees: int,
+        num_channels: int,
+        output_dim: int,
+        *,
+        num_layers: int = 7,
+        num_heads: int = 8,
+        channels_div: int = 2,
+        pooling: str | None = 'max',
+        norm: bool = True,
+        use_layer_norm: bool = True,
+        low_memory: bool = False,
+        fuse_level: str = 'partial',
+        cutoff: float | None = None,
+        path: str = 'so2',
+    ):
         super().__init__()
-        self.transformer = SE3Transformer(num_layers, fiber_in, Fiber.create(num_degrees, num_channels), fiber_out, num_heads,
-                                          channels_div, fiber_edge, return_type=0, pooling=pooling or 'max', norm=norm,
-                                          use_layer_norm=use_layer_norm, low_memory=low_memory, fuse_level=fuse_level, path=path,
-                                          cutoff=cutoff)
+        self.transformer = SE3Transformer(
+            num_layers,
+            fiber_in,
+            Fiber.create(num_degrees, num_channels),
+            fiber_out,
+            num_heads,
+            channels_div,
+            fiber_edge,
+            return_type=0,
+            pooling=pooling or 'max',
+            norm=norm,
+            use_layer_norm=use_layer_norm,
+            low_memory=low_memory,
+            fuse_level=fuse_level,
+            path=path,
+            cutoff=cutoff,
+        )
         n = Fiber(fiber_out).num_features
         self.mlp = nn.Sequential(nn.Linear(n, n), nn.ReLU(), nn.Linear(n, output_dim))
 
     @property
-    def path(self) -> str: return self.transformer.path  # 'so2' or 'reference'
+    def path(self) -> str:
+        return self.transformer.path  # 'so2' or 'reference'
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> "SE3TransformerPooled":
         "Build from a `ModelConfig`."
         c = config
-        return cls(Fiber({0: c.node_feature_dim}), Fiber({0: c.out_channels}), Fiber({0: c.edge_feature_dim}) if c.edge_feature_dim else Fiber({}),
-                   c.num_degrees, c.num_channels, c.output_dim, num_layers=c.num_layers, num_heads=c.num_heads,
-                   channels_div=c.channels_div, pooling=c.pooling, norm=c.norm, use_layer_norm=c.use_layer_norm,
-                   low_memory=c.low_memory, fuse_level=c.fuse_level, cutoff=c.cutoff, path=c.path)
+        return cls(
+            Fiber({0: c.node_feature_dim}),
+            Fiber({0: c.out_channels}),
+            Fiber({0: c.edge_feature_dim}) if c.edge_feature_dim else Fiber({}),
+            c.num_degrees,
+            c.num_channels,
+            c.output_dim,
+            num_layers=c.num_layers,
+            num_heads=c.num_heads,
+            channels_div=c.channels_div,
+            pooling=c.pooling,
+            norm=c.norm,
+            use_layer_norm=c.use_layer_norm,
+            low_memory=c.low_memory,
+            fuse_level=c.fuse_level,
+            cutoff=c.cutoff,
+            path=c.path,
+        )
 
-    def forward(self, graph: Graph,
-                node_feats: Mapping[int | str, Tensor],  # {0: [N, C_in, 1]}
-                edge_feats: Mapping[int | str, Tensor] | None = None,  # {0: [E, C_edge, 1]}
-                bases: Bases | None = None,
-               ) -> Tensor:  # [B] if output_dim == 1 else [B, output_dim]
+    def forward(
+        self,
+        graph: Graph,
+        node_feats: Mapping[int | str, Tensor],  # {0: [N, C_in, 1]}
+        edge_feats: Mapping[int | str, Tensor] | None = None,  # {0: [E, C_edge, 1]}
+        bases: Bases | None = None,
+    ) -> Tensor:  # [B] if output_dim == 1 else [B, output_dim]
         "One prediction per graph."
         pooled = self.transformer(graph, node_feats, edge_feats, bases)  # [B, C_out]
         return self.mlp(pooled).squeeze(-1)
@@ -192,9 +300,14 @@ def parameter_summary(model: nn.Module) -> str:
     rows, total = [], 0
     for name, module in model.named_modules():
         depth = name.count('.')
-        if name and (depth == 1 if name.startswith('transformer.') else depth == 0 or name.startswith('graph_modules.') and depth == 1):
+        if name and (
+            depth == 1
+            if name.startswith('transformer.')
+            else depth == 0 or name.startswith('graph_modules.') and depth == 1
+        ):
             n = sum(p.numel() for p in module.parameters())
-            if n: rows.append((name, type(module).__name__, n))
+            if n:
+                rows.append((name, type(module).__name__, n))
     total = sum(p.numel() for p in model.parameters())
     width = max([len(r[0]) for r in rows] + [10])
     lines = [f"{'block':<{width}}  {'type':<18} {'parameters':>12}"]

@@ -16,10 +16,12 @@ from .fiber import Fiber
 from .graph import Graph, graph_max_pool, graph_mean_pool
 
 # %% ../nbs/06_norm.ipynb #00c68acd
-NORM_CLAMP = 2 ** -24  # smallest positive float16 subnormal
+NORM_CLAMP = 2**-24  # smallest positive float16 subnormal
+
 
 class NormNonlinearity(nn.Module):
     "Equivariant nonlinearity: layer-normalize and ReLU the norms of each degree's channels, keep the directions."
+
     def __init__(self, fiber: Fiber, nonlinearity: nn.Module | None = None):
         super().__init__()
         self.fiber = fiber
@@ -37,27 +39,39 @@ class NormNonlinearity(nn.Module):
     def _per_degree(self, norms: list[Tensor]) -> list[Tensor]:
         return [self.layer_norms[str(l)](n) for l, n in zip(self.fiber.degrees, norms)]
 
-    def forward(self, feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
-               ) -> dict[int, Tensor]:  # {l: [N, C_l, 2l+1]}
+    def forward(
+        self,
+        feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
+    ) -> dict[int, Tensor]:  # {l: [N, C_l, 2l+1]}
         "Rescale every channel of every degree to its transformed norm."
-        dtype = torch.promote_types(feats[self.fiber.degrees[0]].dtype, torch.float32)  # norms in float32 under autocast
+        dtype = torch.promote_types(
+            feats[self.fiber.degrees[0]].dtype, torch.float32
+        )  # norms in float32 under autocast
         with record_function('se3nb.norm'), torch.autocast(feats[self.fiber.degrees[0]].device.type, enabled=False):
             norms = [feats[l].to(dtype).norm(dim=-1).clamp(min=NORM_CLAMP) for l in self.fiber.degrees]  # [N, C_l]
             new_norms = [self.nonlinearity(n) for n in self._normalize(norms)]  # [N, C_l]
-        return {l: feats[l] * (new / norm).to(feats[l].dtype)[..., None]  # [N, C_l, 2l+1]
-                for l, norm, new in zip(self.fiber.degrees, norms, new_norms)}
+        return {
+            l: feats[l] * (new / norm).to(feats[l].dtype)[..., None]  # [N, C_l, 2l+1]
+            for l, norm, new in zip(self.fiber.degrees, norms, new_norms)
+        }
 
 # %% ../nbs/06_norm.ipynb #3cc8b237
 class GraphPooling(nn.Module):
     "Max or mean of one degree's node features over each graph, squeezed to `[B, C]` for degree 0."
+
     def __init__(self, pool: str = 'max', degree: int = 0):
         super().__init__()
-        if pool not in ('max', 'avg', 'mean'): raise ValueError(f"pool must be 'max', 'avg' or 'mean', got {pool!r}")
-        if pool == 'max' and degree != 0: raise ValueError(f"max pooling of degree {degree} features breaks equivariance: use 'avg'")
+        if pool not in ('max', 'avg', 'mean'):
+            raise ValueError(f"pool must be 'max', 'avg' or 'mean', got {pool!r}")
+        if pool == 'max' and degree != 0:
+            raise ValueError(f"max pooling of degree {degree} features breaks equivariance: use 'avg'")
         self.pool, self.degree = pool, degree
 
-    def forward(self, feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
-                graph: Graph) -> Tensor:  # [B, C] (degree 0) or [B, C, 2l+1]
+    def forward(
+        self,
+        feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
+        graph: Graph,
+    ) -> Tensor:  # [B, C] (degree 0) or [B, C, 2l+1]
         "Pool the chosen degree over the nodes of each graph."
         x = feats[self.degree]  # [N, C, 2l+1]
         pooled = graph_max_pool(x, graph) if self.pool == 'max' else graph_mean_pool(x, graph)  # [B, C, 2l+1]

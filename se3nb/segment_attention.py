@@ -15,24 +15,29 @@ from torch import Tensor
 from .graph import DestinationCSR
 
 # %% ../nbs/03a_segment_attention.ipynb #3f2479cf
-def segment_attention_weights(key: Tensor,  # [E, H, d_k] per edge, in `csr.edge_order`
-                              query: Tensor,  # [N, H, d_k] per node
-                              csr: DestinationCSR,
-                              *, scale: float,  # sigma, e.g. 1/sqrt(total key size)
-                              envelope: Tensor | None = None,  # [E] smooth cutoff u, in `csr.edge_order`
-                             ) -> Tensor:  # [E, H] alpha, in `csr.edge_order`
+def segment_attention_weights(
+    key: Tensor,  # [E, H, d_k] per edge, in `csr.edge_order`
+    query: Tensor,  # [N, H, d_k] per node
+    csr: DestinationCSR,
+    *,
+    scale: float,  # sigma, e.g. 1/sqrt(total key size)
+    envelope: Tensor | None = None,  # [E] smooth cutoff u, in `csr.edge_order`
+) -> Tensor:  # [E, H] alpha, in `csr.edge_order`
     "The attention weights alone: softmax over each node's incoming edges of the scaled key-query products (optionally enveloped)."
     dtype = torch.promote_types(key.dtype, torch.float32)  # softmax statistics in float32 under autocast, float64 stays
     scores = (key.to(dtype) * csr.to_edges(query.to(dtype))).sum(-1) * scale  # [E, H]
     return csr.softmax(scores, envelope)  # [E, H]
 
-def segment_attention_reference(key: Tensor,  # [E, H, d_k] per edge, in `csr.edge_order`
-                                query: Tensor,  # [N, H, d_k] per node
-                                value: Tensor,  # [E, H, d_v] per edge, in `csr.edge_order`
-                                csr: DestinationCSR,
-                                *, scale: float,  # sigma, e.g. 1/sqrt(total key size)
-                                envelope: Tensor | None = None,  # [E] smooth cutoff u, in `csr.edge_order`
-                               ) -> Tensor:  # [N, H, d_v]
+
+def segment_attention_reference(
+    key: Tensor,  # [E, H, d_k] per edge, in `csr.edge_order`
+    query: Tensor,  # [N, H, d_k] per node
+    value: Tensor,  # [E, H, d_v] per edge, in `csr.edge_order`
+    csr: DestinationCSR,
+    *,
+    scale: float,  # sigma, e.g. 1/sqrt(total key size)
+    envelope: Tensor | None = None,  # [E] smooth cutoff u, in `csr.edge_order`
+) -> Tensor:  # [N, H, d_v]
     "Attention-weighted sum of each node's incoming values, as a composition of segment operations (the definition)."
     alpha = segment_attention_weights(key, query, csr, scale=scale, envelope=envelope)  # [E, H]
     return csr.sum(alpha.to(value.dtype)[..., None] * value)  # [N, H, d_v]
@@ -44,6 +49,7 @@ def _triton():  # the triton module (version 3 or newer), or None
     except ImportError:
         return None
     return triton if int(triton.__version__.split('.')[0]) >= 3 else None
+
 
 def _interpreting() -> bool:  # Triton's interpreter (CPU tensors, numpy) is switched on
     return os.environ.get('TRITON_INTERPRET', '0').lower() in ('1', 'true', 'yes', 'on')
@@ -58,9 +64,26 @@ def _kernels():  # (forward, backward) Triton kernels
     triton = _triton()
     import triton.language as tl
 
-    def attention_forward(K, Q, V, U, offsets, Z_out, M, S, scale, eps, H, DK, DV,
-                          HAS_ENVELOPE: tl.constexpr, F64: tl.constexpr,
-                          BLOCK_E: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    def attention_forward(
+        K,
+        Q,
+        V,
+        U,
+        offsets,
+        Z_out,
+        M,
+        S,
+        scale,
+        eps,
+        H,
+        DK,
+        DV,
+        HAS_ENVELOPE: tl.constexpr,
+        F64: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        BLOCK_DK: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
+    ):
         n, h = tl.program_id(0), tl.program_id(1)  # one program per node and head
         start, end = tl.load(offsets + n), tl.load(offsets + n + 1)  # the node's run of edges
         dk, dv = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
@@ -72,7 +95,9 @@ def _kernels():  # (forward, backward) Triton kernels
         for e0 in range(start, end, BLOCK_E):
             e = e0 + tl.arange(0, BLOCK_E)
             valid = e < end
-            k = tl.load(K + (e[:, None] * H + h) * DK + dk[None, :], mask=valid[:, None] & (dk < DK)[None, :], other=0).to(acc_t)
+            k = tl.load(
+                K + (e[:, None] * H + h) * DK + dk[None, :], mask=valid[:, None] & (dk < DK)[None, :], other=0
+            ).to(acc_t)
             s = tl.where(valid, tl.sum(k * q[None, :], 1) * scale, float('-inf'))  # [BLOCK_E] scores
             m_new = tl.maximum(m, tl.max(s, 0))
             rescale = tl.exp(m - m_new)
@@ -84,7 +109,9 @@ def _kernels():  # (forward, backward) Triton kernels
             else:
                 w = p
                 a = p
-            v = tl.load(V + (e[:, None] * H + h) * DV + dv[None, :], mask=valid[:, None] & (dv < DV)[None, :], other=0).to(acc_t)
+            v = tl.load(
+                V + (e[:, None] * H + h) * DV + dv[None, :], mask=valid[:, None] & (dv < DV)[None, :], other=0
+            ).to(acc_t)
             s_sum = s_sum * rescale + tl.sum(w, 0)
             acc = acc * rescale + tl.sum(a[:, None] * v, 0)
             m = m_new
@@ -93,9 +120,32 @@ def _kernels():  # (forward, backward) Triton kernels
         tl.store(M + n * H + h, m)
         tl.store(S + n * H + h, s_sum)
 
-    def attention_backward(K, Q, V, U, offsets, Z_out, M, S, dZ, dK, dQ, dV, dU, scale, eps, H, DK, DV,
-                           HAS_ENVELOPE: tl.constexpr, ENVELOPE_GRAD: tl.constexpr, F64: tl.constexpr,
-                           BLOCK_E: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    def attention_backward(
+        K,
+        Q,
+        V,
+        U,
+        offsets,
+        Z_out,
+        M,
+        S,
+        dZ,
+        dK,
+        dQ,
+        dV,
+        dU,
+        scale,
+        eps,
+        H,
+        DK,
+        DV,
+        HAS_ENVELOPE: tl.constexpr,
+        ENVELOPE_GRAD: tl.constexpr,
+        F64: tl.constexpr,
+        BLOCK_E: tl.constexpr,
+        BLOCK_DK: tl.constexpr,
+        BLOCK_DV: tl.constexpr,
+    ):
         n, h = tl.program_id(0), tl.program_id(1)
         start, end = tl.load(offsets + n), tl.load(offsets + n + 1)
         dk, dv = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
@@ -126,8 +176,16 @@ def _kernels():  # (forward, backward) Triton kernels
             else:
                 alpha = p
                 ds = p * (delta - D)
-            tl.store(dV + (e[:, None] * H + h) * DV + dv[None, :], (alpha[:, None] * g[None, :]).to(dV.dtype.element_ty), mask=v_mask)
-            tl.store(dK + (e[:, None] * H + h) * DK + dk[None, :], (scale * ds[:, None] * q[None, :]).to(dK.dtype.element_ty), mask=k_mask)
+            tl.store(
+                dV + (e[:, None] * H + h) * DV + dv[None, :],
+                (alpha[:, None] * g[None, :]).to(dV.dtype.element_ty),
+                mask=v_mask,
+            )
+            tl.store(
+                dK + (e[:, None] * H + h) * DK + dk[None, :],
+                (scale * ds[:, None] * q[None, :]).to(dK.dtype.element_ty),
+                mask=k_mask,
+            )
             dq += scale * tl.sum(ds[:, None] * k, 0)
         tl.store(dQ + (n * H + h) * DK + dk, dq.to(dQ.dtype.element_ty), mask=dk < DK)
 
@@ -136,15 +194,25 @@ def _kernels():  # (forward, backward) Triton kernels
 # %% ../nbs/03a_segment_attention.ipynb #b631b9aa
 def _launch(kernel, num_nodes: int, num_heads: int, d_k: int, d_v: int, *args, **constants):
     triton = _triton()
-    kernel[(num_nodes, num_heads)](*args, BLOCK_E=16, BLOCK_DK=triton.next_power_of_2(d_k), BLOCK_DV=triton.next_power_of_2(d_v),
-                                   num_warps=2, **constants)
+    kernel[(num_nodes, num_heads)](
+        *args,
+        BLOCK_E=16,
+        BLOCK_DK=triton.next_power_of_2(d_k),
+        BLOCK_DV=triton.next_power_of_2(d_v),
+        num_warps=2,
+        **constants,
+    )
+
 
 class _FusedSegmentAttention(torch.autograd.Function):
     "`segment_attention_reference` in one Triton pass per node and head; backward recomputes the scores."
+
     @staticmethod
-    def forward(ctx, key: Tensor, query: Tensor, value: Tensor, envelope: Tensor | None, offsets: Tensor, scale: float) -> Tensor:
+    def forward(
+        ctx, key: Tensor, query: Tensor, value: Tensor, envelope: Tensor | None, offsets: Tensor, scale: float
+    ) -> Tensor:
         key, query, value = key.contiguous(), query.contiguous(), value.contiguous()
-        (E, H, d_k), N, d_v = key.shape, query.shape[0], value.shape[2]
+        (_E, H, d_k), N, d_v = key.shape, query.shape[0], value.shape[2]
         f64 = torch.float64 in (key.dtype, query.dtype)
         stats = torch.float64 if f64 else torch.float32
         z = value.new_empty(N, H, d_v)  # [N, H, d_v]
@@ -152,8 +220,28 @@ class _FusedSegmentAttention(torch.autograd.Function):
         eps = 1e-12 if envelope is not None else 0.0
         u = envelope.contiguous() if envelope is not None else key  # any pointer when there is no envelope
         forward_kernel, _ = _kernels()
-        _launch(forward_kernel, N, H, d_k, d_v, key, query, value, u, offsets, z, M, S, scale, eps, H, d_k, d_v,
-                HAS_ENVELOPE=envelope is not None, F64=f64)
+        _launch(
+            forward_kernel,
+            N,
+            H,
+            d_k,
+            d_v,
+            key,
+            query,
+            value,
+            u,
+            offsets,
+            z,
+            M,
+            S,
+            scale,
+            eps,
+            H,
+            d_k,
+            d_v,
+            HAS_ENVELOPE=envelope is not None,
+            F64=f64,
+        )
         ctx.save_for_backward(key, query, value, envelope, offsets, z, M, S)
         ctx.scale, ctx.eps, ctx.f64 = scale, eps, f64
         return z
@@ -166,9 +254,34 @@ class _FusedSegmentAttention(torch.autograd.Function):
         grad_k, grad_q, grad_v = torch.empty_like(key), torch.empty_like(query), torch.empty_like(value)
         grad_u = key.new_empty(E, H, dtype=M.dtype) if envelope_grad else M  # [E, H] per head, summed below
         _, backward_kernel = _kernels()
-        _launch(backward_kernel, N, H, d_k, d_v, key, query, value, envelope if envelope is not None else key, offsets, z, M, S,
-                grad_z.contiguous(), grad_k, grad_q, grad_v, grad_u, ctx.scale, ctx.eps, H, d_k, d_v,
-                HAS_ENVELOPE=envelope is not None, ENVELOPE_GRAD=envelope_grad, F64=ctx.f64)
+        _launch(
+            backward_kernel,
+            N,
+            H,
+            d_k,
+            d_v,
+            key,
+            query,
+            value,
+            envelope if envelope is not None else key,
+            offsets,
+            z,
+            M,
+            S,
+            grad_z.contiguous(),
+            grad_k,
+            grad_q,
+            grad_v,
+            grad_u,
+            ctx.scale,
+            ctx.eps,
+            H,
+            d_k,
+            d_v,
+            HAS_ENVELOPE=envelope is not None,
+            ENVELOPE_GRAD=envelope_grad,
+            F64=ctx.f64,
+        )
         grad_u = grad_u.sum(1).to(envelope.dtype) if envelope_grad else None
         return grad_k, grad_q, grad_v, grad_u, None, None
 
@@ -176,29 +289,49 @@ class _FusedSegmentAttention(torch.autograd.Function):
 def _fused_by_default(t: Tensor) -> bool:  # the automatic choice: CUDA tensors and Triton 3 installed
     return t.is_cuda and _triton() is not None
 
+
 @torch.compiler.disable
 def _fused(key, query, value, csr, scale, envelope):
     return _FusedSegmentAttention.apply(key, query, value, envelope, csr.offsets, scale)
 
-def segment_attention(key: Tensor,  # [E, H, d_k] per edge, in `csr.edge_order`
-                      query: Tensor,  # [N, H, d_k] per node
-                      value: Tensor,  # [E, H, d_v] per edge, in `csr.edge_order`
-                      csr: DestinationCSR,
-                      *, scale: float,  # sigma, e.g. 1/sqrt(total key size)
-                      envelope: Tensor | None = None,  # [E] smooth cutoff u, in `csr.edge_order`
-                      fused: bool | None = None,  # None: the fused kernel on CUDA with Triton, else the composition
-                     ) -> Tensor:  # [N, H, d_v]
+
+def segment_attention(
+    key: Tensor,  # [E, H, d_k] per edge, in `csr.edge_order`
+    query: Tensor,  # [N, H, d_k] per node
+    value: Tensor,  # [E, H, d_v] per edge, in `csr.edge_order`
+    csr: DestinationCSR,
+    *,
+    scale: float,  # sigma, e.g. 1/sqrt(total key size)
+    envelope: Tensor | None = None,  # [E] smooth cutoff u, in `csr.edge_order`
+    fused: bool | None = None,  # None: the fused kernel on CUDA with Triton, else the composition
+) -> Tensor:  # [N, H, d_v]
     "Attention-weighted sum of each node's incoming values: one fused Triton pass on GPUs, `segment_attention_reference` elsewhere."
     E, H = key.shape[:2]
-    if key.dim() != 3 or query.dim() != 3 or value.dim() != 3 or query.shape[1:] != key.shape[1:] or value.shape[:2] != (E, H) \
-            or E != csr.num_edges or query.shape[0] != csr.num_nodes or (envelope is not None and envelope.shape != (E,)):
-        raise ValueError(f"expected key [E, H, d_k], query [N, H, d_k], value [E, H, d_v] and envelope [E] with E = {csr.num_edges}, "
-                         f"N = {csr.num_nodes}; got key {list(key.shape)}, query {list(query.shape)}, value {list(value.shape)}, "
-                         f"envelope {None if envelope is None else list(envelope.shape)}")
-    if fused is None: fused = _fused_by_default(key)
-    if not fused: return segment_attention_reference(key, query, value, csr, scale=scale, envelope=envelope)
+    if (
+        key.dim() != 3
+        or query.dim() != 3
+        or value.dim() != 3
+        or query.shape[1:] != key.shape[1:]
+        or value.shape[:2] != (E, H)
+        or E != csr.num_edges
+        or query.shape[0] != csr.num_nodes
+        or (envelope is not None and envelope.shape != (E,))
+    ):
+        raise ValueError(
+            f"expected key [E, H, d_k], query [N, H, d_k], value [E, H, d_v] and envelope [E] with E = {csr.num_edges}, "
+            f"N = {csr.num_nodes}; got key {list(key.shape)}, query {list(query.shape)}, value {list(value.shape)}, "
+            f"envelope {None if envelope is None else list(envelope.shape)}"
+        )
+    if fused is None:
+        fused = _fused_by_default(key)
+    if not fused:
+        return segment_attention_reference(key, query, value, csr, scale=scale, envelope=envelope)
     if _triton() is None:
-        raise RuntimeError("fused=True needs Triton 3 or newer (`pip install triton`); pass fused=None to fall back to the composition")
+        raise RuntimeError(
+            "fused=True needs Triton 3 or newer (`pip install triton`); pass fused=None to fall back to the composition"
+        )
     if not (key.is_cuda or _interpreting()):
-        raise RuntimeError(f"fused=True needs CUDA tensors (got {key.device}); on CPU only under Triton's interpreter (TRITON_INTERPRET=1)")
+        raise RuntimeError(
+            f"fused=True needs CUDA tensors (got {key.device}); on CPU only under Triton's interpreter (TRITON_INTERPRET=1)"
+        )
     return _fused(key, query, value, csr, scale, envelope)

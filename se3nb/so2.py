@@ -27,8 +27,9 @@ from .graph import Graph
 from .conv import TFNConv
 
 # %% ../nbs/04a_so2.ipynb #f97125ed
-def edge_rotations(rel_pos: Tensor,  # [E, 3]
-                  ) -> tuple[Tensor, Tensor]:  # R [E, 3, 3] with R r/|r| = y;  zero-length mask [E]
+def edge_rotations(
+    rel_pos: Tensor,  # [E, 3]
+) -> tuple[Tensor, Tensor]:  # R [E, 3, 3] with R r/|r| = y;  zero-length mask [E]
     "Rotations taking each edge direction to e3nn's polar axis y (identity for edges of length 0)."
     r = rel_pos.norm(dim=-1, keepdim=True)  # [E, 1]
     zero = r[:, 0] <= 1e-12  # e3nn normalizes with eps 1e-12: shorter edges are the zero vector to the reference
@@ -43,14 +44,18 @@ def edge_rotations(rel_pos: Tensor,  # [E, 3]
 # %% ../nbs/04a_so2.ipynb #7359ee5a
 @lru_cache(maxsize=None)
 def _step_coupling(l: int, dtype: torch.dtype, device: torch.device) -> Tensor:  # [3(2l-1), 2l+1]
-    return (o3.wigner_3j(l - 1, 1, l, dtype=torch.float64).reshape(-1, 2 * l + 1) * math.sqrt(2 * l + 1)).to(device, dtype)
+    return (o3.wigner_3j(l - 1, 1, l, dtype=torch.float64).reshape(-1, 2 * l + 1) * math.sqrt(2 * l + 1)).to(
+        device, dtype
+    )
 
-def wigner_D_batch(R: Tensor,  # [E, 3, 3] rotation matrices
-                   max_degree: int,
-                  ) -> list[Tensor]:  # [E, 2l+1, 2l+1] for l = 0..max_degree
+
+def wigner_D_batch(
+    R: Tensor,  # [E, 3, 3] rotation matrices
+    max_degree: int,
+) -> list[Tensor]:  # [E, 2l+1, 2l+1] for l = 0..max_degree
     "Real Wigner D matrices of many rotations in e3nn's basis, degree by degree."
     E = R.shape[0]
-    Ds = [R.new_ones(E, 1, 1), R][:max_degree + 1]  # e3nn's degree-1 basis is (x, y, z), so D_1 = R
+    Ds = [R.new_ones(E, 1, 1), R][: max_degree + 1]  # e3nn's degree-1 basis is (x, y, z), so D_1 = R
     for l in range(2, max_degree + 1):
         C = _step_coupling(l, R.dtype, R.device)  # [3(2l-1), 2l+1]
         K = torch.einsum('eab,ecd->eacbd', Ds[-1], R).reshape(E, 3 * (2 * l - 1), 3 * (2 * l - 1))  # D_{l-1} x D_1
@@ -60,10 +65,15 @@ def wigner_D_batch(R: Tensor,  # [E, 3, 3] rotation matrices
 # %% ../nbs/04a_so2.ipynb #a6ad4633
 class SO2Plan:
     "Block layout of the SO(2) form of one kernel group (`in_degrees` -> `out_degrees`) and its fold matrix T."
-    def __init__(self, in_degrees: tuple[int, ...], out_degrees: tuple[int, ...],
-                 channels_in: int, channels_out: int,
-                 scale: float = 1.0,  # basis factor of the group (NVIDIA's lone 0 -> 0 kernel: sqrt(4 pi))
-                ):
+
+    def __init__(
+        self,
+        in_degrees: tuple[int, ...],
+        out_degrees: tuple[int, ...],
+        channels_in: int,
+        channels_out: int,
+        scale: float = 1.0,  # basis factor of the group (NVIDIA's lone 0 -> 0 kernel: sqrt(4 pi))
+    ):
         ins, outs, C_in, C_out = tuple(in_degrees), tuple(out_degrees), channels_in, channels_out
         self.in_degrees, self.out_degrees, self.channels_in, self.channels_out = ins, outs, C_in, C_out
         off_in = {l: sum(degree_to_dim(k) for k in ins[:i]) for i, l in enumerate(ins)}
@@ -74,7 +84,9 @@ class SO2Plan:
         covered = torch.zeros_like(W, dtype=torch.bool)
         T = torch.zeros(F, F, dtype=torch.float64)  # [SO(2) weight g, frequency f] of one channel pair
         co, ci = (t.flatten() for t in torch.meshgrid(torch.arange(C_out), torch.arange(C_in), indexing='ij'))
-        self.blocks: list[tuple[int, int, list[int], list[int], int, int]] = []  # (m, s, out degrees, in degrees, O, sI)
+        self.blocks: list[
+            tuple[int, int, list[int], list[int], int, int]
+        ] = []  # (m, s, out degrees, in degrees, O, sI)
         order = torch.empty(C_out * C_in * F, dtype=torch.long)
         g = base = 0
         for m in range(min(max(ins), max(outs)) + 1):
@@ -94,39 +106,59 @@ class SO2Plan:
                         covered[im, :, op] = covered[ip, :, om] = covered[im, :, om] = True
                     for part, c in enumerate(coef):
                         T[g] = torch.where(c.abs() > 1e-14, c, 0.0)
-                        order[base + (a * C_out + co) * I + (part * len(lis) + b) * C_in + ci] = (co * C_in + ci) * F + g
+                        order[base + (a * C_out + co) * I + (part * len(lis) + b) * C_in + ci] = (
+                            co * C_in + ci
+                        ) * F + g
                         g += 1
             self.blocks.append((m, s, los, lis, O, I))
             base += O * I
-        if (W[~covered].abs() > 1e-12).any(): raise AssertionError("edge-frame kernels are not block-diagonal in m")
+        if (W[~covered].abs() > 1e-12).any():
+            raise AssertionError("edge-frame kernels are not block-diagonal in m")
         self.num_weights = base  # = C_out * C_in * F: as many SO(2) weights as radial weights
         self.block_sizes = tuple(O * I for *_, O, I in self.blocks)
         J_of_f = torch.tensor([J for lo in outs for li in ins for J in range(abs(li - lo), li + lo + 1)])
         self.T, self.T_zero_length = T, T * (J_of_f == 0)  # [F, F]; an edge of length 0 keeps only J = 0
         self._order = order  # [num_weights] position in (c_out, c_in, g) order of each weight in block order
-        self._constants: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}  # (zero_length, dtype, device) -> T, order, inverse
+        self._constants: dict[
+            tuple, tuple[Tensor, Tensor, Tensor]
+        ] = {}  # (zero_length, dtype, device) -> T, order, inverse
         self._folded: dict[tuple, tuple] = {}  # same key -> (weight version, folded weight), for inference
 
-    def fold(self, weight: Tensor,  # [C_out*C_in*F, H] last layer of the group's radial MLP
-             zero_length: bool = False,  # keep only J = 0: the kernel of an edge of length 0
-            ) -> Tensor:  # [num_weights, H] in block order
+    def fold(
+        self,
+        weight: Tensor,  # [C_out*C_in*F, H] last layer of the group's radial MLP
+        zero_length: bool = False,  # keep only J = 0: the kernel of an edge of length 0
+    ) -> Tensor:  # [num_weights, H] in block order
         "$\\Theta_{SO(2)} = T\\,\\Theta$: a last radial layer that outputs SO(2) weights (differentiable in `weight`)."
         key = (zero_length, weight.dtype, weight.device)
         if key not in self._constants:
-            T, order = (self.T_zero_length if zero_length else self.T).to(weight.device, weight.dtype), self._order.to(weight.device)
-            self._constants[key] = (T, order, torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device)))
+            T, order = (
+                (self.T_zero_length if zero_length else self.T).to(weight.device, weight.dtype),
+                self._order.to(weight.device),
+            )
+            self._constants[key] = (
+                T,
+                order,
+                torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device)),
+            )
         T, order, inverse = self._constants[key]
         H = weight.shape[1]
+
         # T per channel pair, then whole rows moved into block order: no transposed copies (slow here: ~4 GB/s)
-        fold = lambda: _RowPermutation.apply(torch.matmul(T, weight.view(-1, T.shape[1], H)).view(-1, H), order, inverse)
-        if torch.is_grad_enabled() and weight.requires_grad: return fold()
+        def fold():
+            return _RowPermutation.apply(torch.matmul(T, weight.view(-1, T.shape[1], H)).view(-1, H), order, inverse)
+
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return fold()
         cached = self._folded.get(key)  # inference: fold each weight version once
         if cached is None or cached[0] != (weight.data_ptr(), weight._version):
             cached = self._folded[key] = ((weight.data_ptr(), weight._version), fold())
         return cached[1]  # [num_weights, H]
 
+
 class _RowPermutation(torch.autograd.Function):
     "x[order] whose backward is a gather with the inverse permutation (not a zero fill and a scatter)."
+
     @staticmethod
     def forward(ctx, x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
         ctx.inverse = inverse
@@ -137,22 +169,26 @@ class _RowPermutation(torch.autograd.Function):
         return grad.index_select(0, ctx.inverse), None, None
 
 # %% ../nbs/04a_so2.ipynb #814f7662
-def reverse_edge_pairs(graph: Graph,
-                       usable: Tensor,  # [E] bool: edges allowed to pair
-                      ) -> tuple[Tensor, Tensor]:  # a [K], b [K]: edge b runs opposite to edge a
+def reverse_edge_pairs(
+    graph: Graph,
+    usable: Tensor,  # [E] bool: edges allowed to pair
+) -> tuple[Tensor, Tensor]:  # a [K], b [K]: edge b runs opposite to edge a
     "Match each edge j -> i with a reverse edge i -> j; the k-th copy of a duplicated edge meets the k-th reverse copy."
     src, dst, E = graph.src, graph.dst, graph.num_edges
     ids = torch.arange(E, device=src.device)  # [E]
     key = torch.minimum(src, dst) * graph.num_nodes + torch.maximum(src, dst)  # [E] the unordered pair
+
     def ranked(mask):
         e, k = ids[mask], key[mask]
         order = torch.argsort(k, stable=True)
         e, k = e[order], k[order]
         copy = torch.arange(k.shape[0], device=k.device) - torch.searchsorted(k, k)  # index among equal keys
         return e, k * (E + 1) + copy
+
     e_fwd, k_fwd = ranked(usable & (src < dst))
     e_bwd, k_bwd = ranked(usable & (src > dst))
-    if k_fwd.numel() == 0 or k_bwd.numel() == 0: return ids[:0], ids[:0]
+    if k_fwd.numel() == 0 or k_bwd.numel() == 0:
+        return ids[:0], ids[:0]
     pos = torch.searchsorted(k_fwd, k_bwd).clamp(max=k_fwd.shape[0] - 1)
     hit = k_fwd[pos] == k_bwd
     return e_fwd[pos[hit]], e_bwd[hit]
@@ -165,11 +201,16 @@ def _m_rows(l: int) -> tuple[list[int], list[int], list[float]]:
     signs = [1.0] + [s for m in range(1, l + 1) for s in (1.0, 1.0, -1.0, 1.0)]
     return by_m, extended, signs
 
+
 class EdgeFrames:
     "Per-forward geometry of the SO(2) path: slots of edges sharing radial weights, and Wigner D matrices per slot row."
-    def __init__(self, graph: Graph, max_degree: int,
-                 invariants: Tensor,  # [E, C_edge_0 + 1]: a reverse edge with equal invariants shares radial weights
-                ):
+
+    def __init__(
+        self,
+        graph: Graph,
+        max_degree: int,
+        invariants: Tensor,  # [E, C_edge_0 + 1]: a reverse edge with equal invariants shares radial weights
+    ):
         if invariants.shape[0] != graph.num_edges:
             raise ValueError(f"invariants have {invariants.shape[0]} rows, the graph {graph.num_edges} edges")
         self.max_degree, self.num_edges = max_degree, graph.num_edges
@@ -206,7 +247,8 @@ class EdgeFrames:
     def to(self, device: torch.device | str) -> "EdgeFrames":
         "Move every tensor to `device` (e.g. frames built in a data loader worker)."
         for name, value in vars(self).items():
-            if isinstance(value, Tensor): setattr(self, name, value.to(device))
+            if isinstance(value, Tensor):
+                setattr(self, name, value.to(device))
         self.D_in, self.D_out = [D.to(device) for D in self.D_in], [D.to(device) for D in self.D_out]
         return self
 
@@ -214,9 +256,11 @@ class EdgeFrames:
         "Nothing to add (frames serve every kernel group); mirrors `Bases.precompute`. Returns self."
         return self
 
-    def to_edges(self, rows: Tensor,  # [2P, ...] values per slot row
-                 order: Tensor | None = None,  # [E] edge ids to return, e.g. sorted by destination; None: all, in graph order
-                ) -> Tensor:  # [E, ...]
+    def to_edges(
+        self,
+        rows: Tensor,  # [2P, ...] values per slot row
+        order: Tensor | None = None,  # [E] edge ids to return, e.g. sorted by destination; None: all, in graph order
+    ) -> Tensor:  # [E, ...]
         "Back from the slot layout to edges (one gather, so any order costs the same)."
         return rows.index_select(0, self.position if order is None else self.position[order])
 
@@ -225,6 +269,7 @@ class EdgeFrames:
 
 # %% ../nbs/04a_so2.ipynb #a016bee9
 _WORKSPACE = threading.local()  # per thread, so concurrent products never share a buffer
+
 
 def _workspace(slot: str, numel: int, like: Tensor) -> Tensor:  # [numel] scratch memory, reused across calls
     "Scratch buffers kept between calls: a fresh multi-MB allocation per call costs page faults (glibc returns it to the OS)."
@@ -235,40 +280,54 @@ def _workspace(slot: str, numel: int, like: Tensor) -> Tensor:  # [numel] scratc
         buf = buffers[key] = like.new_empty(numel)
     return buf[:numel]
 
+
 def _slots_per_block(P: int, width: int, like: Tensor) -> int:
     # W(h) of one block: 4 MB on CPU (measured best on 2 cores: large enough to amortize re-reading the m-block's weights,
     # small enough to stay in cache for the products), 2^26 elements on GPU
     budget = (4 << 20) // like.element_size() if like.device.type == 'cpu' else 1 << 26
     return max(1, min(P, budget // max(width, 1)))
 
-def _blocks(sizes: tuple[int, ...]) -> list[tuple[int, int]]:  # (offset, size) of each m-block in the rows of the weight
+
+def _blocks(
+    sizes: tuple[int, ...],
+) -> list[tuple[int, int]]:  # (offset, size) of each m-block in the rows of the weight
     return [(sum(sizes[:i]), n) for i, n in enumerate(sizes)]
+
 
 class _SO2Product(torch.autograd.Function):
     "y_m = x_m W_m(h)^T for every m-block, W(h) built block by block and never stored (rebuilt in backward)."
+
     @staticmethod
-    def forward(ctx, h: Tensor, h_second: Tensor | None,
-                weight_full: Tensor,  # [n, H] folded last radial layer (`SO2Plan.fold`), any float dtype: used in h's
-                sizes: tuple[int, ...], *xs: Tensor) -> tuple[Tensor, ...]:
+    def forward(
+        ctx,
+        h: Tensor,
+        h_second: Tensor | None,
+        weight_full: Tensor,  # [n, H] folded last radial layer (`SO2Plan.fold`), any float dtype: used in h's
+        sizes: tuple[int, ...],
+        *xs: Tensor,
+    ) -> tuple[Tensor, ...]:
         P, ys, weight = h.shape[0], [], weight_full.to(h.dtype)
         # float16/bfloat16 batched products copy a transposed operand: there W(h) is built with blocks stored as [I, O]
         as_io = weight.dtype in (torch.float16, torch.bfloat16)
         native = _native_for(h)
-        for x, (off, n) in zip(xs, _blocks(sizes)):  # one m-block at a time: its weights are re-read once per slot block
+        for x, (off, n) in zip(
+            xs, _blocks(sizes)
+        ):  # one m-block at a time: its weights are re-read once per slot block
             I, O = x.shape[2], n // x.shape[2]
-            w = weight[off:off + n]  # [O*I, H]
+            w = weight[off : off + n]  # [O*I, H]
             if _native_block(native, x.shape[1], I, h.shape[1]):  # W(h) in registers only
                 ys.append(native.so2_forward(h.contiguous(), _theta(w, O, I), x.contiguous()))  # [P, 2s, O]
                 continue
-            if as_io: w = w.view(O, I, -1).transpose(0, 1).reshape(n, -1)  # [I*O, H]
+            if as_io:
+                w = w.view(O, I, -1).transpose(0, 1).reshape(n, -1)  # [I*O, H]
             y = x.new_empty(P, x.shape[1], O)  # [P, 2s, O]
             step = _slots_per_block(P, n, h)
             W_buf = _workspace('W', step * n, h)
             for s0 in range(0, P, step):
                 p = min(step, P - s0)
-                Wh = torch.mm(h[s0:s0 + p], w.T, out=W_buf[:p * n].view(p, n))  # [p, n] SO(2) weights of these slots
+                Wh = torch.mm(h[s0 : s0 + p], w.T, out=W_buf[: p * n].view(p, n))  # [p, n] SO(2) weights of these slots
                 W_m = Wh.view(p, I, O) if as_io else Wh.view(p, O, I).transpose(1, 2)  # [p, I, O]
-                torch.bmm(x[s0:s0 + p], W_m, out=y[s0:s0 + p])  # [p, 2s, O]
+                torch.bmm(x[s0 : s0 + p], W_m, out=y[s0 : s0 + p])  # [p, 2s, O]
             ys.append(y)
         ctx.save_for_backward(h, weight, *xs)
         ctx.sizes, ctx.split, ctx.weight_dtype = sizes, h_second is not None, weight_full.dtype
@@ -282,20 +341,28 @@ class _SO2Product(torch.autograd.Function):
         acc = torch.promote_types(weight.dtype, torch.float32)
         low = acc != weight.dtype  # float16 / bfloat16: products in that dtype, sums over slot blocks in float32
         # with `split`, h of the slot's second edge is an input of its own (it equals h): its gradient comes from that edge only
-        grad_hs = [torch.zeros_like(h, dtype=acc) if need else None for need in ((need_h, need_h2) if split else (need_h,))]
+        grad_hs = [
+            torch.zeros_like(h, dtype=acc) if need else None for need in ((need_h, need_h2) if split else (need_h,))
+        ]
         grad_w = torch.empty_like(weight, dtype=acc) if need_w else None  # [n, H]
         grad_xs, native = [], _native_for(h)
         for x, gy, (off, n) in zip(xs, grad_ys, _blocks(ctx.sizes)):
-            gy, w = gy.contiguous(), weight[off:off + n]  # [P, 2s, O], [O*I, H]
+            gy, w = gy.contiguous(), weight[off : off + n]  # [P, 2s, O], [O*I, H]
             O, I = gy.shape[2], x.shape[2]
-            if _native_block(native, gy.shape[1], I, h.shape[1]):  # the same sums, W(h) and its gradient in registers only
+            if _native_block(
+                native, gy.shape[1], I, h.shape[1]
+            ):  # the same sums, W(h) and its gradient in registers only
                 theta, hc, xc = _theta(w, O, I), h.contiguous(), x.contiguous()  # [O, H, I]
                 grad_xs.append(native.so2_grad_x(hc, theta, gy))  # [P, 2s, I]
                 if need_h or need_h2:
-                    gh = native.so2_grad_h(theta, xc, gy, split).view(P, 1 + split, h.shape[1])  # [P, 1 or 2, H] per slot or edge
+                    gh = native.so2_grad_h(theta, xc, gy, split).view(
+                        P, 1 + split, h.shape[1]
+                    )  # [P, 1 or 2, H] per slot or edge
                     for e, grad_h in enumerate(grad_hs):
-                        if grad_h is not None: grad_h += gh[:, e]
-                if need_w: grad_w[off:off + n].view(O, I, -1).copy_(native.so2_grad_theta(hc, xc, gy).transpose(1, 2))
+                        if grad_h is not None:
+                            grad_h += gh[:, e]
+                if need_w:
+                    grad_w[off : off + n].view(O, I, -1).copy_(native.so2_grad_theta(hc, xc, gy).transpose(1, 2))
                 continue
             gx = torch.empty_like(x)  # [P, 2s, I]
             grad_xs.append(gx)
@@ -305,24 +372,36 @@ class _SO2Product(torch.autograd.Function):
             W_buf, gW_buf = _workspace('W', step * n, h), _workspace('gW', len(rows) * step * n, h)
             for s0 in range(0, P, step):
                 p = min(step, P - s0)
-                hc = h[s0:s0 + p]
-                Wh = torch.mm(hc, w.T, out=W_buf[:p * n].view(p, n))  # [p, n] rebuilt
-                torch.bmm(gy[s0:s0 + p], Wh.view(p, O, I), out=gx[s0:s0 + p])
-                if not (need_h or need_h2 or need_w): continue
-                gs = [torch.bmm(gy[s0:s0 + p, r].transpose(1, 2), x[s0:s0 + p, r],
-                                out=gW_buf[e * p * n:(e + 1) * p * n].view(p, O, I)).view(p, n)
-                      for e, r in enumerate(rows)]  # [p, n] gradient of W(h) from each edge of the slot
+                hc = h[s0 : s0 + p]
+                Wh = torch.mm(hc, w.T, out=W_buf[: p * n].view(p, n))  # [p, n] rebuilt
+                torch.bmm(gy[s0 : s0 + p], Wh.view(p, O, I), out=gx[s0 : s0 + p])
+                if not (need_h or need_h2 or need_w):
+                    continue
+                gs = [
+                    torch.bmm(
+                        gy[s0 : s0 + p, r].transpose(1, 2),
+                        x[s0 : s0 + p, r],
+                        out=gW_buf[e * p * n : (e + 1) * p * n].view(p, O, I),
+                    ).view(p, n)
+                    for e, r in enumerate(rows)
+                ]  # [p, n] gradient of W(h) from each edge of the slot
                 for g, grad_h in zip(gs, grad_hs):
-                    if grad_h is None: continue
-                    if low: grad_h[s0:s0 + p] += g @ w  # low-precision product, summed in float32
-                    else: grad_h[s0:s0 + p].addmm_(g, w)
+                    if grad_h is None:
+                        continue
+                    if low:
+                        grad_h[s0 : s0 + p] += g @ w  # low-precision product, summed in float32
+                    else:
+                        grad_h[s0 : s0 + p].addmm_(g, w)
                 if need_w:
-                    gw = grad_w[off:off + n]  # [n, H]
+                    gw = grad_w[off : off + n]  # [n, H]
                     for e, g in enumerate(gs):
                         first = s0 == 0 and e == 0  # beta = 0: the uninitialized memory is not read
-                        if low: gw.copy_(g.T @ hc) if first else gw.add_(g.T @ hc)
-                        else: gw.addmm_(g.T, hc, beta=0 if first else 1)
-        if grad_w is not None and P == 0: grad_w.zero_()
+                        if low:
+                            gw.copy_(g.T @ hc) if first else gw.add_(g.T @ hc)
+                        else:
+                            gw.addmm_(g.T, hc, beta=0 if first else 1)
+        if grad_w is not None and P == 0:
+            grad_w.zero_()
         grad_hs = [None if g is None else g.to(h.dtype) for g in grad_hs] + [None] * (1 - split)
         return (*grad_hs, None if grad_w is None else grad_w.to(ctx.weight_dtype), None, *grad_xs)
 
@@ -544,61 +623,96 @@ torch::Tensor so2_grad_h(torch::Tensor theta, torch::Tensor x, torch::Tensor gy,
 }
 '''
 
+
 @lru_cache(maxsize=None)
 def _native_so2():  # the compiled kernels (so2_forward, so2_grad_x, so2_grad_theta, so2_grad_h), or None where they cannot run
-    if os.environ.get('SE3NB_NATIVE', '1') == '0' or not torch.backends.cpu.get_cpu_capability().startswith('AVX512'): return None
+    if os.environ.get('SE3NB_NATIVE', '1') == '0' or not torch.backends.cpu.get_cpu_capability().startswith('AVX512'):
+        return None
     try:
         from torch.utils.cpp_extension import load_inline
-        print("se3nb: loading the fused SO(2) CPU kernels (compiled on first use, about 30 s)", file=sys.stderr, flush=True)
-        name = 'se3nb_so2_cpu_torch' + re.sub(r'\W', '_', torch.__version__)  # one build per torch version (the C++ ABI)
-        return load_inline(name, cpp_sources=[_NATIVE_SOURCE], functions=['so2_forward', 'so2_grad_x', 'so2_grad_theta', 'so2_grad_h'],
-                           extra_cflags=['-O3', '-mavx512f', '-mavx512dq', '-mfma', '-fopenmp'], extra_ldflags=['-fopenmp'])
+
+        print(
+            "se3nb: loading the fused SO(2) CPU kernels (compiled on first use, about 30 s)",
+            file=sys.stderr,
+            flush=True,
+        )
+        name = 'se3nb_so2_cpu_torch' + re.sub(
+            r'\W', '_', torch.__version__
+        )  # one build per torch version (the C++ ABI)
+        return load_inline(
+            name,
+            cpp_sources=[_NATIVE_SOURCE],
+            functions=['so2_forward', 'so2_grad_x', 'so2_grad_theta', 'so2_grad_h'],
+            extra_cflags=['-O3', '-mavx512f', '-mavx512dq', '-mfma', '-fopenmp'],
+            extra_ldflags=['-fopenmp'],
+        )
     except Exception as error:  # no compiler or ninja, a failed build: the torch products compute the same
-        warnings.warn(f"se3nb: the fused SO(2) CPU kernels are unavailable, using torch's products ({type(error).__name__}: {error})")
+        warnings.warn(
+            f"se3nb: the fused SO(2) CPU kernels are unavailable, using torch's products ({type(error).__name__}: {error})"
+        )
         return None
+
 
 def _native_for(h: Tensor):  # the fused kernels if they apply to this product (float32 on CPU), else None
     return _native_so2() if h.dtype == torch.float32 and h.device.type == 'cpu' else None
 
-def _native_block(native, rows: int, I: int, H: int) -> bool:  # the kernels' limits: at most 4 rows, 16 | I, 16 | H <= 128
+
+def _native_block(
+    native, rows: int, I: int, H: int
+) -> bool:  # the kernels' limits: at most 4 rows, 16 | I, 16 | H <= 128
     return native is not None and rows <= 4 and I % 16 == 0 and H % 16 == 0 and H <= 128
+
 
 def _theta(w: Tensor, O: int, I: int) -> Tensor:  # [O, H, I] one m-block of the folded weights, i contiguous
     return w.view(O, I, -1).transpose(1, 2).contiguous()
 
 # %% ../nbs/04a_so2.ipynb #a4a49ce6
-def so2_messages(plans: Mapping[str, SO2Plan],  # per kernel group
-                 hidden: Mapping[str, Tensor],  # per group: [P, H] last hidden layer of the radial MLP per slot
-                 weights: Mapping[str, Tensor],  # per group: [C_out*C_in*F, H] last radial layer
-                 inputs: Mapping[int, Tensor],  # {l: [2P, C_l, 2l+1]} input features per slot row (global frame)
-                 frames: EdgeFrames,
-                 hidden_second: Mapping[str, Tensor] | None = None,  # per group: [P, H] from the second edges' invariants
-                 order: Tensor | None = None,  # [E] edge ids: the rows of the result (None: the graph's edge order)
-                ) -> dict[int, Tensor]:  # {l: [E, C_out, 2l+1]} messages per edge (global frame)
+def so2_messages(
+    plans: Mapping[str, SO2Plan],  # per kernel group
+    hidden: Mapping[str, Tensor],  # per group: [P, H] last hidden layer of the radial MLP per slot
+    weights: Mapping[str, Tensor],  # per group: [C_out*C_in*F, H] last radial layer
+    inputs: Mapping[int, Tensor],  # {l: [2P, C_l, 2l+1]} input features per slot row (global frame)
+    frames: EdgeFrames,
+    hidden_second: Mapping[str, Tensor] | None = None,  # per group: [P, H] from the second edges' invariants
+    order: Tensor | None = None,  # [E] edge ids: the rows of the result (None: the graph's edge order)
+) -> dict[int, Tensor]:  # {l: [E, C_out, 2l+1]} messages per edge (global frame)
     """TFN messages computed in the edge frames, where each kernel is one small SO(2) map per order m. Pass `hidden_second`
     when gradients with respect to the invariants are needed: values are shared, gradients then reach each edge's own."""
     P, nz = frames.num_slots, frames.num_zero
     # rows of each order m: [1] for m = 0, [+m, -m | -(-m), +m] after; `split` (not slicing) so backward is one `cat`, not a zero fill per m
-    x_frame = {l: torch.split(frames.D_in[l].to(x.dtype) @ x.transpose(1, 2), [1] + [4] * l, dim=1)
-               for l, x in inputs.items()}  # {l: per m [2P, 1 or 4, C_l]}
+    x_frame = {
+        l: torch.split(frames.D_in[l].to(x.dtype) @ x.transpose(1, 2), [1] + [4] * l, dim=1) for l, x in inputs.items()
+    }  # {l: per m [2P, 1 or 4, C_l]}
     x_blocks: dict[tuple, Tensor] = {}  # per (m, input degrees): [P, 2s, sI]; shared by groups with the same inputs
     by_degree: dict[int, dict[int, Tensor]] = {}  # {l_out: {m: [P, 2, s, C_out]}}
     for name, plan in plans.items():
         xs = []
         for m, s, los, lis, O, I in plan.blocks:
             if (m, tuple(lis)) not in x_blocks:
-                parts = torch.cat([x_frame[l][m].view(2 * P, s, s, inputs[l].shape[1]) for l in lis], -1)  # [2P, part, comp, (l, c)]
-                x_blocks[m, tuple(lis)] = parts.view(P, 2, s, s, I // s).transpose(2, 3).reshape(P, 2 * s, I)  # [P, 2s, sI]
+                parts = torch.cat(
+                    [x_frame[l][m].view(2 * P, s, s, inputs[l].shape[1]) for l in lis], -1
+                )  # [2P, part, comp, (l, c)]
+                x_blocks[m, tuple(lis)] = (
+                    parts.view(P, 2, s, s, I // s).transpose(2, 3).reshape(P, 2 * s, I)
+                )  # [P, 2s, sI]
             xs.append(x_blocks[m, tuple(lis)])
         dtype = xs[0].dtype  # under autocast: the low-precision dtype of the rotated inputs
         h, W = hidden[name].to(dtype), weights[name]
         h2 = None if hidden_second is None else hidden_second[name].to(dtype)
         with torch.autocast(h.device.type, enabled=False):
             if nz:  # zero-length slots (last) have their own fold
-                main, zero = zip(*[torch.split(t, [P - nz, nz]) if t is not None else (None, None) for t in (h, h2, *xs)])
-                ys = [torch.cat(pair) for pair in zip(
-                    _SO2Product.apply(main[0], main[1], plan.fold(W), plan.block_sizes, *main[2:]),
-                    _SO2Product.apply(zero[0], zero[1], plan.fold(W, zero_length=True), plan.block_sizes, *zero[2:]))]  # [P, 2s, O]
+                main, zero = zip(
+                    *[torch.split(t, [P - nz, nz]) if t is not None else (None, None) for t in (h, h2, *xs)]
+                )
+                ys = [
+                    torch.cat(pair)
+                    for pair in zip(
+                        _SO2Product.apply(main[0], main[1], plan.fold(W), plan.block_sizes, *main[2:]),
+                        _SO2Product.apply(
+                            zero[0], zero[1], plan.fold(W, zero_length=True), plan.block_sizes, *zero[2:]
+                        ),
+                    )
+                ]  # [P, 2s, O]
             else:
                 ys = _SO2Product.apply(h, h2, plan.fold(W), plan.block_sizes, *xs)  # [P, 2s, O]
         C = plan.channels_out
@@ -610,58 +724,94 @@ def so2_messages(plans: Mapping[str, SO2Plan],  # per kernel group
     out = {}
     for l, parts in by_degree.items():
         C = parts[0].shape[-1]
-        y = torch.cat([parts[m] if m in parts else parts[0].new_zeros(P, 2, 2, C) for m in range(l + 1)], 2)  # [P, 2, 2l+1, C]
-        y = y.view(2 * P, degree_to_dim(l), C).transpose(1, 2) @ frames.D_out[l].to(y.dtype)  # [2P, C, 2l+1] global frame
+        y = torch.cat(
+            [parts[m] if m in parts else parts[0].new_zeros(P, 2, 2, C) for m in range(l + 1)], 2
+        )  # [P, 2, 2l+1, C]
+        y = y.view(2 * P, degree_to_dim(l), C).transpose(1, 2) @ frames.D_out[l].to(
+            y.dtype
+        )  # [2P, C, 2l+1] global frame
         out[l] = frames.to_edges(y, order)  # [E, C, 2l+1]
     return out
 
 # %% ../nbs/04a_so2.ipynb #1499e5e1
 class SO2Conv(TFNConv):
     "`TFNConv` computed in edge frames (the fast path): identical function and parameters."
+
     geometry_type = EdgeFrames
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.plans = {name: SO2Plan(ins, outs, self.radial[name].channels_in, self.radial[name].channels_out, self.basis_scale[name])
-                      for name, (ins, outs) in self.groups.items()}
+        self.plans = {
+            name: SO2Plan(
+                ins, outs, self.radial[name].channels_in, self.radial[name].channels_out, self.basis_scale[name]
+            )
+            for name, (ins, outs) in self.groups.items()
+        }
 
     @staticmethod
-    def geometry(graph: Graph, invariants: Tensor, max_degree: int,
-                 groups: list[tuple[tuple[int, ...], tuple[int, ...]]],  # unused: every group works from the frames
-                ) -> EdgeFrames:
+    def geometry(
+        graph: Graph,
+        invariants: Tensor,
+        max_degree: int,
+        groups: list[tuple[tuple[int, ...], tuple[int, ...]]],  # unused: every group works from the frames
+    ) -> EdgeFrames:
         "Edge frames and slots, computed once per forward pass for all layers."
         return EdgeFrames(graph, max_degree, invariants)
 
-    def messages(self,
-                 node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
-                 edge_feats: Mapping[int, Tensor],  # {l: [E, C_l, 2l+1]}
-                 invariants: Tensor,  # [E, C_edge_0 + 1]
-                 graph: Graph,
-                 frames: EdgeFrames,
-                 order: Tensor | None = None,  # [E] edge ids: the rows of the result (None: the graph's edge order)
-                ) -> dict[int, Tensor]:  # {l: [E, C_out_l, 2l+1]}
+    def messages(
+        self,
+        node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
+        edge_feats: Mapping[int, Tensor],  # {l: [E, C_l, 2l+1]}
+        invariants: Tensor,  # [E, C_edge_0 + 1]
+        graph: Graph,
+        frames: EdgeFrames,
+        order: Tensor | None = None,  # [E] edge ids: the rows of the result (None: the graph's edge order)
+    ) -> dict[int, Tensor]:  # {l: [E, C_out_l, 2l+1]}
         "Message of every edge, computed in the edge frames."
-        if not isinstance(frames, EdgeFrames) or frames.num_edges != graph.num_edges or \
-                frames.max_degree < max(self.fiber_in.max_degree, self.fiber_out.max_degree):
-            raise ValueError(f"SO2Conv needs EdgeFrames of this graph ({graph.num_edges} edges, max_degree >= "
-                             f"{max(self.fiber_in.max_degree, self.fiber_out.max_degree)}), got {frames!r}")
+        if (
+            not isinstance(frames, EdgeFrames)
+            or frames.num_edges != graph.num_edges
+            or frames.max_degree < max(self.fiber_in.max_degree, self.fiber_out.max_degree)
+        ):
+            raise ValueError(
+                f"SO2Conv needs EdgeFrames of this graph ({graph.num_edges} edges, max_degree >= "
+                f"{max(self.fiber_in.max_degree, self.fiber_out.max_degree)}), got {frames!r}"
+            )
         inputs = {}
         for l in self.fiber_in.degrees:
             x = node_feats[l].index_select(0, frames.src)  # [2P, C_l, 2l+1]
-            if l > 0 and l in edge_feats: x = torch.cat([x, edge_feats[l].index_select(0, frames.slot_edges)], 1)
+            if l > 0 and l in edge_feats:
+                x = torch.cat([x, edge_feats[l].index_select(0, frames.slot_edges)], 1)
             inputs[l] = x
         with record_function('se3nb.radial_mlp'):
-            hidden = {name: self.radial[name].hidden(invariants.index_select(0, frames.first)) for name in self.groups}  # [P, mid]
-            second = None  # gradients for the invariants themselves (edge features, positions) must reach each edge's own
+            hidden = {
+                name: self.radial[name].hidden(invariants.index_select(0, frames.first)) for name in self.groups
+            }  # [P, mid]
+            second = (
+                None  # gradients for the invariants themselves (edge features, positions) must reach each edge's own
+            )
             if invariants.requires_grad:
-                second = {name: self.radial[name].hidden(invariants.index_select(0, frames.slot_edges[1::2])) for name in self.groups}
+                second = {
+                    name: self.radial[name].hidden(invariants.index_select(0, frames.slot_edges[1::2]))
+                    for name in self.groups
+                }
         with record_function('se3nb.kernel'):
-            return so2_messages(self.plans, hidden, {name: r.net[-1].weight for name, r in self.radial.items()}, inputs, frames,
-                                second, order)
+            return so2_messages(
+                self.plans,
+                hidden,
+                {name: r.net[-1].weight for name, r in self.radial.items()},
+                inputs,
+                frames,
+                second,
+                order,
+            )
 
 # %% ../nbs/04a_so2.ipynb #e5270d48
 CONV_PATHS = {'so2': SO2Conv, 'reference': TFNConv}
 
+
 def conv_class(path: str) -> type[TFNConv]:
     "The convolution class of a path name: 'so2' (fast, default) or 'reference' (the definition)."
-    if path not in CONV_PATHS: raise ValueError(f"path must be one of {list(CONV_PATHS)}, got {path!r}")
+    if path not in CONV_PATHS:
+        raise ValueError(f"path must be one of {list(CONV_PATHS)}, got {path!r}")
     return CONV_PATHS[path]

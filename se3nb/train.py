@@ -32,14 +32,26 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, Sampler
 
 import se3nb
-from .data import (ATOMIC_NUMBERS, DataConfig, GraphDataModule, GraphSample, QM9DataModule, QM9_TASKS, TargetScaler,
-                        atomic_torch_save, collate_graphs, molecule_sample, perceive_bonds)
+from se3nb.data import (
+    ATOMIC_NUMBERS,
+    DataConfig,
+    GraphDataModule,
+    GraphSample,
+    QM9DataModule,
+    QM9_TASKS,
+    TargetScaler,
+    atomic_torch_save,
+    collate_graphs,
+    molecule_sample,
+    perceive_bonds,
+)
 from .model import ModelConfig, SE3TransformerPooled
 
 # %% ../nbs/09_train.ipynb #d7517bc2
 @dataclass(frozen=True)
 class TrainConfig:
     "Optimization recipe and runtime switches; defaults are NVIDIA's QM9 recipe."
+
     epochs: int = 100  # passes over the training split
     lr: float = 0.002  # AdamW learning rate
     betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
@@ -55,7 +67,9 @@ class TrainConfig:
     num_threads: int | None = None  # torch CPU threads per process; None = torch's default
     out_dir: str = 'runs_out/qm9'  # metrics.jsonl, checkpoint.pt, results.json, plots (rank 0 only)
     resume: bool = False  # continue from out_dir/checkpoint.pt when it exists
-    stop_after: int | None = None  # end this run after this many epochs in total (schedule still spans `epochs`); for time-limited jobs
+    stop_after: int | None = (
+        None  # end this run after this many epochs in total (schedule still spans `epochs`); for time-limited jobs
+    )
     checkpoint_every: int = 1  # write the checkpoint every N epochs (and after the last)
     tensorboard: bool = False  # also log to TensorBoard in out_dir/tb
     progress: bool = True  # tqdm bars (rank 0)
@@ -67,119 +81,169 @@ class TrainConfig:
         if self.scheduler_interval not in ('epoch', 'step'):
             raise ValueError(f"scheduler_interval must be 'epoch' or 'step', got {self.scheduler_interval!r}")
         for name in ('epochs', 'accumulate', 'eval_every', 'checkpoint_every'):
-            if getattr(self, name) < 1: raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0: raise ValueError(f"lr must be > 0, got {self.lr}")
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
 
 # %% ../nbs/09_train.ipynb #dba8a1a4
 PRESETS = ('nvidia', 'quick', 'smoke')
+
 
 def presets(name: str) -> tuple[ModelConfig, DataConfig, TrainConfig]:
     "Model, data and training configuration of a named preset: 'nvidia', 'quick' or 'smoke'."
     if name == 'nvidia':
         return ModelConfig(), DataConfig(), TrainConfig()
-    if name == 'quick':  # < 10 min on a 2-core CPU: 2 layers, degrees 0..1, 16 channels; 40k training molecules, 5 epochs
+    if (
+        name == 'quick'
+    ):  # < 10 min on a 2-core CPU: 2 layers, degrees 0..1, 16 channels; 40k training molecules, 5 epochs
         # one intra-op thread: on a 2-core machine that is doing anything else, 2 OpenMP threads made steps ~17x slower
-        return (ModelConfig(num_layers=2, num_degrees=2, num_channels=16, num_heads=4, out_channels=64),
-                DataConfig(max_train=40_000, max_val=2_000, batch_size=32),
-                TrainConfig(epochs=5, scheduler_interval='step', num_threads=1, out_dir='runs_out/quick'))
+        return (
+            ModelConfig(num_layers=2, num_degrees=2, num_channels=16, num_heads=4, out_channels=64),
+            DataConfig(max_train=40_000, max_val=2_000, batch_size=32),
+            TrainConfig(epochs=5, scheduler_interval='step', num_threads=1, out_dir='runs_out/quick'),
+        )
     if name == 'smoke':  # seconds: a prefix of QM9 and a tiny model
-        return (ModelConfig(num_layers=1, num_degrees=2, num_channels=4, num_heads=2, out_channels=8),
-                DataConfig(max_molecules=200, batch_size=16, progress=False),
-                TrainConfig(epochs=2, scheduler_interval='step', out_dir='runs_out/smoke', progress=False))
+        return (
+            ModelConfig(num_layers=1, num_degrees=2, num_channels=4, num_heads=2, out_channels=8),
+            DataConfig(max_molecules=200, batch_size=16, progress=False),
+            TrainConfig(epochs=2, scheduler_interval='step', out_dir='runs_out/smoke', progress=False),
+        )
     raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
 
 # %% ../nbs/09_train.ipynb #52809818
 @dataclass
 class Runtime:
     "Where this process runs: device, rank and world size."
+
     device: torch.device
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+
     @property
-    def is_main(self) -> bool: return self.rank == 0
+    def is_main(self) -> bool:
+        return self.rank == 0
+
     @property
-    def distributed(self) -> bool: return self.world_size > 1
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
 
 def setup_distributed(device: str = 'auto') -> Runtime:
     "Device and process group from torchrun's environment (one process without it)."
-    world = int(os.environ.get('WORLD_SIZE', 1)); rank = int(os.environ.get('RANK', 0)); local = int(os.environ.get('LOCAL_RANK', 0))
-    if device == 'auto': device = f'cuda:{local}' if torch.cuda.is_available() else 'cpu'
-    elif device == 'cuda' and world > 1: device = f'cuda:{local}'
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    rank = int(os.environ.get('RANK', 0))
+    local = int(os.environ.get('LOCAL_RANK', 0))
+    if device == 'auto':
+        device = f'cuda:{local}' if torch.cuda.is_available() else 'cpu'
+    elif device == 'cuda' and world > 1:
+        device = f'cuda:{local}'
     dev = torch.device(device)
-    if dev.type == 'cuda': torch.cuda.set_device(dev)
+    if dev.type == 'cuda':
+        torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if dev.type == 'cuda' else 'gloo')
     return Runtime(dev, rank, local, world)
 
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     "'amp' -> 'fp16' on CUDA, 'bf16' on CPU; 'fp16' on CPU and 'tf32' off CUDA are errors."
-    if precision == 'amp': return 'fp16' if device.type == 'cuda' else 'bf16'
+    if precision == 'amp':
+        return 'fp16' if device.type == 'cuda' else 'bf16'
     if precision in ('fp16', 'tf32') and device.type != 'cuda':
         raise ValueError(f"precision {precision!r} needs a CUDA device (on CPU use 'bf16' or 'fp32')")
     return precision
 
+
 def autocast_context(precision: str, device: torch.device):
     "Autocast for 'fp16' / 'bf16'; nothing for 'fp32' / 'tf32'."
-    if precision == 'fp16': return torch.autocast(device.type, dtype=torch.float16)
-    if precision == 'bf16': return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == 'fp16':
+        return torch.autocast(device.type, dtype=torch.float16)
+    if precision == 'bf16':
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 # %% ../nbs/09_train.ipynb #10fb6951
 class ShardSampler(Sampler):
     "Positions rank, rank + world_size, ... of range(n): every item exactly once over all ranks."
+
     def __init__(self, n: int, rank: int = 0, world_size: int = 1):
         self.n, self.rank, self.world_size = n, rank, world_size
-    def __iter__(self): return iter(range(self.rank, self.n, self.world_size))
-    def __len__(self) -> int: return len(range(self.rank, self.n, self.world_size))
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.world_size))
+
 
 def all_reduce_sum(values: Sequence[float], runtime: Runtime) -> list[float]:
     "Sum of `values` over all ranks (float64; gloo/nccl)."
     t = torch.tensor(list(values), dtype=torch.float64)
     if runtime.distributed:
-        if runtime.device.type == 'cuda': t = t.to(runtime.device)
+        if runtime.device.type == 'cuda':
+            t = t.to(runtime.device)
         dist.all_reduce(t)
     return t.cpu().tolist()
 
 # %% ../nbs/09_train.ipynb #73d9d303
 CHECKPOINT_FORMAT = 1
 
+
 class CheckpointError(RuntimeError):
     "A checkpoint that cannot be read or does not fit the run."
+
 
 class NonFiniteLossError(FloatingPointError):
     "The training loss became NaN or infinite."
 
-def _config_dict(c) -> dict: return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(c).items()}
+
+def _config_dict(c) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(c).items()}
+
 
 def _from_dict(cls, d: dict):
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - set(names))
-    if unknown: raise CheckpointError(f"the checkpoint's {cls.__name__} has unknown fields {unknown} (made by another se3nb version?)")
+    if unknown:
+        raise CheckpointError(
+            f"the checkpoint's {cls.__name__} has unknown fields {unknown} (made by another se3nb version?)"
+        )
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 'cpu') -> dict:
     "Read a checkpoint with `weights_only=True`; a missing, corrupt or foreign file raises `CheckpointError`."
     path = Path(path)
-    if not path.exists(): raise CheckpointError(f"no checkpoint at {path}")
+    if not path.exists():
+        raise CheckpointError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file ({type(e).__name__}: {str(e)[:200]})") from e
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a torch file ({type(e).__name__}: {str(e)[:200]})"
+        ) from e
     if not isinstance(ckpt, dict) or ckpt.get('format') != CHECKPOINT_FORMAT or 'model' not in ckpt:
         raise CheckpointError(f"{path} is not an se3nb training checkpoint (format {CHECKPOINT_FORMAT})")
     return ckpt
 
+
 def configs_from_checkpoint(ckpt: dict) -> tuple[ModelConfig, DataConfig, TrainConfig]:
     "The model, data and training configurations stored in a checkpoint."
-    return (_from_dict(ModelConfig, ckpt['config']['model']), _from_dict(DataConfig, ckpt['config']['data']),
-            _from_dict(TrainConfig, ckpt['config']['train']))
+    return (
+        _from_dict(ModelConfig, ckpt['config']['model']),
+        _from_dict(DataConfig, ckpt['config']['data']),
+        _from_dict(TrainConfig, ckpt['config']['train']),
+    )
+
 
 def model_from_checkpoint(ckpt: dict) -> nn.Module:
     "An `SE3TransformerPooled` with the checkpoint's configuration and weights."
     model = SE3TransformerPooled.from_config(configs_from_checkpoint(ckpt)[0])
     _load_model_state(model, ckpt['model'])
     return model
+
 
 def _load_model_state(model: nn.Module, state: dict) -> None:
     try:
@@ -189,42 +253,62 @@ def _load_model_state(model: nn.Module, state: dict) -> None:
 
 # %% ../nbs/09_train.ipynb #7823faa8
 def _seed_everything(seed: int) -> None:
-    random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
 
 def _rng_state() -> dict:
-    state = {'torch': torch.get_rng_state(), 'python': list(random.getstate()[1]), 'python_version': random.getstate()[0],
-             'python_gauss': random.getstate()[2]}
-    if torch.cuda.is_available(): state['cuda'] = torch.cuda.get_rng_state_all()
+    state = {
+        'torch': torch.get_rng_state(),
+        'python': list(random.getstate()[1]),
+        'python_version': random.getstate()[0],
+        'python_gauss': random.getstate()[2],
+    }
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
     return state
+
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state['torch'])
     random.setstate((state['python_version'], tuple(state['python']), state['python_gauss']))
-    if 'cuda' in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state['cuda'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
 
-def _unwrap(model: nn.Module) -> nn.Module: return model.module if isinstance(model, DistributedDataParallel) else model
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
 
 @torch.no_grad()
-def evaluate(model: nn.Module,  # SE3TransformerPooled (or DDP-wrapped)
-             data: GraphDataModule,
-             split: str = 'val',  # 'train', 'val' or 'test'
-             runtime: Runtime | None = None,
-             *, precision: str = 'fp32',
-             return_predictions: bool = False,  # also gather predictions and targets (target units) on every rank
-            ) -> dict:
+def evaluate(
+    model: nn.Module,  # SE3TransformerPooled (or DDP-wrapped)
+    data: GraphDataModule,
+    split: str = 'val',  # 'train', 'val' or 'test'
+    runtime: Runtime | None = None,
+    *,
+    precision: str = 'fp32',
+    return_predictions: bool = False,  # also gather predictions and targets (target units) on every rank
+) -> dict:
     "MAE in the target's unit over a split (reduced over ranks), optionally with all predictions."
     runtime = runtime or Runtime(next(model.parameters()).device)
     ds = data.dataset(split)
     loader = data.dataloader(split, sampler=ShardSampler(len(ds), runtime.rank, runtime.world_size), shuffle=False)
-    net = _unwrap(model); was_training = net.training; net.eval()
+    net = _unwrap(model)
+    was_training = net.training
+    net.eval()
     abs_sum, count, preds, targets = 0.0, 0, [], []
     for batch in loader:
         batch = batch.to(runtime.device)
         with autocast_context(precision, runtime.device):
             out = net(batch.graph, batch.node_feats, batch.edge_feats, batch.bases)  # [B]
         pred = data.scaler.unstandardize(out.float().double())  # [B] target units
-        abs_sum += (pred - batch.targets.double()).abs().sum().item(); count += batch.num_graphs
-        if return_predictions: preds.append(pred.cpu()); targets.append(batch.targets.double().cpu())
+        abs_sum += (pred - batch.targets.double()).abs().sum().item()
+        count += batch.num_graphs
+        if return_predictions:
+            preds.append(pred.cpu())
+            targets.append(batch.targets.double().cpu())
     net.train(was_training)
     abs_sum, count = all_reduce_sum([abs_sum, count], runtime)
     res = {'mae': abs_sum / max(count, 1), 'count': int(count)}
@@ -234,56 +318,82 @@ def evaluate(model: nn.Module,  # SE3TransformerPooled (or DDP-wrapped)
         if runtime.distributed:
             gathered = [None] * runtime.world_size
             dist.all_gather_object(gathered, (p, y))
-            p = torch.cat([g[0] for g in gathered]); y = torch.cat([g[1] for g in gathered])
+            p = torch.cat([g[0] for g in gathered])
+            y = torch.cat([g[1] for g in gathered])
         res['predictions'], res['targets'] = p, y
     return res
 
 # %% ../nbs/09_train.ipynb #465382f0
 def _check_fits(model_config: ModelConfig, data: GraphDataModule) -> None:
-    if data.fiber_node != {0: model_config.node_feature_dim} or data.fiber_edge != ({0: model_config.edge_feature_dim} if model_config.edge_feature_dim else {}):
-        raise ValueError(f"the data's features {data.fiber_node} (nodes) and {data.fiber_edge} (edges) do not fit the model's "
-                         f"node_feature_dim={model_config.node_feature_dim}, edge_feature_dim={model_config.edge_feature_dim}: "
-                         "SE3TransformerPooled takes degree-0 inputs; set these ModelConfig fields")
+    if data.fiber_node != {0: model_config.node_feature_dim} or data.fiber_edge != (
+        {0: model_config.edge_feature_dim} if model_config.edge_feature_dim else {}
+    ):
+        raise ValueError(
+            f"the data's features {data.fiber_node} (nodes) and {data.fiber_edge} (edges) do not fit the model's "
+            f"node_feature_dim={model_config.node_feature_dim}, edge_feature_dim={model_config.edge_feature_dim}: "
+            "SE3TransformerPooled takes degree-0 inputs; set these ModelConfig fields"
+        )
+
 
 class _JsonlLogger:
     "Rank-0 metrics: JSON lines, optional TensorBoard."
+
     def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, resume: bool):
         self.enabled, self.path, self.tb = enabled, out_dir / 'metrics.jsonl', None
-        if not enabled: return
+        if not enabled:
+            return
         out_dir.mkdir(parents=True, exist_ok=True)
-        if not resume and self.path.exists(): self.path.unlink()
+        if not resume and self.path.exists():
+            self.path.unlink()
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
+
             self.tb = SummaryWriter(str(out_dir / 'tb'))
+
     def log(self, record: dict) -> None:
-        if not self.enabled: return
-        with open(self.path, 'a') as f: f.write(json.dumps(record) + '\n')
+        if not self.enabled:
+            return
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
         if self.tb is not None:
             for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ('epoch', 'step'): self.tb.add_scalar(k, v, record.get('step', 0))
+                if isinstance(v, (int, float)) and k not in ('epoch', 'step'):
+                    self.tb.add_scalar(k, v, record.get('step', 0))
+
     def close(self) -> None:
-        if self.tb is not None: self.tb.close()
+        if self.tb is not None:
+            self.tb.close()
 
 # %% ../nbs/09_train.ipynb #02c74b43
-def fit(model_config: ModelConfig = ModelConfig(),  # the model (NVIDIA's QM9 model by default)
-        data: GraphDataModule | DataConfig = DataConfig(),  # a data module, or a DataConfig for QM9
-        config: TrainConfig = TrainConfig(),  # recipe and runtime switches
-        *, model: nn.Module | None = None,  # use this module instead of building one from model_config (tests)
-       ) -> dict:
+def fit(
+    model_config: ModelConfig = ModelConfig(),  # the model (NVIDIA's QM9 model by default)
+    data: GraphDataModule | DataConfig = DataConfig(),  # a data module, or a DataConfig for QM9
+    config: TrainConfig = TrainConfig(),  # recipe and runtime switches
+    *,
+    model: nn.Module | None = None,  # use this module instead of building one from model_config (tests)
+) -> dict:
     "Train, validate and test; returns the final metrics (rank 0 also writes them and the checkpoint to `config.out_dir`)."
     runtime = setup_distributed(config.device)
     precision = resolve_precision(config.precision, runtime.device)
-    if config.num_threads: torch.set_num_threads(config.num_threads)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
     if precision == 'tf32':  # runtime switch, only here (never at import)
-        torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     data_config = data.config if isinstance(data, QM9DataModule) else (data if isinstance(data, DataConfig) else None)
     if isinstance(data, DataConfig):
-        if not runtime.is_main and runtime.distributed: dist.barrier()  # rank 0 builds the cache first
+        if not runtime.is_main and runtime.distributed:
+            dist.barrier()  # rank 0 builds the cache first
         data = QM9DataModule(replace(data, progress=data.progress and runtime.is_main))
-        if runtime.is_main and runtime.distributed: dist.barrier()
-    if model is None: _check_fits(model_config, data)
-    data.path = model_config.path if model is None else getattr(model, 'path', data.path)  # precomputed geometry must fit the model
-    out_dir = Path(config.out_dir); ckpt_path = out_dir / 'checkpoint.pt'
+        if runtime.is_main and runtime.distributed:
+            dist.barrier()
+    if model is None:
+        _check_fits(model_config, data)
+    data.path = (
+        model_config.path if model is None else getattr(model, 'path', data.path)
+    )  # precomputed geometry must fit the model
+    out_dir = Path(config.out_dir)
+    ckpt_path = out_dir / 'checkpoint.pt'
     _seed_everything(config.seed)
     net = (model if model is not None else SE3TransformerPooled.from_config(model_config)).to(runtime.device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
@@ -298,18 +408,29 @@ def fit(model_config: ModelConfig = ModelConfig(),  # the model (NVIDIA's QM9 mo
             diff = {k: (stored.get(k), v) for k, v in _config_dict(model_config).items() if stored.get(k) != v}
             raise CheckpointError(f"{ckpt_path} was made for another model configuration (checkpoint vs now: {diff})")
         _load_model_state(net, ckpt['model'])
-        optimizer.load_state_dict(ckpt['optimizer']); scheduler.load_state_dict(ckpt['scheduler'])
-        if ckpt.get('scaler'): scaler.load_state_dict(ckpt['scaler'])
+        optimizer.load_state_dict(ckpt['optimizer'])
+        scheduler.load_state_dict(ckpt['scheduler'])
+        if ckpt.get('scaler'):
+            scaler.load_state_dict(ckpt['scaler'])
         start_epoch, history = int(ckpt['epoch']), list(ckpt.get('history', []))
         _set_rng_state(ckpt['rng'])
-        if runtime.is_main: print(f"se3nb: resuming from {ckpt_path} after epoch {start_epoch}", file=sys.stderr)
-    ddp = DistributedDataParallel(net, device_ids=[runtime.device.index] if runtime.device.type == 'cuda' else None) \
-        if runtime.distributed else net
-    sampler = DistributedSampler(data.train_set, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True, seed=config.seed)
+        if runtime.is_main:
+            print(f"se3nb: resuming from {ckpt_path} after epoch {start_epoch}", file=sys.stderr)
+    ddp = (
+        DistributedDataParallel(net, device_ids=[runtime.device.index] if runtime.device.type == 'cuda' else None)
+        if runtime.distributed
+        else net
+    )
+    sampler = DistributedSampler(
+        data.train_set, num_replicas=runtime.world_size, rank=runtime.rank, shuffle=True, seed=config.seed
+    )
     loader = data.dataloader('train', sampler=sampler, pin_memory=runtime.device.type == 'cuda')
     logger = _JsonlLogger(out_dir, runtime.is_main, config.tensorboard, resume=start_epoch > 0)
-    configs = {'model': _config_dict(model_config), 'data': _config_dict(data_config) if data_config else None,
-               'train': _config_dict(config)}
+    configs = {
+        'model': _config_dict(model_config),
+        'data': _config_dict(data_config) if data_config else None,
+        'train': _config_dict(config),
+    }
     steps_per_epoch = len(loader)
     t_start = time.perf_counter()
     try:
@@ -320,7 +441,10 @@ def fit(model_config: ModelConfig = ModelConfig(),  # the model (NVIDIA's QM9 mo
             bar = loader
             if config.progress and runtime.is_main:
                 from tqdm.auto import tqdm
-                bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit='batch', leave=False, mininterval=1.0)
+
+                bar = tqdm(
+                    loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit='batch', leave=False, mininterval=1.0
+                )
             for i, batch in enumerate(bar):
                 batch = batch.to(runtime.device, non_blocking=True)
                 last = (i + 1) % config.accumulate == 0 or i + 1 == steps_per_epoch
@@ -331,78 +455,144 @@ def fit(model_config: ModelConfig = ModelConfig(),  # the model (NVIDIA's QM9 mo
                     loss = nn.functional.l1_loss(out.float(), data.scaler.standardize(batch.targets.float()))
                     bad = all_reduce_sum([0.0 if torch.isfinite(loss) else 1.0], runtime)[0]
                     if bad:
-                        raise NonFiniteLossError(f"non-finite training loss ({loss.item()}) at epoch {epoch + 1}, batch {i + 1}; "
-                                                 f"the last good checkpoint ({ckpt_path}) is kept. Try a lower lr, grad_clip or fp32.")
+                        raise NonFiniteLossError(
+                            f"non-finite training loss ({loss.item()}) at epoch {epoch + 1}, batch {i + 1}; "
+                            f"the last good checkpoint ({ckpt_path}) is kept. Try a lower lr, grad_clip or fp32."
+                        )
                     scaler.scale(loss / config.accumulate).backward()
                 if last:
                     if config.grad_clip is not None:
                         scaler.unscale_(optimizer)
                         nn.utils.clip_grad_norm_(ddp.parameters(), config.grad_clip)
-                    scaler.step(optimizer); scaler.update()
+                    scaler.step(optimizer)
+                    scaler.update()
                     optimizer.zero_grad(set_to_none=True)
                 lr_used = optimizer.param_groups[0]['lr']
-                if config.scheduler_interval == 'step': scheduler.step(epoch + (i + 1) / steps_per_epoch)
-                loss_sum += loss.item() * batch.num_graphs; n_graphs += batch.num_graphs
-                if bar is not loader and i % 20 == 0: bar.set_postfix(loss=f"{loss.item():.4f}")
-            if config.scheduler_interval == 'epoch': scheduler.step()
+                if config.scheduler_interval == 'step':
+                    scheduler.step(epoch + (i + 1) / steps_per_epoch)
+                loss_sum += loss.item() * batch.num_graphs
+                n_graphs += batch.num_graphs
+                if bar is not loader and i % 20 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4f}")
+            if config.scheduler_interval == 'epoch':
+                scheduler.step()
             loss_sum, n_graphs = all_reduce_sum([loss_sum, n_graphs], runtime)
             seconds = time.perf_counter() - t0
-            record = {'epoch': epoch + 1, 'step': (epoch + 1) * steps_per_epoch, 'train_loss': loss_sum / max(n_graphs, 1),
-                      'lr': lr_used, 'epoch_seconds': round(seconds, 2),
-                      'molecules_per_second': round(n_graphs / seconds, 1)}
+            record = {
+                'epoch': epoch + 1,
+                'step': (epoch + 1) * steps_per_epoch,
+                'train_loss': loss_sum / max(n_graphs, 1),
+                'lr': lr_used,
+                'epoch_seconds': round(seconds, 2),
+                'molecules_per_second': round(n_graphs / seconds, 1),
+            }
             final = epoch + 1 == min(config.epochs, config.stop_after or config.epochs)
             if (epoch + 1) % config.eval_every == 0 or final:
-                record[f'val_mae'] = evaluate(ddp, data, 'val', runtime, precision=precision)['mae']
-            history.append(record); logger.log(record)
+                record['val_mae'] = evaluate(ddp, data, 'val', runtime, precision=precision)['mae']
+            history.append(record)
+            logger.log(record)
             if runtime.is_main and config.progress:
-                print(' '.join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()), file=sys.stderr)
+                print(
+                    ' '.join(f"{k}={v:.5g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()),
+                    file=sys.stderr,
+                )
             if runtime.is_main and ((epoch + 1) % config.checkpoint_every == 0 or final):
-                atomic_torch_save({'format': CHECKPOINT_FORMAT, 'se3nb': se3nb.__version__, 'model': _unwrap(ddp).state_dict(),
-                                   'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-                                   'scaler': scaler.state_dict() if scaler.is_enabled() else None, 'epoch': epoch + 1,
-                                   'rng': _rng_state(), 'config': configs, 'history': history,
-                                   'target': {'name': data.target_name, 'unit': data.target_unit,
-                                              'mean': data.scaler.mean, 'std': data.scaler.std}}, ckpt_path)
+                atomic_torch_save(
+                    {
+                        'format': CHECKPOINT_FORMAT,
+                        'se3nb': se3nb.__version__,
+                        'model': _unwrap(ddp).state_dict(),
+                        'optimizer': optimizer.state_dict(),
+                        'scheduler': scheduler.state_dict(),
+                        'scaler': scaler.state_dict() if scaler.is_enabled() else None,
+                        'epoch': epoch + 1,
+                        'rng': _rng_state(),
+                        'config': configs,
+                        'history': history,
+                        'target': {
+                            'name': data.target_name,
+                            'unit': data.target_unit,
+                            'mean': data.scaler.mean,
+                            'std': data.scaler.std,
+                        },
+                    },
+                    ckpt_path,
+                )
         test = evaluate(ddp, data, 'test', runtime, precision=precision, return_predictions=True)
-        results = {'target': data.target_name, 'unit': data.target_unit, 'test_mae': test['mae'], 'test_count': test['count'],
-                   'mean_predictor_test_mae': data.mean_predictor_mae('test'),
-                   'val_mae': history[-1].get('val_mae') if history else None, 'epochs': config.epochs,
-                   'train_seconds': round(time.perf_counter() - t_start, 1), 'world_size': runtime.world_size,
-                   'precision': precision, 'device': str(runtime.device),
-                   'parameters': sum(p.numel() for p in net.parameters())}
+        results = {
+            'target': data.target_name,
+            'unit': data.target_unit,
+            'test_mae': test['mae'],
+            'test_count': test['count'],
+            'mean_predictor_test_mae': data.mean_predictor_mae('test'),
+            'val_mae': history[-1].get('val_mae') if history else None,
+            'epochs': config.epochs,
+            'train_seconds': round(time.perf_counter() - t_start, 1),
+            'world_size': runtime.world_size,
+            'precision': precision,
+            'device': str(runtime.device),
+            'parameters': sum(p.numel() for p in net.parameters()),
+        }
         if runtime.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             (out_dir / 'results.json').write_text(json.dumps(results, indent=1))
-            if config.plots: save_plots(history, test['predictions'], test['targets'], data.target_name, data.target_unit, out_dir,
-                                        std=data.scaler.std)
+            if config.plots:
+                save_plots(
+                    history,
+                    test['predictions'],
+                    test['targets'],
+                    data.target_name,
+                    data.target_unit,
+                    out_dir,
+                    std=data.scaler.std,
+                )
         results['model'] = _unwrap(ddp)
         return results
     finally:
         logger.close()
 
 # %% ../nbs/09_train.ipynb #c2a90b5d
-def save_plots(history: list[dict], predictions: Tensor, targets: Tensor, name: str, unit: str, out_dir: str | os.PathLike,
-               std: float = 1.0,  # target std: turns the standardized training loss into a MAE in `unit`
-              ) -> None:
+def save_plots(
+    history: list[dict],
+    predictions: Tensor,
+    targets: Tensor,
+    name: str,
+    unit: str,
+    out_dir: str | os.PathLike,
+    std: float = 1.0,  # target std: turns the standardized training loss into a MAE in `unit`
+) -> None:
     "Write learning_curve.png and parity.png to `out_dir`."
     import matplotlib
-    if 'matplotlib.pyplot' not in sys.modules: matplotlib.use('Agg')
+
+    if 'matplotlib.pyplot' not in sys.modules:
+        matplotlib.use('Agg')
     import matplotlib.pyplot as plt
+
     out_dir = Path(out_dir)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ep = [r['epoch'] for r in history]
     ax.plot(ep, [r['train_loss'] * std for r in history], 'o-', label='training (mean over the epoch)')
     val = [(r['epoch'], r['val_mae']) for r in history if 'val_mae' in r]
-    if val: ax.plot(*zip(*val), 's-', label='validation (end of epoch)')
-    ax.set(title=f'Learning curve, {name}', xlabel='epoch', ylabel=f'MAE ({unit})', yscale='log'); ax.legend()
-    fig.tight_layout(); fig.savefig(out_dir / 'learning_curve.png', dpi=100); plt.close(fig)
+    if val:
+        ax.plot(*zip(*val), 's-', label='validation (end of epoch)')
+    ax.set(title=f'Learning curve, {name}', xlabel='epoch', ylabel=f'MAE ({unit})', yscale='log')
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / 'learning_curve.png', dpi=100)
+    plt.close(fig)
     fig, ax = plt.subplots(figsize=(4, 4))
     p, y = predictions.numpy(), targets.numpy()
     ax.scatter(y, p, s=2, alpha=0.3)
     lo, hi = float(min(y.min(), p.min())), float(max(y.max(), p.max()))
     ax.plot([lo, hi], [lo, hi], 'k--', lw=1)
-    ax.set(title=f'Test parity, {name}: MAE {np.abs(p - y).mean():.4g} {unit}', xlabel=f'true ({unit})', ylabel=f'predicted ({unit})')
-    fig.tight_layout(); fig.savefig(out_dir / 'parity.png', dpi=100); plt.close(fig)
+    ax.set(
+        title=f'Test parity, {name}: MAE {np.abs(p - y).mean():.4g} {unit}',
+        xlabel=f'true ({unit})',
+        ylabel=f'predicted ({unit})',
+    )
+    fig.tight_layout()
+    fig.savefig(out_dir / 'parity.png', dpi=100)
+    plt.close(fig)
 
 # %% ../nbs/09_train.ipynb #b93299b2
 def read_xyz(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
@@ -410,15 +600,20 @@ def read_xyz(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     lines = Path(path).read_text().splitlines()
     try:
         n = int(lines[0].split()[0])
-        rows = [l.split() for l in lines[2:2 + n]]
-        if len(rows) != n or any(len(r) < 4 for r in rows): raise ValueError(f"expected {n} atom lines of 'element x y z'")
+        rows = [l.split() for l in lines[2 : 2 + n]]
+        if len(rows) != n or any(len(r) < 4 for r in rows):
+            raise ValueError(f"expected {n} atom lines of 'element x y z'")
         elements = [r[0].capitalize() for r in rows]
         pos = np.array([[float(x.replace('*^', 'e')) for x in r[1:4]] for r in rows], dtype=np.float64)  # [n, 3]
     except (IndexError, ValueError) as e:
         raise ValueError(f"malformed xyz file {path}: {e}") from None
     unknown = sorted(set(elements) - set(ATOMIC_NUMBERS))
-    if unknown: raise ValueError(f"{path}: elements {unknown} are not in QM9 (H, C, N, O, F); the QM9 model cannot predict them")
+    if unknown:
+        raise ValueError(
+            f"{path}: elements {unknown} are not in QM9 (H, C, N, O, F); the QM9 model cannot predict them"
+        )
     return elements, pos
+
 
 def xyz_sample(path: str | os.PathLike) -> GraphSample:
     "A `GraphSample` with QM9 features from an .xyz file (bonds from RDKit, as for QM9; target NaN)."
@@ -427,68 +622,153 @@ def xyz_sample(path: str | os.PathLike) -> GraphSample:
     z = torch.tensor([ATOMIC_NUMBERS[e] for e in elements])  # [n]
     return molecule_sample(z, torch.from_numpy(pos).float(), bonds, torch.tensor(float('nan')))
 
+
 @torch.no_grad()
-def predict(checkpoint: str | os.PathLike,  # a checkpoint written by fit
-            xyz_files: Sequence[str | os.PathLike] | None = None,  # predict these molecules; None = the QM9 test split
-            *, device: str = 'cpu', batch_size: int = 64, data_config: DataConfig | None = None,  # QM9 options (default: the checkpoint's)
-           ) -> dict:
+def predict(
+    checkpoint: str | os.PathLike,  # a checkpoint written by fit
+    xyz_files: Sequence[str | os.PathLike] | None = None,  # predict these molecules; None = the QM9 test split
+    *,
+    device: str = 'cpu',
+    batch_size: int = 64,
+    data_config: DataConfig | None = None,  # QM9 options (default: the checkpoint's)
+) -> dict:
     "Predictions (target unit) of a checkpoint on .xyz files or on its QM9 test split (then with the MAE)."
     ckpt = load_checkpoint(checkpoint)
     model = model_from_checkpoint(ckpt).to(device).eval()
     target = ckpt['target']
-    unstd = lambda y: y.double() * target['std'] + target['mean']
+
+    def unstd(y):
+        return y.double() * target['std'] + target['mean']
+
     if xyz_files:
         samples = [xyz_sample(f) for f in xyz_files]
         preds = []
         for k in range(0, len(samples), batch_size):
-            b = collate_graphs(samples[k:k + batch_size]).to(device)
+            b = collate_graphs(samples[k : k + batch_size]).to(device)
             preds.append(unstd(model(b.graph, b.node_feats, b.edge_feats).cpu()))
-        return {'target': target['name'], 'unit': target['unit'], 'files': [str(f) for f in xyz_files],
-                'predictions': torch.cat(preds).tolist()}
+        return {
+            'target': target['name'],
+            'unit': target['unit'],
+            'files': [str(f) for f in xyz_files],
+            'predictions': torch.cat(preds).tolist(),
+        }
     dc = data_config or ckpt['config']['data'] and _from_dict(DataConfig, ckpt['config']['data'])
-    if not dc: raise CheckpointError("this checkpoint was not trained on QM9; pass xyz_files")
+    if not dc:
+        raise CheckpointError("this checkpoint was not trained on QM9; pass xyz_files")
     data = QM9DataModule(replace(dc, batch_size=batch_size))
     data.scaler = TargetScaler(target['mean'], target['std'])  # the training statistics stored with the model
     res = evaluate(model, data, 'test', Runtime(torch.device(device)), return_predictions=True)
-    return {'target': target['name'], 'unit': target['unit'], 'test_mae': res['mae'], 'count': res['count'],
-            'predictions': res['predictions'].tolist(), 'targets': res['targets'].tolist()}
+    return {
+        'target': target['name'],
+        'unit': target['unit'],
+        'test_mae': res['mae'],
+        'count': res['count'],
+        'predictions': res['predictions'].tolist(),
+        'targets': res['targets'].tolist(),
+    }
 
 # %% ../nbs/09_train.ipynb #109d8936
 def _train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog='se3nb-train', description='Train the SE(3)-Transformer on QM9 (NVIDIA recipe by default).')
+    p = argparse.ArgumentParser(
+        prog='se3nb-train', description='Train the SE(3)-Transformer on QM9 (NVIDIA recipe by default).'
+    )
     p.add_argument('--preset', default='nvidia', choices=PRESETS, help='starting configuration (default: nvidia)')
-    p.add_argument('--task', choices=list(QM9_TASKS)); p.add_argument('--epochs', type=int); p.add_argument('--batch-size', type=int)
-    p.add_argument('--lr', type=float); p.add_argument('--weight-decay', type=float); p.add_argument('--min-lr', type=float)
-    p.add_argument('--precision', choices=['fp32', 'tf32', 'fp16', 'bf16', 'amp']); p.add_argument('--amp', action='store_true', help='same as --precision amp')
-    p.add_argument('--grad-clip', type=float); p.add_argument('--accumulate', type=int); p.add_argument('--eval-every', type=int)
-    p.add_argument('--seed', type=int); p.add_argument('--device'); p.add_argument('--num-threads', type=int)
-    p.add_argument('--out-dir'); p.add_argument('--resume', action='store_true'); p.add_argument('--tensorboard', action='store_true')
+    p.add_argument('--task', choices=list(QM9_TASKS))
+    p.add_argument('--epochs', type=int)
+    p.add_argument('--batch-size', type=int)
+    p.add_argument('--lr', type=float)
+    p.add_argument('--weight-decay', type=float)
+    p.add_argument('--min-lr', type=float)
+    p.add_argument('--precision', choices=['fp32', 'tf32', 'fp16', 'bf16', 'amp'])
+    p.add_argument('--amp', action='store_true', help='same as --precision amp')
+    p.add_argument('--grad-clip', type=float)
+    p.add_argument('--accumulate', type=int)
+    p.add_argument('--eval-every', type=int)
+    p.add_argument('--seed', type=int)
+    p.add_argument('--device')
+    p.add_argument('--num-threads', type=int)
+    p.add_argument('--out-dir')
+    p.add_argument('--resume', action='store_true')
+    p.add_argument('--tensorboard', action='store_true')
     p.add_argument('--no-progress', action='store_true')
-    p.add_argument('--num-layers', type=int); p.add_argument('--num-degrees', type=int); p.add_argument('--num-channels', type=int)
-    p.add_argument('--num-heads', type=int); p.add_argument('--low-memory', action='store_true')
-    p.add_argument('--data-dir'); p.add_argument('--cache-dir'); p.add_argument('--edges', choices=['bonds', 'radius'])
-    p.add_argument('--cutoff', type=float); p.add_argument('--max-molecules', type=int); p.add_argument('--max-train', type=int)
-    p.add_argument('--max-val', type=int); p.add_argument('--max-test', type=int); p.add_argument('--num-workers', type=int)
+    p.add_argument('--num-layers', type=int)
+    p.add_argument('--num-degrees', type=int)
+    p.add_argument('--num-channels', type=int)
+    p.add_argument('--num-heads', type=int)
+    p.add_argument('--low-memory', action='store_true')
+    p.add_argument('--data-dir')
+    p.add_argument('--cache-dir')
+    p.add_argument('--edges', choices=['bonds', 'radius'])
+    p.add_argument('--cutoff', type=float)
+    p.add_argument('--max-molecules', type=int)
+    p.add_argument('--max-train', type=int)
+    p.add_argument('--max-val', type=int)
+    p.add_argument('--max-test', type=int)
+    p.add_argument('--num-workers', type=int)
     p.add_argument('--precompute-bases', action='store_true')
     return p
+
 
 def configs_from_args(argv: Sequence[str] | None = None) -> tuple[ModelConfig, DataConfig, TrainConfig]:
     "The three configurations from a preset and command-line flags."
     a = _train_parser().parse_args(argv)
     m, d, t = presets(a.preset)
-    pick = lambda **kw: {k: v for k, v in kw.items() if v is not None and v is not False}
-    m = replace(m, **pick(num_layers=a.num_layers, num_degrees=a.num_degrees, num_channels=a.num_channels,
-                          num_heads=a.num_heads, low_memory=a.low_memory))
-    d = replace(d, **pick(task=a.task, batch_size=a.batch_size, data_dir=a.data_dir, cache_dir=a.cache_dir, edges=a.edges,
-                          cutoff=a.cutoff, max_molecules=a.max_molecules, max_train=a.max_train, max_val=a.max_val,
-                          max_test=a.max_test, num_workers=a.num_workers, precompute_bases=a.precompute_bases))
-    if d.precompute_bases: d = replace(d, max_degree=m.num_degrees - 1)
-    t = replace(t, **pick(epochs=a.epochs, lr=a.lr, weight_decay=a.weight_decay, min_lr=a.min_lr,
-                          precision='amp' if a.amp else a.precision, grad_clip=a.grad_clip, accumulate=a.accumulate,
-                          eval_every=a.eval_every, seed=a.seed, device=a.device, num_threads=a.num_threads, out_dir=a.out_dir,
-                          resume=a.resume, tensorboard=a.tensorboard))
-    if a.no_progress: t, d = replace(t, progress=False), replace(d, progress=False)
+
+    def pick(**kw):
+        return {k: v for k, v in kw.items() if v is not None and v is not False}
+
+    m = replace(
+        m,
+        **pick(
+            num_layers=a.num_layers,
+            num_degrees=a.num_degrees,
+            num_channels=a.num_channels,
+            num_heads=a.num_heads,
+            low_memory=a.low_memory,
+        ),
+    )
+    d = replace(
+        d,
+        **pick(
+            task=a.task,
+            batch_size=a.batch_size,
+            data_dir=a.data_dir,
+            cache_dir=a.cache_dir,
+            edges=a.edges,
+            cutoff=a.cutoff,
+            max_molecules=a.max_molecules,
+            max_train=a.max_train,
+            max_val=a.max_val,
+            max_test=a.max_test,
+            num_workers=a.num_workers,
+            precompute_bases=a.precompute_bases,
+        ),
+    )
+    if d.precompute_bases:
+        d = replace(d, max_degree=m.num_degrees - 1)
+    t = replace(
+        t,
+        **pick(
+            epochs=a.epochs,
+            lr=a.lr,
+            weight_decay=a.weight_decay,
+            min_lr=a.min_lr,
+            precision='amp' if a.amp else a.precision,
+            grad_clip=a.grad_clip,
+            accumulate=a.accumulate,
+            eval_every=a.eval_every,
+            seed=a.seed,
+            device=a.device,
+            num_threads=a.num_threads,
+            out_dir=a.out_dir,
+            resume=a.resume,
+            tensorboard=a.tensorboard,
+        ),
+    )
+    if a.no_progress:
+        t, d = replace(t, progress=False), replace(d, progress=False)
     return m, d, t
+
 
 def train_from_args(argv: Sequence[str] | None = None) -> dict:
     "Train from command-line flags, print the test MAE; returns the results (the model under 'model' on every rank)."
@@ -497,47 +777,66 @@ def train_from_args(argv: Sequence[str] | None = None) -> dict:
     try:
         res = fit(m, d, t)
     except (NonFiniteLossError, CheckpointError) as e:
-        print(f"se3nb-train: {e}", file=sys.stderr); raise SystemExit(1)
+        print(f"se3nb-train: {e}", file=sys.stderr)
+        raise SystemExit(1)
     finally:
-        if dist.is_initialized(): dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     if int(os.environ.get('RANK', 0)) == 0:
         res['wall_seconds'] = round(time.perf_counter() - t0, 1)
-        print(f"test MAE {res['test_mae']:.4f} {res['unit']} ({res['target']}, {res['test_count']} molecules); "
-              f"mean predictor {res['mean_predictor_test_mae']:.4f} {res['unit']} "
-              f"({res['mean_predictor_test_mae'] / res['test_mae']:.1f}x the model's MAE); wall time {res['wall_seconds']:.0f} s; "
-              f"outputs in {t.out_dir}")
+        print(
+            f"test MAE {res['test_mae']:.4f} {res['unit']} ({res['target']}, {res['test_count']} molecules); "
+            f"mean predictor {res['mean_predictor_test_mae']:.4f} {res['unit']} "
+            f"({res['mean_predictor_test_mae'] / res['test_mae']:.1f}x the model's MAE); wall time {res['wall_seconds']:.0f} s; "
+            f"outputs in {t.out_dir}"
+        )
     return res
+
 
 def predict_from_args(argv: Sequence[str] | None = None) -> dict:
     "Predict from command-line flags and print the predictions or the test MAE; returns them."
-    p = argparse.ArgumentParser(prog='se3nb-predict', description='Predict with a checkpoint: on .xyz files, or on the QM9 test split.')
-    p.add_argument('checkpoint'); p.add_argument('xyz', nargs='*', help='.xyz files (default: the QM9 test split)')
-    p.add_argument('--device', default='cpu'); p.add_argument('--batch-size', type=int, default=64)
+    p = argparse.ArgumentParser(
+        prog='se3nb-predict', description='Predict with a checkpoint: on .xyz files, or on the QM9 test split.'
+    )
+    p.add_argument('checkpoint')
+    p.add_argument('xyz', nargs='*', help='.xyz files (default: the QM9 test split)')
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--output', help='write the predictions as JSON here')
     a = p.parse_args(argv)
     try:
         res = predict(a.checkpoint, a.xyz or None, device=a.device, batch_size=a.batch_size)
     except (CheckpointError, ValueError) as e:
-        print(f"se3nb-predict: {e}", file=sys.stderr); raise SystemExit(1)
+        print(f"se3nb-predict: {e}", file=sys.stderr)
+        raise SystemExit(1)
     if a.xyz:
-        for f, v in zip(res['files'], res['predictions']): print(f"{f}\t{v:.6g} {res['unit']}")
+        for f, v in zip(res['files'], res['predictions']):
+            print(f"{f}\t{v:.6g} {res['unit']}")
     else:
         print(f"test MAE {res['test_mae']:.4f} {res['unit']} ({res['target']}, {res['count']} molecules)")
-    if a.output: Path(a.output).write_text(json.dumps(res))
+    if a.output:
+        Path(a.output).write_text(json.dumps(res))
     return res
+
 
 def cli_train(argv: Sequence[str] | None = None) -> None:
     "Entry point of `se3nb-train` (console scripts must return None: the results are printed and written to out_dir)."
     train_from_args(argv)
 
+
 def cli_predict(argv: Sequence[str] | None = None) -> None:
     "Entry point of `se3nb-predict`."
     predict_from_args(argv)
 
+
 def main(argv: Sequence[str] | None = None) -> None:
     "`python -m se3nb.train [flags]` trains; `python -m se3nb.train predict CHECKPOINT [XYZ ...]` predicts."
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ['predict']: cli_predict(argv[1:])
-    else: cli_train(argv)
+    if argv[:1] == ['predict']:
+        cli_predict(argv[1:])
+    else:
+        cli_train(argv)
 
-if __name__ == '__main__' and 'IPython' not in sys.modules: main()  # not when run inside a notebook
+
+if __name__ == '__main__' and 'IPython' not in sys.modules:
+    main()  # not when run inside a notebook

@@ -1,4 +1,5 @@
 """The benchmark harness works and writes valid JSON (timings are never asserted: machines are noisy)."""
+
 import json
 
 from se3nb.benchmark import Case, loglog_slope, main, random_molecule_batch, run_case
@@ -7,15 +8,31 @@ from se3nb.benchmark import Case, loglog_slope, main, random_molecule_batch, run
 def test_smoke_suite_writes_results(tmp_path, capsys):
     main(['--smoke', '--out-dir', str(tmp_path)])
     report = json.loads((tmp_path / 'results.json').read_text())
-    for key in ('se3nb', 'torch', 'e3nn', 'device', 'device_name', 'threads', 'date', 'results', 'stage_profile_ms', 'loglog_slopes'):
+    for key in (
+        'se3nb',
+        'torch',
+        'e3nn',
+        'device',
+        'device_name',
+        'threads',
+        'date',
+        'results',
+        'stage_profile_ms',
+        'loglog_slopes',
+    ):
         assert key in report, key
     for kind in ('train', 'inference', 'memory', 'scale_atoms', 'scale_max_degree', 'scale_channels'):
         for r in report['results'][kind]:
             assert r['mean_ms'] > 0 and r['molecules_per_ms'] > 0 and r['peak_memory_gb'] > 0
             assert {'mode', 'batch_size', 'precision', 'device'} <= set(r['case'])
     assert {'kernel', 'radial_mlp', 'optimizer'} <= set(report['stage_profile_ms'])
-    assert sorted(p.name for p in tmp_path.glob('*.png')) == ['scale_atoms.png', 'scale_channels.png', 'scale_max_degree.png',
-                                                             'scale_radius_atoms.png', 'stage_profile.png']
+    assert sorted(p.name for p in tmp_path.glob('*.png')) == [
+        'scale_atoms.png',
+        'scale_channels.png',
+        'scale_max_degree.png',
+        'scale_radius_atoms.png',
+        'stage_profile.png',
+    ]
     assert 'mol/ms' in capsys.readouterr().out
 
 

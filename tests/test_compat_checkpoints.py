@@ -1,5 +1,6 @@
 """NVIDIA drop-in path without DGL: NVIDIACompatModel (NVIDIA's call signature and key names), NVIDIA training checkpoints both
 ways (weights and optimizer state, every fusion layout), clear errors for bad files, and DGL-free graph conversion."""
+
 import argparse
 import subprocess
 import sys
@@ -8,8 +9,15 @@ import pytest
 import torch
 
 from se3nb.compat import from_nvidia, nvidia_graph, run_nvidia_fixture, se3nb_key_to_nvidia
-from se3nb.dgl_interop import (NVIDIACompatModel, as_graph, from_dgl, load_nvidia_checkpoint, nvidia_optimizer_state_to_se3nb,
-                               save_nvidia_checkpoint, to_dgl)
+from se3nb.dgl_interop import (
+    NVIDIACompatModel,
+    as_graph,
+    from_dgl,
+    load_nvidia_checkpoint,
+    nvidia_optimizer_state_to_se3nb,
+    save_nvidia_checkpoint,
+    to_dgl,
+)
 from se3nb.graph import Graph, radius_graph
 
 MODEL_FIXTURES = [f"{c}_{v}" for c in ("graph2graph", "qm9", "rf_like") for v in ("none", "partial", "full")]
@@ -21,7 +29,9 @@ def load(nvidia_dir, name):
 
 def fixture_graph(fx, rotated=False):
     g = fx["graph"]
-    return nvidia_graph(g["src"], g["dst"], g["num_nodes"], fx["rel_pos_rotated" if rotated else "rel_pos"], g["batch_num_nodes"])
+    return nvidia_graph(
+        g["src"], g["dst"], g["num_nodes"], fx["rel_pos_rotated" if rotated else "rel_pos"], g["batch_num_nodes"]
+    )
 
 
 def max_diff(a, b):
@@ -46,8 +56,12 @@ def nvidia_order_adam_step(fx, lr=1e-3):
 
 
 def nvidia_checkpoint(fx, epoch=5):
-    return {"state_dict": fx["state_dict"], "optimizer_state_dict": nvidia_order_adam_step(fx), "epoch": epoch,
-            "scheduler_state_dict": {"last_epoch": epoch, "base_lrs": [1e-3]}}
+    return {
+        "state_dict": fx["state_dict"],
+        "optimizer_state_dict": nvidia_order_adam_step(fx),
+        "epoch": epoch,
+        "scheduler_state_dict": {"last_epoch": epoch, "base_lrs": [1e-3]},
+    }
 
 
 @pytest.mark.parametrize("name", MODEL_FIXTURES)
@@ -139,7 +153,9 @@ def test_checkpoint_round_trip_resumes_identically(nvidia_dir, tmp_path, name):
             o.zero_grad()
             total(model(graph, fx["node_feats"], fx["edge_feats"] or None)).backward()
             o.step()
-    for p, q in zip(first.model.parameters(), second.model.parameters()):  # a misplaced moment would differ by ~lr = 1e-3
+    for p, q in zip(
+        first.model.parameters(), second.model.parameters()
+    ):  # a misplaced moment would differ by ~lr = 1e-3
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
@@ -169,7 +185,10 @@ def test_plain_se3nb_model_exports_weights_but_needs_nvidia_order_for_optimizer(
     for i, k in enumerate(fx["state_dict"]):  # NVIDIA's i-th parameter gets its own momentum buffer
         assert nv["state"][i]["momentum_buffer"].shape == fx["state_dict"][k].shape
     back = nvidia_optimizer_state_to_se3nb(nv, written["state_dict"], plain)
-    assert all(torch.equal(back["state"][j]["momentum_buffer"], s["momentum_buffer"]) for j, s in opt.state_dict()["state"].items())
+    assert all(
+        torch.equal(back["state"][j]["momentum_buffer"], s["momentum_buffer"])
+        for j, s in opt.state_dict()["state"].items()
+    )
 
 
 def test_bad_files_give_clear_errors(nvidia_dir, tmp_path):
@@ -193,7 +212,9 @@ def test_bad_files_give_clear_errors(nvidia_dir, tmp_path):
     with pytest.raises(ValueError, match="shape mismatches"):  # load_nvidia_state_dict's message
         load_nvidia_checkpoint(tmp_path / "full.pt", fx["model"], {**fx["kwargs"], "num_channels": 32})
     broken = nvidia_checkpoint(fx)
-    broken["optimizer_state_dict"]["param_groups"][0]["params"] = broken["optimizer_state_dict"]["param_groups"][0]["params"][:-1]
+    broken["optimizer_state_dict"]["param_groups"][0]["params"] = broken["optimizer_state_dict"]["param_groups"][0][
+        "params"
+    ][:-1]
     with pytest.raises(ValueError, match="covers 148 parameters but the model has 149"):
         load_nvidia_checkpoint(broken, *args)
     shuffled = nvidia_checkpoint(fx)  # optimizer state saved in another order than the state_dict's: caught by shapes
@@ -214,6 +235,7 @@ def test_forward_arguments_like_nvidia(nvidia_dir):
         from se3nb.basis import Bases
         from se3nb.conv import edge_invariants
         from se3nb.so2 import EdgeFrames
+
         inv = edge_invariants(graph.rel_pos, {int(k): v for k, v in fx["edge_feats"].items()})
         out = model(graph, fx["node_feats"], fx["edge_feats"], basis=EdgeFrames(graph, 2, inv))
         assert max_diff(out, ref) < 1e-6
@@ -234,20 +256,34 @@ class FakeDGLGraph:
         self.graph, self.edata, self.ndata, self.is_homogeneous = graph, edata or {}, ndata or {}, homogeneous
         self.canonical_etypes = [("_N", "_E", "_N")] if homogeneous else [("a", "x", "b"), ("b", "y", "a")]
 
-    def edges(self): return self.graph.src, self.graph.dst
-    def num_nodes(self): return self.graph.num_nodes
-    def batch_num_nodes(self): return self.graph.batch_num_nodes
-    def batch_num_edges(self): return self.graph.batch_num_edges
+    def edges(self):
+        return self.graph.src, self.graph.dst
+
+    def num_nodes(self):
+        return self.graph.num_nodes
+
+    def batch_num_nodes(self):
+        return self.graph.batch_num_nodes
+
+    def batch_num_edges(self):
+        return self.graph.batch_num_edges
 
 
 def test_from_dgl_reads_edges_rel_pos_and_batch_sizes(nvidia_dir):
     fx = load(nvidia_dir, "qm9_batch8")
     pos = fx["pos"]
-    graph = Graph(torch.stack([fx["src"], fx["dst"]]), fx["num_nodes"], rel_pos=fx["rel_pos"],
-                  batch_num_nodes=fx["batch_num_nodes"], batch_num_edges=fx["batch_num_edges"])
+    graph = Graph(
+        torch.stack([fx["src"], fx["dst"]]),
+        fx["num_nodes"],
+        rel_pos=fx["rel_pos"],
+        batch_num_nodes=fx["batch_num_nodes"],
+        batch_num_edges=fx["batch_num_edges"],
+    )
     back = from_dgl(FakeDGLGraph(graph, edata={"rel_pos": fx["rel_pos"]}))
     assert torch.equal(back.edge_index, graph.edge_index) and torch.equal(back.rel_pos, fx["rel_pos"])
-    assert torch.equal(back.batch_num_nodes, fx["batch_num_nodes"]) and torch.equal(back.batch_num_edges, fx["batch_num_edges"])
+    assert torch.equal(back.batch_num_nodes, fx["batch_num_nodes"]) and torch.equal(
+        back.batch_num_edges, fx["batch_num_edges"]
+    )
     with pytest.raises(KeyError, match=r"g.edata\['rel_pos'\] = g.ndata\['pos'\]\[dst\] - g.ndata\['pos'\]\[src\]"):
         from_dgl(FakeDGLGraph(graph, ndata={"pos": pos}))
     with pytest.raises(KeyError, match=r"no edata\['rel_pos'\].*pos\[dst\] - pos\[src\]"):
@@ -262,15 +298,18 @@ def test_from_dgl_reads_edges_rel_pos_and_batch_sizes(nvidia_dir):
 
 
 def test_se3nb_never_imports_dgl():
-    code = ("import sys, se3nb, se3nb.compat, se3nb.dgl_interop, se3nb.model; "
-            "from se3nb.dgl_interop import as_graph; from se3nb.graph import radius_graph; import torch; "
-            "as_graph(radius_graph(torch.randn(5, 3), 2.0)); assert 'dgl' not in sys.modules, 'dgl imported'")
+    code = (
+        "import sys, se3nb, se3nb.compat, se3nb.dgl_interop, se3nb.model; "
+        "from se3nb.dgl_interop import as_graph; from se3nb.graph import radius_graph; import torch; "
+        "as_graph(radius_graph(torch.randn(5, 3), 2.0)); assert 'dgl' not in sys.modules, 'dgl imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_to_dgl_without_dgl_names_the_extra():
     try:
         import dgl  # noqa: F401
+
         pytest.skip("DGL is installed here")
     except ImportError:
         pass
@@ -284,10 +323,14 @@ def test_low_memory_position_gradients(nvidia_dir):
     assert model.low_memory
     g = fx["graph"]
     rel_pos = fx["rel_pos"].clone().requires_grad_()
-    total(model(nvidia_graph(g["src"], g["dst"], g["num_nodes"], rel_pos), fx["node_feats"], fx["edge_feats"] or None)).backward()
+    total(
+        model(nvidia_graph(g["src"], g["dst"], g["num_nodes"], rel_pos), fx["node_feats"], fx["edge_feats"] or None)
+    ).backward()
     reference = fx["rel_pos"].clone().requires_grad_()
     model.low_memory = False
-    total(model(nvidia_graph(g["src"], g["dst"], g["num_nodes"], reference), fx["node_feats"], fx["edge_feats"] or None)).backward()
+    total(
+        model(nvidia_graph(g["src"], g["dst"], g["num_nodes"], reference), fx["node_feats"], fx["edge_feats"] or None)
+    ).backward()
     torch.testing.assert_close(rel_pos.grad, reference.grad, rtol=0, atol=1e-5 * reference.grad.abs().max().item())
 
 
@@ -297,10 +340,23 @@ def test_position_gradients_include_the_basis(path):
     sees only the edge lengths. se3nb's gradient is the true one: it matches central finite differences in float64, and
     detaching the basis (NVIDIA's behaviour) does not."""
     from se3nb.conv import edge_invariants
+
     torch.manual_seed(0)
-    model = from_nvidia("SE3Transformer", dict(num_layers=1, fiber_in={0: 2, 1: 1}, fiber_hidden={0: 4, 1: 4}, fiber_out={0: 1, 1: 1},
-                                              num_heads=2, channels_div=2, fiber_edge={}, return_type=None, pooling=None),
-                        path=path).double()
+    model = from_nvidia(
+        "SE3Transformer",
+        dict(
+            num_layers=1,
+            fiber_in={0: 2, 1: 1},
+            fiber_hidden={0: 4, 1: 4},
+            fiber_out={0: 1, 1: 1},
+            num_heads=2,
+            channels_div=2,
+            fiber_edge={},
+            return_type=None,
+            pooling=None,
+        ),
+        path=path,
+    ).double()
     pos = torch.randn(6, 3, dtype=torch.float64)
     graph = radius_graph(pos, 10.0)
     feats = {0: torch.randn(6, 2, 1, dtype=torch.float64), 1: torch.randn(6, 1, 3, dtype=torch.float64)}
@@ -308,7 +364,9 @@ def test_position_gradients_include_the_basis(path):
 
     def energy(rel_pos, detach_basis=False):
         g = Graph(graph.edge_index, graph.num_nodes, rel_pos=rel_pos)
-        fixed = Graph(graph.edge_index, graph.num_nodes, rel_pos=rel_pos.detach())  # basis / edge frames without gradients
+        fixed = Graph(
+            graph.edge_index, graph.num_nodes, rel_pos=rel_pos.detach()
+        )  # basis / edge frames without gradients
         bases = model.geometry(fixed, edge_invariants(fixed.rel_pos, {})) if detach_basis else None
         return total(model(g, feats, None, bases))
 

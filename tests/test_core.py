@@ -1,9 +1,16 @@
 """Properties of the se3nb core: equivariance, invariances, gradients, batching, degenerate graphs, bad input, precision."""
+
 import pytest
 import torch
 
 from se3nb.basis import Bases
-from se3nb.conv import FUSE_LEVELS, TFNConv, edge_invariants, radial_kernel_product, radial_kernel_product_reference, random_features
+from se3nb.conv import (
+    FUSE_LEVELS,
+    edge_invariants,
+    radial_kernel_product,
+    radial_kernel_product_reference,
+    random_features,
+)
 from se3nb.attention import AttentionBlock
 from se3nb.so2 import conv_class
 from se3nb.equivariance import equivariance_error, translation_error
@@ -17,8 +24,15 @@ F64 = torch.float64
 
 def small_model(dtype=F64, **kw):
     torch.manual_seed(0)
-    args = dict(num_layers=3, fiber_in=Fiber({0: 3, 1: 2, 2: 1, 3: 1}), fiber_hidden=Fiber({0: 8, 1: 4, 2: 12, 3: 4}),
-                fiber_out=Fiber({0: 2, 1: 2, 2: 1, 3: 1}), num_heads=2, channels_div=2, fiber_edge=Fiber({0: 2, 1: 1}))
+    args = dict(
+        num_layers=3,
+        fiber_in=Fiber({0: 3, 1: 2, 2: 1, 3: 1}),
+        fiber_hidden=Fiber({0: 8, 1: 4, 2: 12, 3: 4}),
+        fiber_out=Fiber({0: 2, 1: 2, 2: 1, 3: 1}),
+        num_heads=2,
+        channels_div=2,
+        fiber_edge=Fiber({0: 2, 1: 1}),
+    )
     args.update(kw)
     return SE3Transformer(**args).to(dtype)
 
@@ -27,8 +41,12 @@ def random_inputs(model, n=14, cutoff=2.5, dtype=F64, seed=1):
     g = torch.Generator().manual_seed(seed)
     pos = (torch.randn(n, 3, generator=g, dtype=F64) * 1.3).to(dtype)
     graph = radius_graph(pos, cutoff)
-    return pos, graph, random_features(model.fiber_in, n, dtype=dtype, generator=g), \
-        random_features(model.fiber_edge, graph.num_edges, dtype=dtype, generator=g)
+    return (
+        pos,
+        graph,
+        random_features(model.fiber_in, n, dtype=dtype, generator=g),
+        random_features(model.fiber_edge, graph.num_edges, dtype=dtype, generator=g),
+    )
 
 
 @pytest.mark.parametrize("path", ["so2", "reference"])
@@ -37,16 +55,25 @@ def random_inputs(model, n=14, cutoff=2.5, dtype=F64, seed=1):
 def test_model_equivariance(dtype, tol, fuse_level, path):
     model = small_model(dtype, fuse_level=fuse_level, path=path)
     pos, graph, nf, ef = random_inputs(model, dtype=dtype)
-    err = equivariance_error(lambda p, f, e: model(graph.with_positions(p), f, e), pos, nf, edge_feats=ef, num_rotations=4)
+    err = equivariance_error(
+        lambda p, f, e: model(graph.with_positions(p), f, e), pos, nf, edge_feats=ef, num_rotations=4
+    )
     assert err.max() < tol, err
 
 
 def test_even_channels_fully_fused_model_equivariance():
     torch.manual_seed(0)
-    model = SE3Transformer(2, Fiber.create(4, 4), Fiber.create(4, 4), Fiber.create(4, 2), 2, 2, Fiber({0: 2}), fuse_level='full').double()
+    model = SE3Transformer(
+        2, Fiber.create(4, 4), Fiber.create(4, 4), Fiber.create(4, 2), 2, 2, Fiber({0: 2}), fuse_level='full'
+    ).double()
     assert list(model.graph_modules[0].to_key_value.groups) == ['all']
     pos, graph, nf, ef = random_inputs(model)
-    assert equivariance_error(lambda p, f, e: model(graph.with_positions(p), f, e), pos, nf, edge_feats=ef, num_rotations=3).max() < 1e-9
+    assert (
+        equivariance_error(
+            lambda p, f, e: model(graph.with_positions(p), f, e), pos, nf, edge_feats=ef, num_rotations=3
+        ).max()
+        < 1e-9
+    )
 
 
 def test_translation_invariance_and_permutation_equivariance():
@@ -61,13 +88,22 @@ def test_translation_invariance_and_permutation_equivariance():
 
 
 def test_batch_equals_each_graph_alone():
-    model = SE3TransformerPooled(Fiber({0: 3}), Fiber({0: 8}), Fiber({0: 2}), num_degrees=3, num_channels=8, output_dim=2,
-                                 num_layers=2, num_heads=2).double()
+    model = SE3TransformerPooled(
+        Fiber({0: 3}),
+        Fiber({0: 8}),
+        Fiber({0: 2}),
+        num_degrees=3,
+        num_channels=8,
+        output_dim=2,
+        num_layers=2,
+        num_heads=2,
+    ).double()
     graphs, feats, efeats = [], [], []
     for n in (5, 9, 1, 7):
         pos = torch.randn(n, 3, dtype=F64)
         graphs.append(fully_connected(pos))
-        feats.append(torch.randn(n, 3, 1, dtype=F64)); efeats.append(torch.randn(graphs[-1].num_edges, 2, 1, dtype=F64))
+        feats.append(torch.randn(n, 3, 1, dtype=F64))
+        efeats.append(torch.randn(graphs[-1].num_edges, 2, 1, dtype=F64))
     batched = model(batch_graphs(graphs), {0: torch.cat(feats)}, {0: torch.cat(efeats)})
     alone = torch.cat([model(g, {0: f}, {0: e}) for g, f, e in zip(graphs, feats, efeats)])
     assert batched.shape == (4, 2) and (batched - alone).abs().max() < 1e-12
@@ -88,7 +124,7 @@ def test_degenerate_graphs_are_finite():
 
 def test_backward_finite_for_coincident_points_and_cutoff_edges():
     model = small_model(cutoff=2.0)
-    pos = torch.tensor([[0., 0, 0], [0, 0, 0], [2, 0, 0], [0, 2 + 1e-9, 0]], dtype=F64, requires_grad=True)
+    pos = torch.tensor([[0.0, 0, 0], [0, 0, 0], [2, 0, 0], [0, 2 + 1e-9, 0]], dtype=F64, requires_grad=True)
     graph = Graph(torch.tensor([[0, 1, 0, 2, 0, 3], [1, 0, 2, 0, 3, 0]]), 4, pos=pos)
     nf = {l: x.requires_grad_() for l, x in random_features(model.fiber_in, 4, dtype=F64).items()}
     ef = random_features(model.fiber_edge, graph.num_edges, dtype=F64)
@@ -100,14 +136,23 @@ def test_backward_finite_for_coincident_points_and_cutoff_edges():
 
 def test_smooth_cutoff_is_continuous_and_default_is_not():
     torch.manual_seed(0)
-    kw = dict(num_layers=2, fiber_in=Fiber({0: 2}), fiber_hidden=Fiber.create(3, 4), fiber_out=Fiber({0: 2, 1: 1}), num_heads=2, channels_div=2)
+    kw = dict(
+        num_layers=2,
+        fiber_in=Fiber({0: 2}),
+        fiber_hidden=Fiber.create(3, 4),
+        fiber_out=Fiber({0: 2, 1: 1}),
+        num_heads=2,
+        channels_div=2,
+    )
     plain, smooth = SE3Transformer(**kw).double(), SE3Transformer(**kw, cutoff=2.0).double()
     smooth.load_state_dict(plain.state_dict())
     feats = {0: torch.randn(3, 2, 1, dtype=F64)}
+
     def run(model, d):
-        pos = torch.tensor([[0., 0, 0], [1, 0, 0], [0.5, d, 0]], dtype=F64)
+        pos = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0.5, d, 0]], dtype=F64)
         out = model(radius_graph(pos, 2.0), feats)
         return torch.cat([v.flatten() for v in out.values()])
+
     ds = torch.linspace(1.92, 1.95, 121, dtype=F64)  # the third node's edges cross r_c at d = sqrt(3.75) ~ 1.9365
     smooth_steps = torch.stack([run(smooth, d.item()) for d in ds]).diff(dim=0).abs().max()
     plain_steps = torch.stack([run(plain, d.item()) for d in ds]).diff(dim=0).abs().max()
@@ -128,21 +173,32 @@ def test_gradcheck_conv_attention_norm(path):
     bases = conv.geometry(graph, inv, 2, list(conv.groups.values()) + list(block.to_key_value.groups.values()))
     norm = NormNonlinearity(Fiber({0: 2, 1: 3, 2: 2})).double()
     x = random_features(fin, 5, dtype=F64)
+
     def as_fn(module_call, feats):
         keys = sorted(feats)
+
         def f(*xs):
             out = module_call(dict(zip(keys, xs)))
             return tuple(out[l] for l in sorted(out))
+
         return f, tuple(feats[l].clone().requires_grad_() for l in keys)
-    for call, feats in ((lambda f: conv(f, ef, inv, graph, bases), x), (lambda f: block(f, ef, inv, graph, bases), x),
-                        (norm, random_features(norm.fiber, 5, dtype=F64))):
+
+    for call, feats in (
+        (lambda f: conv(f, ef, inv, graph, bases), x),
+        (lambda f: block(f, ef, inv, graph, bases), x),
+        (norm, random_features(norm.fiber, 5, dtype=F64)),
+    ):
         f, inputs = as_fn(call, feats)
         assert torch.autograd.gradcheck(f, inputs)
 
 
 def test_fast_radial_product_matches_reference():
     g = torch.Generator().manual_seed(0)
-    h, w, t = torch.randn(300, 7, dtype=F64, generator=g), torch.randn(4 * 30, 7, dtype=F64, generator=g), torch.randn(300, 5, 30, dtype=F64, generator=g)
+    h, w, t = (
+        torch.randn(300, 7, dtype=F64, generator=g),
+        torch.randn(4 * 30, 7, dtype=F64, generator=g),
+        torch.randn(300, 5, 30, dtype=F64, generator=g),
+    )
     args = [a.requires_grad_() for a in (h, w, t)]
     y, y_ref = radial_kernel_product(*args), radial_kernel_product_reference(*args)
     assert (y - y_ref).abs().max() < 1e-10
@@ -185,7 +241,9 @@ def test_cuda_autocast_and_equivariance(dtype):
     model = small_model(torch.float32).cuda()
     pos, graph, nf, ef = random_inputs(model, dtype=torch.float32)
     graph, nf, ef = graph.to('cuda'), {l: x.cuda() for l, x in nf.items()}, {l: x.cuda() for l, x in ef.items()}
-    err = equivariance_error(lambda p, f, e: model(graph.with_positions(p), f, e), pos.cuda(), nf, edge_feats=ef, num_rotations=3)
+    err = equivariance_error(
+        lambda p, f, e: model(graph.with_positions(p), f, e), pos.cuda(), nf, edge_feats=ef, num_rotations=3
+    )
     assert err.max() < 1e-4
     with torch.autocast('cuda', dtype=dtype):
         loss = sum(v.float().square().mean() for v in model(graph, nf, ef).values())
@@ -238,6 +296,7 @@ def _random_multigraph(num_nodes=9, num_edges=40, seed=0):
 
 def test_destination_csr_matches_scatter_segment_operations():
     from se3nb.graph import DestinationCSR, edge_softmax, segment_max, segment_sum
+
     graph = _random_multigraph()
     csr = graph.csr
     order, dst, N = csr.edge_order, graph.dst, graph.num_nodes
@@ -256,9 +315,12 @@ def test_destination_csr_matches_scatter_segment_operations():
     assert torch.autograd.gradcheck(csr.sum, (x[order].detach().requires_grad_(),))
     # the GPU branch (segment_reduce, no atomics) computes the same on CPU tensors
     from se3nb.graph import _csr_reduce
+
     torch.testing.assert_close(_csr_reduce(x[order], csr.in_degree, 'sum'), segment_sum(x, dst, N), atol=1e-12, rtol=0)
     torch.testing.assert_close(_csr_reduce(s[order], csr.in_degree, 'max'), segment_max(s, dst, N), atol=0, rtol=0)
-    assert torch.autograd.gradcheck(lambda x: _csr_reduce(x, csr.in_degree, 'sum'), (x[order].detach().requires_grad_(),))
+    assert torch.autograd.gradcheck(
+        lambda x: _csr_reduce(x, csr.in_degree, 'sum'), (x[order].detach().requires_grad_(),)
+    )
     empty = DestinationCSR(torch.zeros(0, dtype=torch.long), 3)
     assert empty.sum(torch.zeros(0, 2)).shape == (3, 2) and empty.softmax(torch.zeros(0, 2)).shape == (0, 2)
 
@@ -266,19 +328,25 @@ def test_destination_csr_matches_scatter_segment_operations():
 @pytest.mark.parametrize("path", ['so2', 'reference'])
 def test_messages_by_destination_are_the_graph_order_permuted(path):
     from se3nb.attention import SE3Attention
+
     torch.manual_seed(0)
     graph = _random_multigraph()
     fin, fout, fedge = Fiber({0: 3, 1: 2}), Fiber({0: 4, 1: 4}), Fiber({0: 2})
     conv = conv_class(path)(fin, fout, fedge, pool=False, self_interaction=True).double()
-    x, e = random_features(fin, graph.num_nodes, dtype=torch.float64), random_features(fedge, graph.num_edges, dtype=torch.float64)
+    x, e = (
+        random_features(fin, graph.num_nodes, dtype=torch.float64),
+        random_features(fedge, graph.num_edges, dtype=torch.float64),
+    )
     inv = edge_invariants(graph.rel_pos, e)
     geometry = conv.geometry(graph, inv, 1, list(conv.groups.values()))
     order = graph.csr.edge_order
     plain, sorted_ = conv(x, e, inv, graph, geometry), conv(x, e, inv, graph, geometry, by_destination=True)
-    for l in fout.degrees: torch.testing.assert_close(sorted_[l], plain[l][order], atol=1e-12, rtol=0)
+    for l in fout.degrees:
+        torch.testing.assert_close(sorted_[l], plain[l][order], atol=1e-12, rtol=0)
     attention = SE3Attention(2, fout, fout)
     u = torch.rand(graph.num_edges, dtype=torch.float64)
     q = random_features(fout, graph.num_nodes, dtype=torch.float64)
     a = attention(plain, plain, q, graph, u)
     b = attention(sorted_, sorted_, q, graph, u[order], edges_by_destination=True)
-    for l in fout.degrees: torch.testing.assert_close(a[l], b[l], atol=1e-12, rtol=0)
+    for l in fout.degrees:
+        torch.testing.assert_close(a[l], b[l], atol=1e-12, rtol=0)

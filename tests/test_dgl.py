@@ -2,6 +2,7 @@
 
 Needs DGL (only dgl==2.1.0 exists for Python 3.11, with torch==2.2.1): run by the legacy CI leg `.ci/legacy_dgl.sh`; skipped
 elsewhere. The DGL-free parts of the drop-in path are tested in test_compat_checkpoints.py."""
+
 import inspect
 
 import pytest
@@ -32,8 +33,8 @@ def dgl_graph(dgl, g, rel_pos):
     node_offsets = torch.tensor([0] + bnn[:-1]).cumsum(0).tolist()
     graphs, e0 = [], 0
     for n, e, o in zip(bnn, bne, node_offsets):
-        part = dgl.graph((g["src"][e0:e0 + e] - o, g["dst"][e0:e0 + e] - o), num_nodes=n)
-        part.edata["rel_pos"] = rel_pos[e0:e0 + e]
+        part = dgl.graph((g["src"][e0 : e0 + e] - o, g["dst"][e0 : e0 + e] - o), num_nodes=n)
+        part.edata["rel_pos"] = rel_pos[e0 : e0 + e]
         graphs.append(part)
         e0 += e
     return dgl.batch(graphs) if len(graphs) > 1 else graphs[0]
@@ -42,8 +43,12 @@ def dgl_graph(dgl, g, rel_pos):
 def fixture_inputs(dgl, fx, rotated=False):
     s = "_rotated" if rotated else ""
     g = fx["graph"]
-    return (dgl_graph(dgl, g, fx["rel_pos" + s]), nvidia_graph(g["src"], g["dst"], g["num_nodes"], fx["rel_pos" + s], g["batch_num_nodes"]),
-            fx["node_feats" + s], fx["edge_feats" + s] or None)
+    return (
+        dgl_graph(dgl, g, fx["rel_pos" + s]),
+        nvidia_graph(g["src"], g["dst"], g["num_nodes"], fx["rel_pos" + s], g["batch_num_nodes"]),
+        fx["node_feats" + s],
+        fx["edge_feats" + s] or None,
+    )
 
 
 def flat(out):
@@ -71,8 +76,16 @@ def test_dgl_graph_gives_same_outputs_as_se3nb_graph(dgl, nvidia_dir, name):
         assert (flat(out_dgl) - flat(ref)).abs().max().item() < atol  # and both are NVIDIA's
 
 
-@pytest.mark.parametrize("name,position_grad", [("rf_like_none", True), ("graph2graph_partial", True), ("qm9_full", True), ("rf_like_partial", True),
-                                                 ("graph2graph_none", False)])
+@pytest.mark.parametrize(
+    "name,position_grad",
+    [
+        ("rf_like_none", True),
+        ("graph2graph_partial", True),
+        ("qm9_full", True),
+        ("rf_like_partial", True),
+        ("graph2graph_none", False),
+    ],
+)
 def test_dgl_graph_gives_same_gradients(dgl, nvidia_dir, name, position_grad):
     """Parameter, feature and position gradients (forces flow through edata['rel_pos']). Not positions with low_memory=True
     (the `_none` fixtures): see test_compat_checkpoints.py::test_low_memory_position_gradients, an se3nb bug."""
@@ -89,7 +102,11 @@ def test_dgl_graph_gives_same_gradients(dgl, nvidia_dir, name, position_grad):
         nf = {k: v.clone().requires_grad_() for k, v in nf.items()}
         model.zero_grad()
         flat(model(g if use_dgl else graph, nf, ef)).sum().backward()
-        grads.append(([rel_pos.grad] if position_grad else []) + [v.grad for v in nf.values()] + [p.grad for p in model.parameters()])
+        grads.append(
+            ([rel_pos.grad] if position_grad else [])
+            + [v.grad for v in nf.values()]
+            + [p.grad for p in model.parameters()]
+        )
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * max(1.0, b.abs().max().item()))
 
@@ -100,7 +117,9 @@ def test_batched_dgl_graph_equals_se3nb_graph(dgl, nvidia_dir):
     graph = from_dgl(g)
     assert graph.num_graphs == 64 and graph.num_nodes == fx["num_nodes"]
     assert torch.equal(graph.edge_index, torch.stack([fx["src"], fx["dst"]]))
-    assert torch.equal(graph.batch_num_nodes, fx["batch_num_nodes"]) and torch.equal(graph.batch_num_edges, fx["batch_num_edges"])
+    assert torch.equal(graph.batch_num_nodes, fx["batch_num_nodes"]) and torch.equal(
+        graph.batch_num_edges, fx["batch_num_edges"]
+    )
     assert torch.equal(graph.rel_pos, fx["rel_pos"])
 
 
@@ -116,15 +135,21 @@ def test_to_dgl_round_trip(dgl, idtype):
         assert part.num_nodes() == ours.num_nodes and part.num_edges() == ours.num_edges
     back = from_dgl(g)
     assert torch.equal(back.edge_index, graph.edge_index) and torch.equal(back.rel_pos, graph.rel_pos)
-    assert torch.equal(back.batch_num_nodes, graph.batch_num_nodes) and torch.equal(back.batch_num_edges, graph.batch_num_edges)
+    assert torch.equal(back.batch_num_nodes, graph.batch_num_nodes) and torch.equal(
+        back.batch_num_edges, graph.batch_num_edges
+    )
     assert as_graph(g).num_graphs == 3
 
 
-@pytest.mark.skipif("as_graph" not in inspect.getsource(SE3Transformer.forward),
-                    reason="SE3Transformer.forward does not call as_graph yet (proposed one-line change to nbs/07_model.ipynb)")
+@pytest.mark.skipif(
+    "as_graph" not in inspect.getsource(SE3Transformer.forward),
+    reason="SE3Transformer.forward does not call as_graph yet (proposed one-line change to nbs/07_model.ipynb)",
+)
 def test_core_model_accepts_dgl_graph(dgl, nvidia_dir):
     fx = load(nvidia_dir, "rf_like_partial")
-    model = NVIDIACompatModel(fx["model"], fx["kwargs"], fx["state_dict"]).model.eval()  # the plain se3nb SE3Transformer
+    model = NVIDIACompatModel(
+        fx["model"], fx["kwargs"], fx["state_dict"]
+    ).model.eval()  # the plain se3nb SE3Transformer
     g, graph, nf, ef = fixture_inputs(dgl, fx)
     with torch.no_grad():
         assert torch.equal(flat(model(g, nf, ef)), flat(model(graph, nf, ef)))
@@ -132,7 +157,9 @@ def test_core_model_accepts_dgl_graph(dgl, nvidia_dir):
 
 def test_missing_rel_pos_says_what_to_set(dgl):
     g = dgl.graph(([0, 1, 2], [1, 2, 0]))
-    with pytest.raises(KeyError, match=r"set g.edata\['rel_pos'\] to the \[E, 3\] edge vectors pos\[dst\] - pos\[src\]"):
+    with pytest.raises(
+        KeyError, match=r"set g.edata\['rel_pos'\] to the \[E, 3\] edge vectors pos\[dst\] - pos\[src\]"
+    ):
         as_graph(g)
     g.ndata["pos"] = torch.randn(3, 3)
     with pytest.raises(KeyError, match=r"g.edata\['rel_pos'\] = g.ndata\['pos'\]\[dst\] - g.ndata\['pos'\]\[src\]"):
@@ -152,7 +179,9 @@ def test_features_on_another_device_say_what_to_move(dgl, nvidia_dir):
     fx = load(nvidia_dir, "graph2graph_none")
     model = NVIDIACompatModel(fx["model"], fx["kwargs"], fx["state_dict"])
     g, _, nf, ef = fixture_inputs(dgl, fx)
-    with pytest.raises(ValueError, match=r"node_feats\['0'\] is on meta but the DGL graph is on cpu.*graph = graph.to\(device\)"):
+    with pytest.raises(
+        ValueError, match=r"node_feats\['0'\] is on meta but the DGL graph is on cpu.*graph = graph.to\(device\)"
+    ):
         model(g, {k: v.to("meta") for k, v in nf.items()}, ef)
     with pytest.raises(ValueError, match=r"edge_feats\['0'\] is on meta but the DGL graph is on cpu"):
         model(g, nf, {k: v.to("meta") for k, v in ef.items()})

@@ -1,10 +1,11 @@
 """se3nb reproduces NVIDIA's SE(3)-Transformer on the shared fixtures (../shared/fixtures/nvidia, MANIFEST.md)."""
+
 import importlib.util
 
 import pytest
 import torch
 
-from se3nb.compat import from_nvidia, nvidia_graph, run_nvidia_fixture, to_nvidia_state_dict, nvidia_key_to_se3nb
+from se3nb.compat import from_nvidia, run_nvidia_fixture, to_nvidia_state_dict, nvidia_key_to_se3nb
 from se3nb.fiber import Fiber
 from se3nb.model import SE3Transformer
 from se3nb.equivariance import equivariance_error
@@ -56,7 +57,9 @@ def ambiguous_max_pool_graphs(model, fx, atol):
     if fx["model"] != "SE3TransformerPooled":
         return set()
     seen = {}
-    hook = model.transformer.graph_modules[-1].register_forward_hook(lambda m, i, o: seen.update(out=o[0][..., 0].detach()))
+    hook = model.transformer.graph_modules[-1].register_forward_hook(
+        lambda m, i, o: seen.update(out=o[0][..., 0].detach())
+    )
     with torch.no_grad():
         run_nvidia_fixture(fx, model)
     hook.remove()
@@ -80,16 +83,20 @@ def test_gradients_match_nvidia(nvidia_dir, name, path):
     total(run_nvidia_fixture(fx, model)).backward()
     g = fx["graph"]
     node_graph = torch.repeat_interleave(torch.arange(len(g["batch_num_nodes"])), g["batch_num_nodes"])
-    keep = {"node_feats": ~torch.isin(node_graph, torch.tensor(sorted(ambiguous), dtype=torch.long)),
-            "edge_feats": ~torch.isin(node_graph[g["dst"]], torch.tensor(sorted(ambiguous), dtype=torch.long))}
+    keep = {
+        "node_feats": ~torch.isin(node_graph, torch.tensor(sorted(ambiguous), dtype=torch.long)),
+        "edge_feats": ~torch.isin(node_graph[g["dst"]], torch.tensor(sorted(ambiguous), dtype=torch.long)),
+    }
     for kind in ("node_feats", "edge_feats"):
         for k, ref in fx[f"{kind}_grad"].items():
             diff = (fx[kind][k].grad - ref).abs()
             assert diff[keep[kind]].max().item() < gtol, (kind, k)
     if ambiguous:  # gradients differ only inside the graphs with a near-tied maximum, and only by re-routing
         assert keep["node_feats"].sum() > len(keep["node_feats"]) // 2
-        pytest.skip(f"parameter gradients not comparable: graphs {sorted(ambiguous)} have near-tied max pooling "
-                    f"(input gradients of all other graphs matched)")
+        pytest.skip(
+            f"parameter gradients not comparable: graphs {sorted(ambiguous)} have near-tied max pooling "
+            f"(input gradients of all other graphs matched)"
+        )
     params = dict(model.named_parameters())
     for key, ref in fx["grads"].items():
         got = params[nvidia_key_to_se3nb(key)].grad
@@ -116,7 +123,10 @@ def _recipe(nvidia_dir):
 def test_full_size_qm9_model_matches_nvidia(nvidia_dir, variant, path):
     """NVIDIA's exact QM9 architecture (9.3M parameters): weights rebuilt from recipe.py, outputs and gradient summaries."""
     fx, recipe = load(nvidia_dir, f"qm9big_{variant}"), _recipe(nvidia_dir)
-    sd = {k: recipe.recipe_tensor(k, shape, off, scale, fx["recipe"]["seed"]) for k, (shape, off, scale) in fx["state_dict_recipe"].items()}
+    sd = {
+        k: recipe.recipe_tensor(k, shape, off, scale, fx["recipe"]["seed"])
+        for k, (shape, off, scale) in fx["state_dict_recipe"].items()
+    }
     assert all(recipe.checksum(sd[k]) == c for k, c in fx["state_dict_checksums"].items())
     model = from_nvidia(fx["model"], fx["kwargs"], sd, path=path).eval()
     atol, _ = tolerances(fx)
@@ -128,7 +138,11 @@ def test_full_size_qm9_model_matches_nvidia(nvidia_dir, variant, path):
         g = params[nvidia_key_to_se3nb(key)].grad.double()
         scale = summary["sumsq"] ** 0.5 + 1e-12
         assert abs(g.square().sum().item() ** 0.5 - scale) < 1e-3 * scale + 1e-6, key
-        proj = (g.flatten() * torch.from_numpy(recipe.recipe_uniform(key + "#grad", g.numel(), fx["recipe"]["seed"]))).sum().item()
+        proj = (
+            (g.flatten() * torch.from_numpy(recipe.recipe_uniform(key + "#grad", g.numel(), fx["recipe"]["seed"])))
+            .sum()
+            .item()
+        )
         assert abs(proj - summary["proj"]) < 1e-3 * scale * g.numel() ** 0.5 / 10 + 1e-5, key
 
 
@@ -161,10 +175,16 @@ def test_low_memory_gives_every_parameter_a_gradient(nvidia_dir):
 def test_per_degree_norm_is_equivariant():
     """NVIDIA bug (MANIFEST): NormSE3's per-degree LayerNorm branch (unequal hidden channels) is not equivariant (error 8.5e3)."""
     torch.manual_seed(0)
-    model = SE3Transformer(2, Fiber({0: 4}), Fiber({0: 16, 1: 8}), Fiber({0: 4, 1: 2}), num_heads=2, channels_div=2).double()
+    model = SE3Transformer(
+        2, Fiber({0: 4}), Fiber({0: 16, 1: 8}), Fiber({0: 4, 1: 2}), num_heads=2, channels_div=2
+    ).double()
     assert hasattr(model.graph_modules[1], "layer_norms")
     pos = torch.randn(12, 3, dtype=torch.float64)
     graph = radius_graph(pos, 3.0)
-    err = equivariance_error(lambda p, f: model(graph.with_positions(p), f), pos,
-                             random_features(model.fiber_in, 12, dtype=torch.float64), num_rotations=4)
+    err = equivariance_error(
+        lambda p, f: model(graph.with_positions(p), f),
+        pos,
+        random_features(model.fiber_in, 12, dtype=torch.float64),
+        num_rotations=4,
+    )
     assert err.max() < 1e-9

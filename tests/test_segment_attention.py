@@ -2,6 +2,7 @@
 
 On a GPU the compiled kernels run; without one, Triton's interpreter runs them on CPU tensors (tests/conftest.py sets
 TRITON_INTERPRET=1 before Triton's first import)."""
+
 import pytest
 import torch
 
@@ -12,22 +13,30 @@ from se3nb.segment_attention import segment_attention, segment_attention_referen
 
 DEVICE = 'cuda' if torch.cuda.is_available() else 'cpu'
 F64 = torch.float64
-needs_kernel = pytest.mark.skipif(sa._triton() is None or not (torch.cuda.is_available() or sa._interpreting()),
-                                  reason="needs Triton 3 and a GPU, or Triton's interpreter (TRITON_INTERPRET=1 before its import)")
+needs_kernel = pytest.mark.skipif(
+    sa._triton() is None or not (torch.cuda.is_available() or sa._interpreting()),
+    reason="needs Triton 3 and a GPU, or Triton's interpreter (TRITON_INTERPRET=1 before its import)",
+)
 
 
 def _graph(num_nodes=9, num_edges=40, crowded=0):  # random multigraph; node num_nodes-1 has no incoming edges
     dst = torch.randint(0, num_nodes - 1, (num_edges,))
-    dst = torch.cat([dst, torch.zeros(crowded, dtype=torch.long)])  # node 0 gets `crowded` more edges (several kernel blocks)
+    dst = torch.cat(
+        [dst, torch.zeros(crowded, dtype=torch.long)]
+    )  # node 0 gets `crowded` more edges (several kernel blocks)
     return DestinationCSR(dst.to(DEVICE), num_nodes)
 
 
 def _inputs(csr, H, d_k, d_v, dtype, envelope):
     E, N = csr.num_edges, csr.num_nodes
     k, q, v = torch.randn(E, H, d_k), torch.randn(N, H, d_k), torch.randn(E, H, d_v)
-    k[csr.dst == 0] *= torch.linspace(0, 4, int((csr.dst == 0).sum()))[:, None, None]  # rising scores: the running maximum moves
+    k[csr.dst == 0] *= torch.linspace(0, 4, int((csr.dst == 0).sum()))[
+        :, None, None
+    ]  # rising scores: the running maximum moves
     u = torch.rand(E) if envelope else None
-    return [t.to(DEVICE, dtype).requires_grad_() for t in (k, q, v)] + ([u.to(DEVICE, dtype).requires_grad_()] if envelope else [None])
+    return [t.to(DEVICE, dtype).requires_grad_() for t in (k, q, v)] + (
+        [u.to(DEVICE, dtype).requires_grad_()] if envelope else [None]
+    )
 
 
 def _run(inputs, csr, fused, scale=0.37):
@@ -70,9 +79,11 @@ def test_envelope_without_gradient_and_constant_inputs():
     for fused in (True, False):
         z = segment_attention(k, q, v, csr, scale=0.5, envelope=u, fused=fused)
         grads = torch.autograd.grad(z.square().sum(), (k, v))
-        if fused: first = (z, grads)
+        if fused:
+            first = (z, grads)
     torch.testing.assert_close(first[0], z, atol=1e-13, rtol=1e-12)
-    for a, b in zip(first[1], grads): torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-11)
+    for a, b in zip(first[1], grads):
+        torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-11)
 
 
 @needs_kernel
@@ -97,7 +108,7 @@ def test_empty_graph_and_nodes_without_edges():
     k, q, v = (torch.zeros(s, device=DEVICE, dtype=F64, requires_grad=True) for s in ((0, 2, 3), (3, 2, 3), (0, 2, 4)))
     z = segment_attention(k, q, v, csr, scale=1.0, fused=True)
     assert z.shape == (3, 2, 4) and (z == 0).all()
-    gq, = torch.autograd.grad(z.sum(), q)
+    (gq,) = torch.autograd.grad(z.sum(), q)
     assert (gq == 0).all()
 
 
@@ -106,6 +117,7 @@ def test_attention_block_with_the_kernel_equals_the_composition(monkeypatch):
     from se3nb.attention import AttentionBlock
     from se3nb.conv import edge_invariants, random_features
     from se3nb.graph import radius_graph
+
     torch.manual_seed(4)
     fin, fout, fedge = Fiber({0: 4, 1: 2, 2: 2}), Fiber({0: 4, 1: 4, 2: 4}), Fiber({0: 2})
     pos = torch.randn(12, 3, dtype=F64) * 1.2
@@ -120,21 +132,30 @@ def test_attention_block_with_the_kernel_equals_the_composition(monkeypatch):
     for fused in (True, False):
         monkeypatch.setattr(sa, '_fused_by_default', lambda t, fused=fused: fused)
         out = block(x, e, inv, graph, geometry, u)
-        loss = sum((o * torch.sin(torch.arange(o.numel(), device=DEVICE, dtype=F64)).view_as(o)).sum() for o in out.values())
+        loss = sum(
+            (o * torch.sin(torch.arange(o.numel(), device=DEVICE, dtype=F64)).view_as(o)).sum() for o in out.values()
+        )
         results[fused] = (out, torch.autograd.grad(loss, [x[l] for l in sorted(x)] + list(block.parameters())))
-    for l in fout.degrees: torch.testing.assert_close(results[True][0][l], results[False][0][l], atol=1e-12, rtol=1e-10)
-    for a, b in zip(results[True][1], results[False][1]): torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+    for l in fout.degrees:
+        torch.testing.assert_close(results[True][0][l], results[False][0][l], atol=1e-12, rtol=1e-10)
+    for a, b in zip(results[True][1], results[False][1]):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
 def test_default_choice_and_errors(monkeypatch):
     csr = DestinationCSR(torch.tensor([0, 0, 1]), 3)
     k, q, v = torch.randn(3, 2, 4), torch.randn(3, 2, 4), torch.randn(3, 2, 5)
     # on CPU tensors the composition runs by default, the kernel never
-    monkeypatch.setattr(sa._FusedSegmentAttention, 'apply', lambda *a: pytest.fail("the kernel ran on CPU tensors by default"))
-    torch.testing.assert_close(segment_attention(k, q, v, csr, scale=0.5),
-                               segment_attention_reference(k, q, v, csr, scale=0.5))
+    monkeypatch.setattr(
+        sa._FusedSegmentAttention, 'apply', lambda *a: pytest.fail("the kernel ran on CPU tensors by default")
+    )
+    torch.testing.assert_close(
+        segment_attention(k, q, v, csr, scale=0.5), segment_attention_reference(k, q, v, csr, scale=0.5)
+    )
     assert not sa._fused_by_default(k)
-    with pytest.raises(ValueError, match=r"value \[E, H, d_v\].*got key \[3, 2, 4\], query \[3, 2, 4\], value \[2, 2, 5\]"):
+    with pytest.raises(
+        ValueError, match=r"value \[E, H, d_v\].*got key \[3, 2, 4\], query \[3, 2, 4\], value \[2, 2, 5\]"
+    ):
         segment_attention(k, q, v[:2], csr, scale=0.5)
     with pytest.raises(ValueError, match="envelope"):
         segment_attention(k, q, v, csr, scale=0.5, envelope=torch.ones(4))
@@ -152,7 +173,8 @@ def test_default_choice_and_errors(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_attention_uses_the_kernel_on_cuda(monkeypatch):
-    if sa._triton() is None: pytest.skip("needs Triton 3")
+    if sa._triton() is None:
+        pytest.skip("needs Triton 3")
     calls = []
     original = sa._fused
     monkeypatch.setattr(sa, '_fused', lambda *a: calls.append(1) or original(*a))

@@ -1,11 +1,12 @@
 """The SO(2) fast path (`se3nb.so2`) against the reference TFN convolution: values, gradients, edge cases, precision."""
+
 import pytest
 import torch
 
 from se3nb.basis import Bases, wigner_D
 from se3nb.conv import FUSE_LEVELS, TFNConv, edge_invariants, random_features
 from se3nb.fiber import Fiber
-from se3nb.graph import Graph, batch_graphs, radius_graph
+from se3nb.graph import Graph, radius_graph
 from se3nb.model import SE3Transformer
 from se3nb.so2 import EdgeFrames, SO2Conv, SO2Plan, edge_rotations, reverse_edge_pairs, wigner_D_batch
 from se3nb.benchmark import random_molecule_batch
@@ -25,8 +26,11 @@ def mixed_graph(seed=0, dtype=F64, symmetric=True):
     graph = Graph(torch.tensor([src, dst]), 24, pos=pos)
     key = torch.minimum(graph.src, graph.dst) * 24 + torch.maximum(graph.src, graph.dst)
     _, pair = torch.unique(key, return_inverse=True)
-    e0 = torch.randn(int(pair.max()) + 1, 2, 1, generator=g, dtype=dtype)[pair] if symmetric else \
-        torch.randn(graph.num_edges, 2, 1, generator=g, dtype=dtype)
+    e0 = (
+        torch.randn(int(pair.max()) + 1, 2, 1, generator=g, dtype=dtype)[pair]
+        if symmetric
+        else torch.randn(graph.num_edges, 2, 1, generator=g, dtype=dtype)
+    )
     return graph, {0: e0, 1: torch.randn(graph.num_edges, 1, 3, generator=g, dtype=dtype)}
 
 
@@ -94,8 +98,15 @@ def test_gradients_reach_each_edges_own_features_and_positions():
 
 def test_model_paths_agree_and_share_state_dicts():
     torch.manual_seed(0)
-    kw = dict(num_layers=2, fiber_in=Fiber({0: 3, 1: 2}), fiber_hidden=Fiber({0: 8, 1: 4, 2: 4, 3: 4}),
-              fiber_out=Fiber({0: 2, 1: 1}), num_heads=2, channels_div=2, fiber_edge=Fiber({0: 2}))
+    kw = dict(
+        num_layers=2,
+        fiber_in=Fiber({0: 3, 1: 2}),
+        fiber_hidden=Fiber({0: 8, 1: 4, 2: 4, 3: 4}),
+        fiber_out=Fiber({0: 2, 1: 1}),
+        num_heads=2,
+        channels_div=2,
+        fiber_edge=Fiber({0: 2}),
+    )
     fast = SE3Transformer(**kw).double()
     ref = SE3Transformer(**kw, path='reference').double()
     ref.load_state_dict(fast.state_dict())
@@ -115,7 +126,11 @@ def test_wigner_D_batch_and_edge_frames():
     assert not zero.any()
     assert torch.allclose(R @ R.transpose(1, 2), torch.eye(3, dtype=F64).expand(40, 3, 3), atol=1e-14)
     assert torch.allclose(torch.linalg.det(R), torch.ones(40, dtype=F64))
-    assert torch.allclose((R @ (r / r.norm(dim=-1, keepdim=True))[..., None])[..., 0], torch.tensor([0, 1.0, 0], dtype=F64).expand(40, 3), atol=1e-14)
+    assert torch.allclose(
+        (R @ (r / r.norm(dim=-1, keepdim=True))[..., None])[..., 0],
+        torch.tensor([0, 1.0, 0], dtype=F64).expand(40, 3),
+        atol=1e-14,
+    )
     Ds = wigner_D_batch(R, 4)
     for l in range(5):
         assert max((Ds[l][i] - wigner_D(l, R[i])).abs().max().item() for i in range(4)) < 1e-12
@@ -123,7 +138,9 @@ def test_wigner_D_batch_and_edge_frames():
 
 def test_reverse_edge_pairing_handles_duplicates_self_loops_and_one_way_edges():
     src = torch.tensor([0, 1, 0, 1, 0, 2, 3, 3])
-    dst = torch.tensor([1, 0, 1, 0, 1, 0, 3, 1])  # 0->1 three times, 1->0 twice, 2->0 one way, a self loop, 3->1 one way
+    dst = torch.tensor(
+        [1, 0, 1, 0, 1, 0, 3, 1]
+    )  # 0->1 three times, 1->0 twice, 2->0 one way, a self loop, 3->1 one way
     pos = torch.randn(4, 3, dtype=F64)
     graph = Graph(torch.stack([src, dst]), 4, pos=pos)
     a, b = reverse_edge_pairs(graph, torch.ones(8, dtype=torch.bool))
@@ -144,6 +161,7 @@ def test_fold_is_invertible_per_degree_pair(l_in, l_out):
 
 def test_fast_path_equivariance_and_gradcheck():
     from se3nb.equivariance import equivariance_error
+
     torch.manual_seed(0)
     fin, fout, fedge = Fiber({0: 2, 1: 2, 2: 1}), Fiber({0: 2, 1: 2, 2: 2}), Fiber({0: 1, 1: 1})
     conv = SO2Conv(fin, fout, fedge, self_interaction=True, fuse_level='none').double()
@@ -155,12 +173,15 @@ def test_fast_path_equivariance_and_gradcheck():
         g = graph.with_positions(p)
         inv = edge_invariants(g.rel_pos, e)
         return conv(f, e, inv, g, EdgeFrames(g, 2, inv))
+
     x = random_features(fin, 6, dtype=F64)
     assert equivariance_error(run, pos, x, edge_feats=ef, num_rotations=4).max() < 1e-12
     keys = sorted(x)
+
     def f(p, *xs):
         out = run(p, dict(zip(keys, xs)), ef)
         return tuple(out[l] for l in sorted(out))
+
     assert torch.autograd.gradcheck(f, (pos.clone().requires_grad_(), *[x[l].clone().requires_grad_() for l in keys]))
 
 
@@ -189,9 +210,13 @@ def test_bf16_autocast_keeps_float32_sums_and_stays_close():
     with torch.autocast('cpu', dtype=torch.bfloat16):
         frames_amp = EdgeFrames(graph, 2, inv)  # frames stay float32 under autocast
         out = conv(x, edge, inv, graph, frames)
-    assert all(a.dtype == torch.float32 and torch.allclose(a, b, atol=1e-6) for a, b in zip(frames_amp.D_in, frames.D_in))
+    assert all(
+        a.dtype == torch.float32 and torch.allclose(a, b, atol=1e-6) for a, b in zip(frames_amp.D_in, frames.D_in)
+    )
     sum(v.float().square().sum() for v in out.values()).backward()
-    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in conv.parameters() if p.grad is not None)
+    assert all(
+        p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in conv.parameters() if p.grad is not None
+    )
     assert all((out[l].float() - ref[l]).abs().max() < 0.05 * ref[l].abs().max() for l in ref)
 
 
@@ -211,9 +236,19 @@ def test_torch_compile_runs_the_model():
     """torch.compile traces the model (the SO(2) product is a custom autograd Function, EdgeFrames has data-dependent shapes);
     aot_eager checks the traced forward and backward without a C++ toolchain."""
     from se3nb.model import SE3TransformerPooled
+
     torch.manual_seed(0)
-    model = SE3TransformerPooled(Fiber({0: 6}), Fiber({0: 16}), Fiber({0: 4}), num_degrees=2, num_channels=8, output_dim=1,
-                                 num_layers=1, num_heads=2, channels_div=2)
+    model = SE3TransformerPooled(
+        Fiber({0: 6}),
+        Fiber({0: 16}),
+        Fiber({0: 4}),
+        num_degrees=2,
+        num_channels=8,
+        output_dim=1,
+        num_layers=1,
+        num_heads=2,
+        channels_div=2,
+    )
     graph, node, edge = random_molecule_batch(3, atoms=6)
     ref = model(graph, node, edge)
     compiled = torch.compile(model, backend="aot_eager", dynamic=True)
@@ -225,6 +260,7 @@ def test_torch_compile_runs_the_model():
 
 def test_threads_running_the_product_at_once_do_not_share_scratch_buffers():
     import threading
+
     torch.manual_seed(0)
     f = Fiber.create(3, 8)
     conv = SO2Conv(f, f, Fiber({0: 4}))
@@ -234,11 +270,15 @@ def test_threads_running_the_product_at_once_do_not_share_scratch_buffers():
         x = random_features(f, graph.num_nodes, generator=torch.Generator().manual_seed(i))
         inv = edge_invariants(graph.rel_pos, edge)
         with torch.no_grad():
-            for _ in range(10): out[i] = conv(x, edge, inv, graph, EdgeFrames(graph, 2, inv))
+            for _ in range(10):
+                out[i] = conv(x, edge, inv, graph, EdgeFrames(graph, 2, inv))
+
     together, alone = {}, {}
     threads = [threading.Thread(target=run, args=(i, together)) for i in range(2)]
-    [t.start() for t in threads]; [t.join() for t in threads]
-    for i in range(2): run(i, alone)
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    for i in range(2):
+        run(i, alone)
     assert all(torch.equal(together[i][l], alone[i][l]) for i in range(2) for l in alone[i])
 
 
@@ -248,11 +288,17 @@ def _native_kernels():
     import shutil
     from torch.utils.cpp_extension import is_ninja_available
     import se3nb.so2 as so2
+
     native = so2._native_so2()
     if native is None:
-        can_build = torch.backends.cpu.get_cpu_capability().startswith('AVX512') and is_ninja_available() \
-            and shutil.which(os.environ.get('CXX', 'c++')) is not None and os.environ.get('SE3NB_NATIVE', '1') != '0'
-        if can_build: pytest.fail("the fused SO(2) CPU kernels did not build on an AVX-512 machine with a compiler and ninja")
+        can_build = (
+            torch.backends.cpu.get_cpu_capability().startswith('AVX512')
+            and is_ninja_available()
+            and shutil.which(os.environ.get('CXX', 'c++')) is not None
+            and os.environ.get('SE3NB_NATIVE', '1') != '0'
+        )
+        if can_build:
+            pytest.fail("the fused SO(2) CPU kernels did not build on an AVX-512 machine with a compiler and ninja")
         pytest.skip("fused SO(2) CPU kernels need AVX-512, a C++ compiler and ninja")
     return native
 
@@ -261,29 +307,43 @@ def _native_kernels():
 @pytest.mark.parametrize("P", [0, 1, 7, 130])
 def test_fused_cpu_kernels_equal_the_torch_products(monkeypatch, P, split):
     import se3nb.so2 as so2
+
     _native_kernels()
     torch.manual_seed(P)
     H = 32
-    blocks = [(2, 48, 64), (4, 96, 192), (4, 32, 128), (2, 8, 24)]  # (rows, O, I); the last (16 does not divide I) runs in torch
+    blocks = [
+        (2, 48, 64),
+        (4, 96, 192),
+        (4, 32, 128),
+        (2, 8, 24),
+    ]  # (rows, O, I); the last (16 does not divide I) runs in torch
     sizes = tuple(O * I for _, O, I in blocks)
     h = torch.relu(torch.randn(P, H, dtype=F64))
-    inputs = [h, h.clone() if split else None, torch.randn(sum(sizes), H, dtype=F64) / 6] + \
-             [torch.randn(P, R, I, dtype=F64) for R, _, I in blocks]
+    inputs = [h, h.clone() if split else None, torch.randn(sum(sizes), H, dtype=F64) / 6] + [
+        torch.randn(P, R, I, dtype=F64) for R, _, I in blocks
+    ]
     results = {}
     for name, dtype, native in (('truth', F64, False), ('torch', torch.float32, False), ('fused', torch.float32, True)):
-        if not native: monkeypatch.setattr(so2, '_native_for', lambda h: None)
-        else: monkeypatch.undo()
+        if not native:
+            monkeypatch.setattr(so2, '_native_for', lambda h: None)
+        else:
+            monkeypatch.undo()
         args = [None if t is None else t.to(dtype).requires_grad_() for t in inputs]
         ys = so2._SO2Product.apply(args[0], args[1], args[2], sizes, *args[3:])
-        cotangents = [torch.randn(y.shape, generator=torch.Generator().manual_seed(i), dtype=F64).to(dtype) for i, y in enumerate(ys)]
+        cotangents = [
+            torch.randn(y.shape, generator=torch.Generator().manual_seed(i), dtype=F64).to(dtype)
+            for i, y in enumerate(ys)
+        ]
         grads = torch.autograd.grad(ys, [t for t in args if t is not None], cotangents, allow_unused=True)
         results[name] = [t.double() for t in ys] + [g.double() for g in grads]
     # the fused kernels sum in another order: as close to the float64 truth as the float32 torch products are
     for truth, torch_f32, fused in zip(results['truth'], results['torch'], results['fused']):
         assert fused.shape == truth.shape
-        if truth.numel() == 0: continue
+        if truth.numel() == 0:
+            continue
         if not truth.any():  # the weight gradient of zero slots
-            assert not fused.any(); continue
+            assert not fused.any()
+            continue
         scale = truth.abs().max()
         assert (fused - truth).abs().max() / scale < max(4 * ((torch_f32 - truth).abs().max() / scale).item(), 1e-6)
         assert (fused - torch_f32).abs().max() / scale < 1e-5
@@ -291,16 +351,25 @@ def test_fused_cpu_kernels_equal_the_torch_products(monkeypatch, P, split):
 
 def test_fused_cpu_kernels_in_a_float32_model(monkeypatch):
     import se3nb.so2 as so2
+
     _native_kernels()
     torch.manual_seed(0)
-    kw = dict(num_layers=2, fiber_in=Fiber({0: 16}), fiber_hidden=Fiber.create(4, 16), fiber_out=Fiber({0: 16, 1: 16}),
-              num_heads=2, channels_div=1, fiber_edge=Fiber({0: 4}))
+    kw = dict(
+        num_layers=2,
+        fiber_in=Fiber({0: 16}),
+        fiber_hidden=Fiber.create(4, 16),
+        fiber_out=Fiber({0: 16, 1: 16}),
+        num_heads=2,
+        channels_div=1,
+        fiber_edge=Fiber({0: 4}),
+    )
     model = SE3Transformer(**kw)
     graph, _, edge = random_molecule_batch(6)
     x = {0: torch.randn(graph.num_nodes, 16, 1)}
     results = []
     for native in (True, False):
-        if not native: monkeypatch.setattr(so2, '_native_for', lambda h: None)
+        if not native:
+            monkeypatch.setattr(so2, '_native_for', lambda h: None)
         model.zero_grad()
         out = model(graph, x, edge)
         sum((v * torch.sin(torch.arange(v.numel(), dtype=v.dtype)).view_as(v)).sum() for v in out.values()).backward()
@@ -311,6 +380,7 @@ def test_fused_cpu_kernels_in_a_float32_model(monkeypatch):
 
 def test_fused_cpu_kernels_can_be_switched_off(monkeypatch):
     import se3nb.so2 as so2
+
     monkeypatch.setenv('SE3NB_NATIVE', '0')
     so2._native_so2.cache_clear()
     try:

@@ -10,6 +10,7 @@ stamp tag and not execution counts (nbdev_clean erases those).
 
     python tools/docs/check_nbs.py [notebooks...] [--strict]   # --strict: warnings fail too
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,20 +39,28 @@ def main(argv=None) -> int:
     found = check(paths)
     for path in paths:  # per notebook: a summary line, then the first findings (all with --verbose)
         mine = [f for f in found if f.path == Path(path)]
-        if not mine: continue
+        if not mine:
+            continue
         kinds = {}
-        for f in mine: kinds[f.message] = kinds.get(f.message, 0) + 1
+        for f in mine:
+            kinds[f.message] = kinds.get(f.message, 0) + 1
         print(f'{nbtools.rel(path)}: ' + '; '.join(f'{n} cell(s) {m}' for m, n in kinds.items()))
-        for f in mine if a.verbose else mine[:MAX_SHOWN]: print('  ' + str(f).replace('\n', '\n  '))
-        if len(mine) > MAX_SHOWN and not a.verbose: print(f'  ... {len(mine) - MAX_SHOWN} more (--verbose lists them)')
+        for f in mine if a.verbose else mine[:MAX_SHOWN]:
+            print('  ' + str(f).replace('\n', '\n  '))
+        if len(mine) > MAX_SHOWN and not a.verbose:
+            print(f'  ... {len(mine) - MAX_SHOWN} more (--verbose lists them)')
     errors = [f for f in found if f.level == 'error' or a.strict]
     bad = sorted({str(f.path.name) for f in errors})
     if errors:
-        print(f'\ncheck-nbs: {len(errors)} problem(s) in {", ".join(bad)}. Re-run them with `make run-nbs` '
-              f'(or `python tools/docs/run_nbs.py nbs/NAME.ipynb`) and commit the outputs.', file=sys.stderr)
+        print(
+            f'\ncheck-nbs: {len(errors)} problem(s) in {", ".join(bad)}. Re-run them with `make run-nbs` '
+            f'(or `python tools/docs/run_nbs.py nbs/NAME.ipynb`) and commit the outputs.',
+            file=sys.stderr,
+        )
         return 1
-    print(f'check-nbs: {len(paths)} notebook(s) have current outputs'
-          + (f' ({len(found)} warning(s))' if found else ''))
+    print(
+        f'check-nbs: {len(paths)} notebook(s) have current outputs' + (f' ({len(found)} warning(s))' if found else '')
+    )
     return 0
 
 

@@ -7,6 +7,7 @@ On notebook pages (on_page_content, so the search index sees the result too) it 
 suffixes of the table of contents, lets the copy buttons copy the visible code instead of a hidden duplicate (which the
 search index would show twice), and moves the "Copied!" notice text into CSS. It also drops nbconvert's mermaid loader (an import from a CDN, dead code here: the notebooks have no mermaid diagrams).
 """
+
 import re
 
 MERMAID = re.compile(r'<script type="module">(?:(?!</script>).)*?mermaid(?:(?!</script>).)*</script>', re.S)
@@ -32,15 +33,20 @@ def on_post_page(output: str, page, config) -> str:
     if '.jp-Mermaid' in output and 'class="jp-Mermaid' not in output:
         output = MERMAID.sub('', output)
     if PLACEHOLDER in output:
-        return output.replace(f'<script src="{PLACEHOLDER}', f'{FONTS}<script src="{PLACEHOLDER}', 1).replace(PLACEHOLDER, local)
+        return output.replace(f'<script src="{PLACEHOLDER}', f'{FONTS}<script src="{PLACEHOLDER}', 1).replace(
+            PLACEHOLDER, local
+        )
     if 'class="arithmatex"' in output:
         tag = f'{FONTS}{CONFIG}\n<script src="{local}MathJax.js?config=TeX-AMS-MML_HTMLorMML-full,Safe"></script>\n'
         return output.replace('</body>', tag + '</body>', 1)
     return output
 
 
-COPY_TXT = re.compile(r'(<div class="highlight-ipynb[^"]*"><pre)(>.*?</pre></div>\s*)'
-                      r'<div class="clipboard-copy-txt" id="(cell-\d+)">.*?</div>', re.S)
+COPY_TXT = re.compile(
+    r'(<div class="highlight-ipynb[^"]*"><pre)(>.*?</pre></div>\s*)'
+    r'<div class="clipboard-copy-txt" id="(cell-\d+)">.*?</div>',
+    re.S,
+)
 HEADING = re.compile(r'<h([1-6]) id="([^"]+)">(.*?)</h\1>', re.S)
 
 
@@ -58,6 +64,8 @@ def on_page_content(html: str, page, config, files) -> str:
             n += 1
             new = f'{hid}_{n}'
         seen.add(new)
-        if new == hid: return m.group(0)
+        if new == hid:
+            return m.group(0)
         return f'<h{level} id="{new}">' + body.replace(f'href="#{hid}"', f'href="#{new}"') + f'</h{level}>'
+
     return HEADING.sub(unique, html)

@@ -14,6 +14,7 @@ a cell also marks every code cell below it stale (their outputs may depend on it
 The stamp lives in the cell it describes, so it survives `nbdev_clean`, jupytext `--update` round trips and merges, and it
 never depends on timestamps or on the order in which the notebooks were last run.
 """
+
 from __future__ import annotations
 
 import ast
@@ -32,13 +33,59 @@ _SEED = b'se3nb-run-nbs-v1'
 # Methods whose call draws something on a matplotlib Figure/Axes (or a pandas/seaborn object); `plt.<anything>` except
 # the state helpers below also counts. A function whose name starts with `plot` (e.g. `plot_errors`) counts too.
 PLOT_CALLS = {
-    'plot', 'scatter', 'imshow', 'matshow', 'hist', 'hist2d', 'bar', 'barh', 'semilogx', 'semilogy', 'loglog', 'errorbar',
+    'plot',
+    'scatter',
+    'imshow',
+    'matshow',
+    'hist',
+    'hist2d',
+    'bar',
+    'barh',
+    'semilogx',
+    'semilogy',
+    'loglog',
+    'errorbar',
     # never `step`: that is optimizer.step()
-    'fill_between', 'fill_betweenx', 'contour', 'contourf', 'pcolormesh', 'pcolor', 'quiver', 'stem', 'boxplot',
-    'violinplot', 'pie', 'stackplot', 'heatmap', 'lineplot', 'scatterplot', 'axhline', 'axvline', 'spy', 'plot_surface',
-    'plot_wireframe', 'subplots', 'figure', 'show'}
-PLT_NON_DRAWING = {'close', 'rc', 'rcParams', 'rcdefaults', 'style', 'ioff', 'ion', 'switch_backend', 'get_cmap',
-                   'colormaps', 'get_fignums', 'isinteractive', 'set_cmap', 'savefig'}
+    'fill_between',
+    'fill_betweenx',
+    'contour',
+    'contourf',
+    'pcolormesh',
+    'pcolor',
+    'quiver',
+    'stem',
+    'boxplot',
+    'violinplot',
+    'pie',
+    'stackplot',
+    'heatmap',
+    'lineplot',
+    'scatterplot',
+    'axhline',
+    'axvline',
+    'spy',
+    'plot_surface',
+    'plot_wireframe',
+    'subplots',
+    'figure',
+    'show',
+}
+PLT_NON_DRAWING = {
+    'close',
+    'rc',
+    'rcParams',
+    'rcdefaults',
+    'style',
+    'ioff',
+    'ion',
+    'switch_backend',
+    'get_cmap',
+    'colormaps',
+    'get_fignums',
+    'isinteractive',
+    'set_cmap',
+    'savefig',
+}
 
 
 def rel(path: Path) -> str:
@@ -77,21 +124,27 @@ def directives(source: str) -> dict[str, str]:
     "nbdev/quarto `#|` directives of a cell: {'notest': '', 'eval': 'false', 'export': '', ...}."
     out = {}
     for line in source.splitlines():
-        if not line.strip(): continue
+        if not line.strip():
+            continue
         m = _DIRECTIVE.match(line)
-        if not m: break
+        if not m:
+            break
         out[m.group(1).lower()] = m.group(2)
     return out
 
 
 def skip_reason(cell, flags: set[str]) -> str | None:
     "Why `make run-nbs`/nbdev_test do not run this code cell (None: it runs). Same rules as nbdev_test."
-    if cell.cell_type != 'code' or not cell.source.strip(): return 'empty'
-    if 'nbdev_export' + '(' in cell.source: return 'nbdev_export'
+    if cell.cell_type != 'code' or not cell.source.strip():
+        return 'empty'
+    if 'nbdev_export' + '(' in cell.source:
+        return 'nbdev_export'
     d = directives(cell.source)
-    if d.get('eval', '').lower() == 'false': return 'eval: false'
+    if d.get('eval', '').lower() == 'false':
+        return 'eval: false'
     hit = sorted(flags & d.keys())
-    if hit: return '#| ' + ' '.join(hit)
+    if hit:
+        return '#| ' + ' '.join(hit)
     return None
 
 
@@ -103,7 +156,8 @@ def cell_stamps(nb) -> dict[int, str]:
     "Expected stamp tag of every non-empty code cell, by cell index (chained hash, see module docstring)."
     h, out = hashlib.sha256(_SEED).digest(), {}
     for i, cell in enumerate(nb.cells):
-        if cell.cell_type != 'code' or not cell.source.strip(): continue
+        if cell.cell_type != 'code' or not cell.source.strip():
+            continue
         h = hashlib.sha256(h + _normalise(cell.source).encode('utf-8')).digest()
         out[i] = STAMP_PREFIX + h.hex()[:12]
     return out
@@ -117,9 +171,12 @@ def stored_stamp(cell) -> str | None:
 def set_stamp(cell, stamp: str | None) -> None:
     "Replace the cell's stamp tag (None: remove it), keeping its other tags."
     tags = [t for t in cell.metadata.get('tags', []) if not t.startswith(STAMP_PREFIX)]
-    if stamp: tags.append(stamp)
-    if tags: cell.metadata['tags'] = tags
-    else: cell.metadata.pop('tags', None)
+    if stamp:
+        tags.append(stamp)
+    if tags:
+        cell.metadata['tags'] = tags
+    else:
+        cell.metadata.pop('tags', None)
 
 
 def _python_only(source: str) -> str:
@@ -130,7 +187,8 @@ def _python_only(source: str) -> str:
 def _call_name(node: ast.Call) -> tuple[str | None, str | None]:
     "(receiver, name) of a call: plt.plot -> ('plt', 'plot'), plot_errors -> (None, 'plot_errors')."
     f = node.func
-    if isinstance(f, ast.Name): return None, f.id
+    if isinstance(f, ast.Name):
+        return None, f.id
     if isinstance(f, ast.Attribute):
         recv = f.value
         while isinstance(recv, (ast.Attribute, ast.Subscript, ast.Call)):
@@ -143,23 +201,32 @@ def plots(source: str) -> bool:
     """Does running this cell draw a figure? Looks only at statements run at the top level of the cell (calls inside a
     `def` or `class` body do not draw when the cell runs): any `plt.<drawing call>`, any drawing method
     (`ax.plot`, `ax.semilogy`, `df.plot`, ...), any function whose name starts with `plot` (`plot_errors(...)`)."""
-    try: tree = ast.parse(_python_only(source))
-    except SyntaxError: return bool(re.search(r'\bplt\.(?!close)\w+\(|\bplot\w*\(', source))
+    try:
+        tree = ast.parse(_python_only(source))
+    except SyntaxError:
+        return bool(re.search(r'\bplt\.(?!close)\w+\(|\bplot\w*\(', source))
     todo = [n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
     for top in todo:
         for node in ast.walk(top):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)): continue
-            if not isinstance(node, ast.Call): continue
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+                continue
+            if not isinstance(node, ast.Call):
+                continue
             recv, name = _call_name(node)
-            if name is None: continue
-            if recv == 'plt' and name not in PLT_NON_DRAWING: return True
-            if name.startswith('plot') or name in PLOT_CALLS - {'subplots', 'figure', 'show'}: return True
+            if name is None:
+                continue
+            if recv == 'plt' and name not in PLT_NON_DRAWING:
+                return True
+            if name.startswith('plot') or name in PLOT_CALLS - {'subplots', 'figure', 'show'}:
+                return True
     return False
 
 
 def has_image(cell) -> bool:
-    return any(o.get('output_type') in ('display_data', 'execute_result') and 'image/png' in o.get('data', {})
-               for o in cell.get('outputs', []))
+    return any(
+        o.get('output_type') in ('display_data', 'execute_result') and 'image/png' in o.get('data', {})
+        for o in cell.get('outputs', [])
+    )
 
 
 def read(path: Path):
@@ -176,7 +243,9 @@ class Finding:
 
     def __str__(self):
         first = next((l for l in self.source.splitlines() if l.strip() and not l.lstrip().startswith('#|')), '')
-        return f'{rel(self.path)}: cell {self.cell} [{self.level}] {self.message}' + (f'\n    > {first[:100]}' if first else '')
+        return f'{rel(self.path)}: cell {self.cell} [{self.level}] {self.message}' + (
+            f'\n    > {first[:100]}' if first else ''
+        )
 
 
 def check_notebook(path: Path, flags: set[str] | None = None) -> list[Finding]:
@@ -187,15 +256,22 @@ def check_notebook(path: Path, flags: set[str] | None = None) -> list[Finding]:
     nb, found = read(path), []
     expected = cell_stamps(nb)
     for i, cell in enumerate(nb.cells):
-        if cell.cell_type != 'code' or not cell.source.strip(): continue
+        if cell.cell_type != 'code' or not cell.source.strip():
+            continue
         why = skip_reason(cell, flags)
-        if why == 'nbdev_export': continue
+        if why == 'nbdev_export':
+            continue
         level = 'warning' if why else 'error'
-        add = lambda msg, lvl=level: found.append(Finding(path, i, lvl, msg, cell.source))
+
+        def add(msg, lvl=level):
+            return found.append(Finding(path, i, lvl, msg, cell.source))
+
         got = stored_stamp(cell)
         if why:
             if cell.get('outputs') and got != expected[i]:
-                add(f'outputs of a skipped ({why}) cell may be stale: run `make run-nbs FLAGS="{" ".join(sorted(flags))}"` where it can run')
+                add(
+                    f'outputs of a skipped ({why}) cell may be stale: run `make run-nbs FLAGS="{" ".join(sorted(flags))}"` where it can run'
+                )
         elif got is None:
             add('never executed by `make run-nbs` (no output stamp)')
         elif got != expected[i]:

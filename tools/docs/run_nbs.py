@@ -12,6 +12,7 @@ cell and its traceback.
     python tools/docs/run_nbs.py nbs/04_conv.ipynb    # some of them
     python tools/docs/run_nbs.py --flags "notest gpu" # also the slow/GPU cells (on a machine that can run them)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,9 @@ import nbtools  # noqa: E402
 _ANSI = re.compile(r'\x1b\[[0-9;]*[A-Za-z]')
 
 
-def run_notebook(path: Path, run_flags: set[str] = frozenset(), timeout: int = 600, kernel: str = 'python3',
-                 write: bool = True) -> tuple[bool, str, float]:
+def run_notebook(
+    path: Path, run_flags: set[str] = frozenset(), timeout: int = 600, kernel: str = 'python3', write: bool = True
+) -> tuple[bool, str, float]:
     "Execute one notebook in place. Returns (ok, message, seconds)."
     import nbformat
     from nbclient import NotebookClient
@@ -40,28 +42,46 @@ def run_notebook(path: Path, run_flags: set[str] = frozenset(), timeout: int = 6
     nb = nbtools.read(path)
     skip_flags = nbtools.test_flags() - set(run_flags)
     stamps = nbtools.cell_stamps(nb)
-    env = dict(os.environ, MPLBACKEND='module://matplotlib_inline.backend_inline')  # plots as inline image/png, as in Jupyter
+    env = dict(
+        os.environ, MPLBACKEND='module://matplotlib_inline.backend_inline'
+    )  # plots as inline image/png, as in Jupyter
     # like nbdev_test's basepath: the repository's own se3nb is importable even when it is not pip-installed
     env['PYTHONPATH'] = os.pathsep.join([str(nbtools.ROOT)] + [p for p in [os.environ.get('PYTHONPATH')] if p])
-    client = NotebookClient(nb, timeout=timeout, kernel_name=kernel, allow_errors=False, record_timing=False,
-                            resources={'metadata': {'path': str(path.parent)}})
+    client = NotebookClient(
+        nb,
+        timeout=timeout,
+        kernel_name=kernel,
+        allow_errors=False,
+        record_timing=False,
+        resources={'metadata': {'path': str(path.parent)}},
+    )
     done, current = 0, None
     klog = tempfile.TemporaryFile('w+')  # the kernel's own stderr: shown only when something fails
     try:
         with client.setup_kernel(env=env, cwd=str(path.parent), stderr=klog):
             for i, cell in enumerate(nb.cells):
-                if cell.cell_type != 'code' or nbtools.skip_reason(cell, skip_flags): continue
+                if cell.cell_type != 'code' or nbtools.skip_reason(cell, skip_flags):
+                    continue
                 current = i
                 client.execute_cell(cell, i)
                 nbtools.set_stamp(cell, stamps[i])
                 done += 1
-    except (CellExecutionError, CellTimeoutError, DeadKernelError, RuntimeError) as e:  # RuntimeError: kernel did not start
+    except (
+        CellExecutionError,
+        CellTimeoutError,
+        DeadKernelError,
+        RuntimeError,
+    ) as e:  # RuntimeError: kernel did not start
         src = nb.cells[current].source if current is not None else ''
-        msg = (f'FAILED {nbtools.rel(path)} cell {current} (notebook left unchanged)\n'
-               + ''.join(f'    | {l}\n' for l in src.splitlines()[:15]) + _ANSI.sub('', str(e)))
+        msg = (
+            f'FAILED {nbtools.rel(path)} cell {current} (notebook left unchanged)\n'
+            + ''.join(f'    | {l}\n' for l in src.splitlines()[:15])
+            + _ANSI.sub('', str(e))
+        )
         klog.seek(0)
         log = [l for l in klog.read().splitlines() if 'without encryption' not in l]
-        if log: msg += '\n--- kernel stderr ---\n' + '\n'.join(log[-30:])
+        if log:
+            msg += '\n--- kernel stderr ---\n' + '\n'.join(log[-30:])
         return False, msg, time.time() - start
     finally:
         klog.close()
@@ -75,12 +95,16 @@ def _nbdev_clean(path: Path) -> None:
     "Write the notebook the way `nbdev_clean` does (same settings), so check-sync sees no diff."
     from execnb.nbio import read_nb, write_nb
     from nbdev.clean import clean_nb
+
     cfg = nbtools.settings()
     nb = read_nb(path)
-    clean_nb(nb, clear_all=cfg.get('clear_all', 'False').lower() == 'true',
-             allowed_metadata_keys=cfg.get('allowed_metadata_keys', '').split(),
-             allowed_cell_metadata_keys=cfg.get('allowed_cell_metadata_keys', '').split(),
-             clean_ids=cfg.get('clean_ids', 'True').lower() == 'true')
+    clean_nb(
+        nb,
+        clear_all=cfg.get('clear_all', 'False').lower() == 'true',
+        allowed_metadata_keys=cfg.get('allowed_metadata_keys', '').split(),
+        allowed_cell_metadata_keys=cfg.get('allowed_cell_metadata_keys', '').split(),
+        clean_ids=cfg.get('clean_ids', 'True').lower() == 'true',
+    )
     write_nb(nb, path)
 
 
@@ -92,7 +116,9 @@ def _job(args):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     ap.add_argument('notebooks', nargs='*', help='notebooks to run (default: every nbs/*.ipynb)')
-    ap.add_argument('--flags', default=os.environ.get('FLAGS', ''), help='test flags whose cells run anyway, e.g. "notest gpu"')
+    ap.add_argument(
+        '--flags', default=os.environ.get('FLAGS', ''), help='test flags whose cells run anyway, e.g. "notest gpu"'
+    )
     ap.add_argument('--timeout', type=int, default=600, help='seconds per cell')
     ap.add_argument('-j', '--jobs', type=int, default=1, help='notebooks run in parallel (each in its own kernel)')
     a = ap.parse_args(argv)
@@ -102,7 +128,8 @@ def main(argv=None) -> int:
     with ProcessPoolExecutor(max_workers=max(1, a.jobs)) as ex:
         for (path, *_), (ok, msg, _) in zip(jobs, ex.map(_job, jobs)):
             print(msg, flush=True)
-            if not ok: failed.append(path)
+            if not ok:
+                failed.append(path)
     if failed:
         print(f'\n{len(failed)} notebook(s) failed: ' + ', '.join(str(p) for p in failed), file=sys.stderr)
         return 1
