@@ -12,8 +12,10 @@ def _triton_major() -> int:  # without importing triton
         return 0
 
 
-# Without a GPU, the fused attention kernels (tests/test_segment_attention.py) run under Triton's interpreter on CPU tensors.
-# Triton reads TRITON_INTERPRET once, at its first import, and importing se3nb (torch._dynamo) imports it: so set it first.
+# Without a GPU, the fused attention kernels (tests/test_segment_attention.py) run under Triton's interpreter on CPU
+# tensors.
+# Triton reads TRITON_INTERPRET once, at its first import, and importing se3nb (torch._dynamo) imports it: so set it
+# first.
 if not torch.cuda.is_available() and _triton_major() >= 3:
     os.environ.setdefault('TRITON_INTERPRET', '1')
 

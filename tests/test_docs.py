@@ -1,5 +1,5 @@
-"""The documentation site, tested as a user sees it: `make docs` builds it, then a real headless chromium opens the pages
-from 127.0.0.1. Needs Debian's chromium (`apt-get install -y chromium`); the browser tests skip without it. Saves
+"""The documentation site, tested as a user sees it: `make docs` builds it, then a real headless chromium opens the
+pages from 127.0.0.1. Needs Debian's chromium (`apt-get install -y chromium`); the browser tests skip without it. Saves
 screenshots to out/docs/ (the CI artifact)."""
 
 import re

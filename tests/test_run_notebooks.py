@@ -69,7 +69,7 @@ def test_run_notebook_smoke(path, tmp_path, monkeypatch):
 
 
 def test_committed_notebooks_have_current_outputs():
-    "`make check-nbs`: every tutorial notebook was re-run (`make run-nbs`) after its last code change; plots are stored."
+    "`make check-nbs`: every tutorial notebook was re-run (`make run-nbs`) after its last code change; plots stored."
     r = subprocess.run(
         [sys.executable, str(ROOT / 'tools' / 'docs' / 'check_nbs.py')],
         cwd=ROOT,
@@ -125,7 +125,7 @@ def test_stamps_chain_and_survive_nbdev_clean():
 
 
 def test_run_nbs_then_check(tmp_path):
-    "run_nbs executes a notebook in place, skips flagged cells (keeping their outputs), stamps the rest; check_nbs agrees."
+    "run_nbs executes a notebook in place, skips flagged cells (keeping their outputs), stamps the rest; check agrees."
     path = tmp_path / 'demo.ipynb'
     nb = _nb(
         '#| default_exp demo',

@@ -1,12 +1,15 @@
 """`make docs`: build the documentation website (site/) from the notebooks, fully offline.
 
-1. nbdev's notebook processing (`nbdev.serve.proc_nbs`, the step `nbdev_proc_nbs` runs before Quarto; the command itself is
+1. nbdev's notebook processing (`nbdev.serve.proc_nbs`, the step `nbdev_proc_nbs` runs before Quarto; the command
+itself is
    not used because it insists on installing Quarto) writes _proc/: front matter from the title cell, show_doc cells for
    every exported symbol (executed, so their markdown output holds signature and docstring), hidden cells removed.
 2. This script turns the processed notebooks into pages that read well without Quarto (build/docs_src/): the YAML front
-   matter becomes a `# Title` and a summary line; show_doc cells become markdown cells with a stable anchor; `#|` directive
+   matter becomes a `# Title` and a summary line; show_doc cells become markdown cells with a stable anchor; `#|`
+   directive
    lines, quarto link attributes `{...}` and `:::` fences go; nbdev doc links to `doc_host` point at the local pages.
-   It also writes the API reference page (every show_doc block, by module) and the nav, and copies the hand-written pages
+   It also writes the API reference page (every show_doc block, by module) and the nav, and copies the hand-written
+   pages
    in docs/ and a local MathJax (from the `jupyter-server-mathjax` package) next to them.
 3. `mkdocs build` (mkdocs-material + mkdocs-jupyter) renders the *stored* outputs; nothing is executed, because the
    processed notebooks no longer contain their hidden import cells. Run `make run-nbs` first to refresh outputs.
@@ -55,7 +58,7 @@ def default_exp(nb) -> str | None:
 
 
 def anchor(name: str) -> str:
-    "nbdev's doc-link anchor for a symbol: lower case, dots and non-word characters removed (Fiber.check -> fiber.check)."
+    "nbdev's doc-link anchor of a symbol: lower case, dots and non-word characters removed (Fiber.check -> fiber.check)"
     return re.sub(r'[^\w.-]', '', name.lower())
 
 
@@ -179,7 +182,8 @@ def clean_notebook(nb, *, fix_links: LinkFixer, depth: int, module: str | None, 
         head = f'# {title or stem}' + (f'\n\n> {summary}' if summary else '')
         if module:
             head += (
-                f'\n\n<small>Module `se3nb.{module}` · [API reference](../api/#{("se3nb." + module).replace(".", "-")})</small>'
+                f'\n\n<small>Module `se3nb.{module}` · '
+                f'[API reference](../api/#{("se3nb." + module).replace(".", "-")})</small>'
                 if depth
                 else ''
             )
@@ -365,7 +369,8 @@ def main(argv=None) -> int:
     )
     if stale:
         print(
-            f'warning: the site shows stored outputs, and these notebooks have stale or missing ones: {", ".join(stale)} '
+            'warning: the site shows stored outputs, and these notebooks have stale or missing ones: '
+            f'{", ".join(stale)} '
             '(`make check-nbs` says why; `make run-nbs` refreshes them)',
             file=sys.stderr,
         )
@@ -379,9 +384,11 @@ def main(argv=None) -> int:
     r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, NO_MKDOCS_2_WARNING='1'))
     if r.returncode:
         return r.returncode
+    site = Path(a.site).resolve()
+    shown = site.relative_to(ROOT) if site.is_relative_to(ROOT) else a.site
     print(
-        f'docs: {Path(a.site).resolve()} (nbdev processing {t1 - t0:.0f}s, pages {time.time() - t1:.0f}s); '
-        f'preview with `python -m http.server -d {Path(a.site).resolve().relative_to(ROOT) if Path(a.site).resolve().is_relative_to(ROOT) else a.site}`'
+        f'docs: {site} (nbdev processing {t1 - t0:.0f}s, pages {time.time() - t1:.0f}s); '
+        f'preview with `python -m http.server -d {shown}`'
     )
     return 0
 

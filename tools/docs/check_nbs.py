@@ -1,7 +1,8 @@
 """`make check-nbs`: fail when a tutorial notebook's committed outputs are stale, missing or broken.
 
 An executed cell (one that nbdev_test and `make run-nbs` run) fails the check when
-  - its output stamp (a tag written by `make run-nbs`) does not match the chained hash of the code up to that cell, i.e. the
+  - its output stamp (a tag written by `make run-nbs`) does not match the chained hash of the code up to that cell,
+  i.e. the
     cell or a cell above it changed since the outputs were produced, or it was never run by `make run-nbs`;
   - it draws a plot (plt.*, ax.plot/semilogy/..., plot_*(...) at the cell's top level) but has no image/png output;
   - its stored output is an error.

@@ -5,14 +5,16 @@ placeholder) and the markdown pages with formulas (pymdownx.arithmatex) load the
 a page-relative URL, so the site also works from a sub-path or from file://.
 On notebook pages (on_page_content, so the search index sees the result too) it gives repeated heading ids the `_1`
 suffixes of the table of contents, lets the copy buttons copy the visible code instead of a hidden duplicate (which the
-search index would show twice), and moves the "Copied!" notice text into CSS. It also drops nbconvert's mermaid loader (an import from a CDN, dead code here: the notebooks have no mermaid diagrams).
+search index would show twice), and moves the "Copied!" notice text into CSS. It also drops nbconvert's mermaid loader
+(an import from a CDN, dead code here: the notebooks have no mermaid diagrams).
 """
 
 import re
 
 MERMAID = re.compile(r'<script type="module">(?:(?!</script>).)*?mermaid(?:(?!</script>).)*</script>', re.S)
 PLACEHOLDER = 'MATHJAX_LOCAL/'
-# the MathJax 2.7 of jupyter-server-mathjax ships the HTML-CSS output with the STIX-Web fonts (no TeX fonts, no CommonHTML)
+# the MathJax 2.7 of jupyter-server-mathjax ships the HTML-CSS output with the STIX-Web fonts (no TeX fonts, no
+# CommonHTML)
 FONTS = """<script type="text/x-mathjax-config">
 MathJax.Hub.Config({"HTML-CSS": {availableFonts: [], webFont: "STIX-Web", preferredFont: null, imageFont: null}});
 </script>

@@ -4,14 +4,17 @@ Output freshness, and why it works this way
 -------------------------------------------
 `nbdev_clean` (part of `make check-sync`) sets every `execution_count` to None and drops all cell metadata except `tags`
 (`allowed_cell_metadata_keys = tags` in settings.ini). So neither execution counts nor a custom metadata key survive a
-commit. `make run-nbs` therefore stamps every cell it executes with one tag, ``src-<12 hex>``, the chained SHA-256 of the
+commit. `make run-nbs` therefore stamps every cell it executes with one tag, ``src-<12 hex>``, the chained SHA-256 of
+the
 sources of all code cells up to and including that cell:
 
     H_0 = sha256(b"se3nb-run-nbs-v1"),   H_i = sha256(H_{i-1} || normalised source of code cell i)
 
-`make check-nbs` recomputes the chain and fails on any executed cell whose tag differs. Because the hash is chained, editing
+`make check-nbs` recomputes the chain and fails on any executed cell whose tag differs. Because the hash is chained,
+editing
 a cell also marks every code cell below it stale (their outputs may depend on it), which matches "re-run top to bottom".
-The stamp lives in the cell it describes, so it survives `nbdev_clean`, jupytext `--update` round trips and merges, and it
+The stamp lives in the cell it describes, so it survives `nbdev_clean`, jupytext `--update` round trips and merges, and
+it
 never depends on timestamps or on the order in which the notebooks were last run.
 """
 
@@ -269,9 +272,8 @@ def check_notebook(path: Path, flags: set[str] | None = None) -> list[Finding]:
         got = stored_stamp(cell)
         if why:
             if cell.get('outputs') and got != expected[i]:
-                add(
-                    f'outputs of a skipped ({why}) cell may be stale: run `make run-nbs FLAGS="{" ".join(sorted(flags))}"` where it can run'
-                )
+                run = f'make run-nbs FLAGS="{" ".join(sorted(flags))}"'
+                add(f'outputs of a skipped ({why}) cell may be stale: run `{run}` where it can run')
         elif got is None:
             add('never executed by `make run-nbs` (no output stamp)')
         elif got != expected[i]:
