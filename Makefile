@@ -46,3 +46,10 @@ run-nbs:  ## re-execute nbs/*.ipynb in place (skips #| notest, #| gpu, #| eval: 
 
 check-nbs:  ## fail when a notebook's committed outputs are stale (source changed since run-nbs), missing a plot, or an error
 	$(PY) tools/docs/check_nbs.py $(NBS)
+
+# --- GPU check (tools/gpu_check.sh, issue 15) ---
+.PHONY: gpu-check
+ARGS ?=
+
+gpu-check:  ## on a CUDA machine: install (TORCH=torch keeps an installed torch), run every GPU check, write benchmarks/results/<gpu-name>/gpu_check.{json,md}; CPU smoke: make gpu-check ARGS="--device cpu --smoke"
+	PY=$(PY) bash tools/gpu_check.sh $(ARGS)
