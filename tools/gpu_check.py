@@ -249,6 +249,15 @@ def step_gpu_tests(ctx):
     return ('fail', '; '.join(problems), details) if problems else ('pass', summary, details)
 
 
+def _backend_report() -> str | None:
+    "Which backend each op chose and why (se3nb.backends, PLAN.md's agreed interface); None in versions without it."
+    try:
+        from se3nb.backends import backend_report
+    except ImportError:
+        return None
+    return backend_report()
+
+
 @contextmanager
 def precision_context(precision: str, device: str):
     "fp32 and tf32 set the TF32 switches of matmuls and cuDNN; fp16 and bf16 run under autocast."
@@ -330,6 +339,7 @@ def step_equivariance(ctx):
         edges=graph.num_edges,
         results=results,
         measure='max over rotations of max|f(Rx) - D(R) f(x)| / max|f(x)| (se3nb.equivariance.equivariance_error)',
+        backends=_backend_report(),
     )
     summary = ', '.join(f"{r['precision']} {r['max_relative_error']:.1e}" for r in results)
     return ('fail', 'above tolerance: ' + '; '.join(failed), details) if failed else ('pass', summary, details)
@@ -651,6 +661,15 @@ def markdown(report: dict) -> str:
             for r in eq['results']
         ]
         lines += _table(['precision', 'max relative error', 'tolerance', 'deviation from fp32', 'passed'], rows)
+        if eq.get('backends'):
+            lines += [
+                '',
+                'Backends (`se3nb.backends.backend_report()` after these runs):',
+                '',
+                '```',
+                eq['backends'],
+                '```',
+            ]
     tr = detail.get('training', {})
     if tr.get('epochs'):
         lines += [
