@@ -6,7 +6,10 @@ fiber_edge {0: 4}, fiber_out {0: 128}, max pooling, norm and layer norm on) on t
 each case in a fresh process, peak RSS of that process. Prints each figure beside NVIDIA's and the ratio.
 
     python benchmarks/compare_nvidia_cpu.py [--threads 2] [--iters 10] [--json out.json] [--fuse-level partial] [--low-memory]
-                                            [--path so2|reference] [--amp]
+                                            [--amp]
+
+Backends follow se3nb's registry (`nbs/00a_backends.ipynb`): e.g. `SE3NB_BACKENDS=conv=reference` times the reference
+convolution, `SE3NB_BACKENDS=so2_product=torch` torch's products instead of the C++ kernels.
 """
 
 import argparse
@@ -32,11 +35,11 @@ def run_case(
     fuse_level: str,
     low_memory: bool,
     device: str,
-    path: str = 'so2',
     amp: bool = False,
     batch_kind: str = 'fixture',
 ) -> dict:
     import torch
+    from se3nb.backends import choose
     from se3nb.compat import nvidia_graph
     from se3nb.fiber import Fiber
     from se3nb.model import SE3TransformerPooled
@@ -59,7 +62,6 @@ def run_case(
         use_layer_norm=True,
         low_memory=low_memory,
         fuse_level=fuse_level,
-        path=path,
     ).to(device)
     if batch_kind == 'fixture':
         graph = nvidia_graph(batch['src'], batch['dst'], batch['num_nodes'], batch['rel_pos'], batch['batch_num_nodes'])
@@ -120,7 +122,8 @@ def run_case(
         'iters': iters,
         'fuse_level': fuse_level,
         'low_memory': low_memory,
-        'path': path,
+        'conv': model.conv_backend,
+        'so2_product': choose('so2_product', device=device, dtype=torch.float32),  # float32 products (not under --amp)
         'amp': amp,
         'batch_kind': batch_kind,
         'device': device,
@@ -136,7 +139,6 @@ def main():
     p.add_argument('--iters', type=int, default=10)
     p.add_argument('--fuse-level', default='partial', choices=['none', 'partial', 'full'])
     p.add_argument('--low-memory', action='store_true')
-    p.add_argument('--path', default='so2', choices=['so2', 'reference'], help="se3nb's convolution path")
     p.add_argument(
         '--batch',
         default='fixture',
@@ -162,9 +164,7 @@ def main():
     if a._case:  # child process: one case, JSON on stdout
         print(
             json.dumps(
-                run_case(
-                    a._case, a.fixture, a.threads, a.iters, a.fuse_level, a.low_memory, a.device, a.path, a.amp, a.batch
-                )
+                run_case(a._case, a.fixture, a.threads, a.iters, a.fuse_level, a.low_memory, a.device, a.amp, a.batch)
             )
         )
         return
@@ -186,8 +186,6 @@ def main():
                 a.fuse_level,
                 '--device',
                 a.device,
-                '--path',
-                a.path,
             ]
             + (['--amp'] if a.amp else [])
             + ['--batch', a.batch]
@@ -198,7 +196,8 @@ def main():
     print(
         f"se3nb vs NVIDIA, QM9 config, batch '{a.batch}': {results[0]['batch']} molecules ({results[0]['nodes']} atoms, {results[0]['edges']} edges), "
         f"{a.threads} threads, {'bf16 autocast' if a.amp else 'float32'}, device {a.device} ({platform.processor() or platform.machine()}), torch {results[0]['torch']}, "
-        f"fuse_level={a.fuse_level}, low_memory={a.low_memory}, path={a.path}, {results[0]['parameters']:,} parameters; median of {a.iters}"
+        f"fuse_level={a.fuse_level}, low_memory={a.low_memory}, {results[0]['parameters']:,} parameters; median of {a.iters}; "
+        f"backends conv={results[0]['conv']}, so2_product={results[0]['so2_product']} (float32)"
     )
     print(
         f"{'mode':<10} {'se3nb s/batch':>13} {'NVIDIA':>7} {'speed-up':>8} {'se3nb mol/s':>11} {'NVIDIA':>7} "

@@ -93,14 +93,13 @@ class AttentionBlock(nn.Module):
         use_layer_norm: bool = False,  # in the radial MLPs
         max_degree: int | None = None,
         fuse_level: str = 'partial',
-        path: str = 'so2',  # convolution: 'so2' (fast) or 'reference' (`04a_so2`)
     ):
         super().__init__()
         self.fiber_in = fiber_in
         value_fiber = Fiber({l: c // channels_div for l, c in fiber_out.items()})
         key_fiber = Fiber({l: c for l, c in value_fiber.items() if l in fiber_in})
         self.value_fiber, self.key_fiber = value_fiber, key_fiber
-        self.to_key_value = conv_class(path)(
+        self.to_key_value = conv_class()(  # SO2Conv, or TFNConv under override(conv='reference') (`00a_backends`)
             fiber_in,
             value_fiber + key_fiber,
             fiber_edge,

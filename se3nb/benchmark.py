@@ -26,6 +26,7 @@ import se3nb
 from .fiber import Fiber
 from .graph import Graph, batch_graphs, radius_graph
 from .model import SE3TransformerPooled
+from .backends import choose, override
 
 # %% ../nbs/10_benchmark.ipynb #c42418ad
 def random_molecule_batch(
@@ -85,24 +86,25 @@ class Case:
     num_heads: int = 8  # reduced to a divisor of the value channels for small sweeps
     low_memory: bool = False
     threads: int | None = None  # CPU threads (None: torch's default)
-    path: str = 'so2'  # convolutions: 'so2' or 'reference' (`04a_so2`)
+    conv: str | None = None  # conv backend: None = the registry's choice (`00a_backends`), 'reference' = the definition
     fixture: str | None = None  # a molecule batch file (e.g. NVIDIA's qm9_batch64.pt) instead of random molecules
 
 
 def _model(case: Case) -> SE3TransformerPooled:
     heads = math.gcd(case.num_heads, max(1, case.num_channels // 2))  # value channels must split evenly into heads
-    return SE3TransformerPooled(
-        Fiber({0: 6}),
-        Fiber({0: case.num_degrees * case.num_channels}),
-        Fiber({0: 4}),
-        case.num_degrees,
-        case.num_channels,
-        1,
-        num_layers=case.num_layers,
-        num_heads=heads,
-        low_memory=case.low_memory,
-        path=case.path,
-    ).to(case.device)
+    with override(conv=case.conv):
+        model = SE3TransformerPooled(
+            Fiber({0: 6}),
+            Fiber({0: case.num_degrees * case.num_channels}),
+            Fiber({0: 4}),
+            case.num_degrees,
+            case.num_channels,
+            1,
+            num_layers=case.num_layers,
+            num_heads=heads,
+            low_memory=case.low_memory,
+        )
+    return model.to(case.device)
 
 
 def _batch(case: Case):
@@ -343,7 +345,6 @@ def run_suite(
     scaling: bool = True,
     radius_atoms: tuple[int, ...] = (32, 64, 128, 256),
     progress: bool = True,
-    path: str = 'so2',  # convolution path of the suite; 'so2' also times and profiles the reference at the largest batch
 ) -> dict:
     "Run the benchmark suite (each case in a fresh process) and write `results.json` and plots to `out_dir`."
     from tqdm.auto import tqdm
@@ -353,7 +354,8 @@ def run_suite(
     small = dict(num_layers=1, num_channels=8, num_degrees=2) if smoke else {}
     if smoke:
         train_batches, inference_batches, steps, warmup = (2,), (2,), 2, 1
-    base = dict(device=device, steps=steps, warmup=warmup, threads=threads, path=path, **small)
+    conv = choose('conv')  # 'so2' also times and profiles the reference at the largest batch (SE3NB_BACKENDS=conv=...)
+    base = dict(device=device, steps=steps, warmup=warmup, threads=threads, conv=conv, **small)
     plan: list[tuple[str, Case]] = []
     for p in precisions:
         plan += [('train', Case(mode='train', batch_size=b, precision=p, **base)) for b in train_batches]
@@ -363,10 +365,10 @@ def run_suite(
         for m in ('train',)
         for lm in (False, True)
     ]
-    compare = path == 'so2' and not smoke
-    if compare:  # the same cases on the reference path: the speed-up of the SO(2) form
+    compare = conv == 'so2' and not smoke
+    if compare:  # the same cases with the reference convolution: the speed-up of the SO(2) form
         plan += [
-            ('reference', Case(mode=m, batch_size=b, **{**base, 'path': 'reference'}))
+            ('reference', Case(mode=m, batch_size=b, **{**base, 'conv': 'reference'}))
             for m, b in (('train', train_batches[-1]), ('inference', inference_batches[0]))
         ]
     if fixture is None and not smoke:
@@ -418,10 +420,10 @@ def run_suite(
             r['x'] = case.num_channels
         results.setdefault(kind, []).append(r)
     stages = profile_training_step(Case(batch_size=train_batches[-1], **base))
-    profiles = {path: stages}
+    profiles = {conv: stages}
     if compare:
         profiles['reference'] = profile_training_step(
-            Case(batch_size=train_batches[-1], **{**base, 'path': 'reference'})
+            Case(batch_size=train_batches[-1], **{**base, 'conv': 'reference'})
         )
     report = {
         'se3nb': se3nb.__version__,
@@ -433,7 +435,7 @@ def run_suite(
         'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
         'smoke': smoke,
         'results': results,
-        'path': path,
+        'conv': conv,
         'stage_profile_ms': stages,
         'stage_profile_reference_ms': profiles.get('reference'),
         'what_was_timed': 'train: forward + L1 loss + backward + Adam step; inference: eval-mode forward under no_grad; '
@@ -481,7 +483,7 @@ def summary(report: dict) -> str:
         for r in report['results'].get(kind, []):
             c = r['case']
             lines.append(
-                f"{kind:<10} {c['mode']:<9} {c.get('path', 'so2'):<9} batch {r['molecules']:>4} {c['precision']:<4} low_memory={c['low_memory']!s:<5} "
+                f"{kind:<10} {c['mode']:<9} {c.get('conv') or c.get('path', 'so2'):<9} batch {r['molecules']:>4} {c['precision']:<4} low_memory={c['low_memory']!s:<5} "
                 f"mean {r['mean_ms']:9.1f} ms  p95 {r['p95_ms']:9.1f} ms  {r['molecules_per_ms']:8.3f} mol/ms  "
                 f"peak {r['peak_memory_gb']:.2f} GB"
             )
@@ -493,7 +495,7 @@ def summary(report: dict) -> str:
     for kind, s in report.get('loglog_slopes', {}).items():
         lines.append(f"{kind}: time slope {s['time']:.2f}, memory slope {s['memory']:.2f}")
     lines.append(
-        f"stages (ms, {report.get('path', 'so2')}): "
+        f"stages (ms, {report.get('conv') or report.get('path', 'so2')}): "
         + ', '.join(f"{k} {v:.0f}" for k, v in report['stage_profile_ms'].items())
     )
     if report.get('stage_profile_reference_ms'):
@@ -521,9 +523,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         '--radius-atoms', default='32,64,128,256', help='molecule sizes of the radius-graph sweep (GPU: up to 4096)'
     )
-    p.add_argument(
-        '--path', default='so2', choices=['so2', 'reference'], help='convolution path (so2 also times the reference)'
-    )
+
     p.add_argument('--case', default=None, help='internal: run one JSON case and print its result')
     a = p.parse_args(argv)
     if a.case:
@@ -546,7 +546,6 @@ def main(argv: list[str] | None = None) -> None:
         fixture=a.fixture,
         scaling=not a.no_scaling,
         radius_atoms=ints(a.radius_atoms),
-        path=a.path,
     )
     print(summary(report))
 

@@ -68,7 +68,6 @@ def nvidia_fuse_level(tensor_cores: bool = False, low_memory: bool = False) -> s
 def build_from_nvidia_kwargs(
     model_name: str,
     kwargs: Mapping,
-    path: str = 'so2',  # se3nb's convolution path (same function)
 ) -> nn.Module:
     "An se3nb model with the parameter layout NVIDIA's `model_name(**kwargs)` would have."
     if model_name not in MODEL_CLASSES:
@@ -80,7 +79,7 @@ def build_from_nvidia_kwargs(
     ignored = sorted(set(args) - accepted)
     if ignored:
         warnings.warn(f"NVIDIA kwargs not used by {model_name}: {ignored}")
-    return cls(**{k: v for k, v in args.items() if k in accepted}, path=path)
+    return cls(**{k: v for k, v in args.items() if k in accepted})
 
 
 def _mismatches(expected: Mapping[str, Tensor], given: Mapping[str, Tensor], limit: int = 5) -> list[str]:
@@ -120,10 +119,9 @@ def from_nvidia(
     model_name: str,  # 'SE3Transformer' or 'SE3TransformerPooled'
     kwargs: Mapping,  # NVIDIA constructor kwargs, fibers as {degree: channels}
     state_dict: Mapping[str, Tensor] | None = None,  # NVIDIA key names, any fusion layout
-    path: str = 'so2',  # se3nb's convolution path: 'so2' (fast) or 'reference'; same function
 ) -> nn.Module:
-    "An se3nb model equal to NVIDIA's `model_name(**kwargs)` loaded with `state_dict`."
-    model = build_from_nvidia_kwargs(model_name, kwargs, path)
+    "An se3nb model equal to NVIDIA's `model_name(**kwargs)` loaded with `state_dict` (convolutions: `00a_backends`)."
+    model = build_from_nvidia_kwargs(model_name, kwargs)
     return model if state_dict is None else load_nvidia_state_dict(model, state_dict)
 
 

@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, random_split
 import se3nb
 from .basis import Bases
 from .conv import edge_invariants
-from .so2 import EdgeFrames, conv_class
+from .so2 import CONVOLUTIONS, EdgeFrames
+from .backends import choose
 from .fiber import Fiber
 from .graph import Graph, radius_graph
 
@@ -664,9 +665,10 @@ class GraphBatch:
 def collate_graphs(
     samples: Sequence[GraphSample],  # B samples
     *,
-    max_degree: int | None = None,  # build the geometry of `path` up to this degree when set
+    max_degree: int | None = None,  # build the geometry of `conv` up to this degree when set
     basis_keys: Sequence[tuple] | None = None,  # fused bases to precompute: [(in_degrees, out_degrees), ...]
-    path: str = 'so2',  # the model's convolution path: 'so2' (EdgeFrames) or 'reference' (Bases)
+    conv: str
+    | None = None,  # the model's `conv_backend`: 'so2' (EdgeFrames), 'reference' (Bases); None: `choose('conv')`
 ) -> GraphBatch:
     "Batch `GraphSample`s into a `GraphBatch` (disjoint union, edges grouped by graph)."
     if not samples:
@@ -687,7 +689,7 @@ def collate_graphs(
     node_feats, edge_feats = cat('node_feats'), cat('edge_feats')
     bases = None
     if max_degree is not None:
-        bases = conv_class(path).geometry(
+        bases = CONVOLUTIONS[conv or choose('conv')].geometry(
             graph, edge_invariants(rel_pos, edge_feats), max_degree, list(basis_keys or [])
         )
     return GraphBatch(graph, node_feats, edge_feats, torch.stack([s.target for s in samples]), bases)
@@ -846,7 +848,9 @@ class GraphDataModule:
         self.target_name, self.target_unit = target_name, target_unit
         self.batch_size, self.num_workers, self.max_degree = batch_size, num_workers, max_degree
         self.basis_keys: list[tuple] | None = None  # fused bases to precompute (reference path)
-        self.path = 'so2'  # the model's convolution path (`fit` sets it from the model config)
+        self.conv: str | None = (
+            None  # the model's `conv_backend` (`fit` sets it from the model); None: `choose('conv')`
+        )
         self.scaler = scaler or self._fit_scaler(train)
 
     @staticmethod
@@ -868,7 +872,7 @@ class GraphDataModule:
 
     def collate(self, samples: Sequence[GraphSample]) -> GraphBatch:
         "`collate_graphs` with this module's basis options."
-        return collate_graphs(samples, max_degree=self.max_degree, basis_keys=self.basis_keys, path=self.path)
+        return collate_graphs(samples, max_degree=self.max_degree, basis_keys=self.basis_keys, conv=self.conv)
 
     def dataloader(
         self,

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .backends import choose, register
+
 # %% ../nbs/03_graph.ipynb #f61b518c
 class Graph:
     "A batch of directed graphs as plain tensors; messages flow `src` -> `dst`."
@@ -202,6 +204,14 @@ def _csr_reduce(
     return out if reduce == 'sum' else torch.where((lengths > 0).view(-1, *([1] * (x.dim() - 1))), out, 0)
 
 
+def _csr_automatic(device: str | None, dtype: torch.dtype | None) -> str | None:
+    return None if device == 'cuda' else "automatic on CUDA only (on CPUs index_add_ runs sequentially through memory)"
+
+
+register('segment_reduce', 'csr', automatic=_csr_automatic)
+register('segment_reduce', 'index_add')
+
+# %% ../nbs/03_graph.ipynb #5bde8705
 class DestinationCSR:
     "Edges sorted by destination node (CSR), with the per-node sums and softmaxes of the model over that order."
 
@@ -223,7 +233,7 @@ class DestinationCSR:
         x: Tensor,  # [E, ...] per edge, in `edge_order`
     ) -> Tensor:  # [N, ...]; nodes without incoming edges get zeros
         "Sum over each node's incoming edges."
-        if x.is_cuda:
+        if choose('segment_reduce', device=x.device, dtype=x.dtype) == 'csr':
             return _csr_reduce(x, self.in_degree, 'sum')
         return x.new_zeros((self.num_nodes,) + x.shape[1:]).index_add_(0, self.dst, x)
 
@@ -232,7 +242,7 @@ class DestinationCSR:
         x: Tensor,  # [E, ...] per edge, in `edge_order`
     ) -> Tensor:  # [N, ...]; nodes without incoming edges get zeros
         "Maximum over each node's incoming edges."
-        if x.is_cuda:
+        if choose('segment_reduce', device=x.device, dtype=x.dtype) == 'csr':
             return _csr_reduce(x, self.in_degree, 'max')
         return segment_max(x, self.dst, self.num_nodes)
 

@@ -18,7 +18,8 @@ from .fiber import Fiber
 from .basis import Bases
 from .graph import Graph
 from .conv import TFNConv, edge_invariants, smooth_cutoff
-from .so2 import EdgeFrames, conv_class
+from .so2 import CONVOLUTIONS, EdgeFrames
+from .backends import choose
 from .attention import AttentionBlock
 from .norm import NormNonlinearity, GraphPooling
 from se3nb.dgl_interop import (
@@ -80,7 +81,6 @@ class SE3Transformer(nn.Module):
         *,
         fuse_level: str = 'partial',  # NVIDIA parameter layout: 'none' | 'partial' | 'full'
         cutoff: float | None = None,  # smooth cutoff radius (None: NVIDIA's behaviour)
-        path: str = 'so2',  # convolutions: 'so2' (fast) or 'reference'
     ):
         super().__init__()
         fiber_in, fiber_hidden, fiber_out, fiber_edge = map(Fiber, (fiber_in, fiber_hidden, fiber_out, fiber_edge))
@@ -95,7 +95,8 @@ class SE3Transformer(nn.Module):
             fiber_edge,
         )
         self.return_type, self.pooling, self.low_memory, self.cutoff = return_type, pooling, low_memory, cutoff
-        self.path, conv = path, conv_class(path)
+        self.conv_backend = choose('conv')  # 'so2', or 'reference' on request (`00a_backends`); chosen once, here
+        conv = CONVOLUTIONS[self.conv_backend]
         self.max_degree = max(fiber_in.max_degree, fiber_hidden.max_degree, fiber_out.max_degree)
         layers, fin = [], fiber_in
         for _ in range(num_layers):
@@ -109,7 +110,6 @@ class SE3Transformer(nn.Module):
                     use_layer_norm=use_layer_norm,
                     max_degree=self.max_degree,
                     fuse_level=fuse_level,
-                    path=path,
                 )
             )
             if norm:
@@ -140,7 +140,8 @@ class SE3Transformer(nn.Module):
         kind = self.graph_modules[-1].geometry_type
         if not isinstance(bases, kind):
             raise TypeError(
-                f"path={self.path!r} needs {kind.__name__} as precomputed `bases`, got {type(bases).__name__}"
+                f"the model's conv backend {self.conv_backend!r} needs {kind.__name__} as precomputed `bases`, "
+                f"got {type(bases).__name__}"
             )
         if bases.num_edges != graph.num_edges or bases.max_degree < self.max_degree:
             raise ValueError(
@@ -161,7 +162,7 @@ class SE3Transformer(nn.Module):
         edge_feats: Mapping[int | str, Tensor] | None = None,  # {l: [E, C_l, 2l+1]}
         bases: Bases
         | EdgeFrames
-        | None = None,  # this graph's geometry (EdgeFrames for path 'so2'), else computed here
+        | None = None,  # this graph's geometry (EdgeFrames for conv backend 'so2'), else computed here
     ) -> dict[int | str, Tensor] | Tensor:  # {l: [N, C_l, 2l+1]}, or [N, C, 2l+1] / pooled [B, C]
         "Run the model; keys of the result are `str` when the inputs' are."
         graph = as_graph(graph)  # a dgl.DGLGraph with edata['rel_pos'] becomes a Graph (DGL is never imported here)
@@ -208,7 +209,6 @@ class ModelConfig:
     use_layer_norm: bool = True  # LayerNorm in the radial MLPs
     low_memory: bool = False  # recompute activations in backward
     fuse_level: str = 'partial'  # NVIDIA parameter layout
-    path: str = 'so2'  # convolutions: 'so2' (fast) or 'reference' (same function)
     cutoff: float | None = None  # smooth cutoff radius in Angstrom (None: NVIDIA's behaviour)
 
 
@@ -233,7 +233,6 @@ class SE3TransformerPooled(nn.Module):
         low_memory: bool = False,
         fuse_level: str = 'partial',
         cutoff: float | None = None,
-        path: str = 'so2',
     ):
         super().__init__()
         self.transformer = SE3Transformer(
@@ -250,15 +249,14 @@ class SE3TransformerPooled(nn.Module):
             use_layer_norm=use_layer_norm,
             low_memory=low_memory,
             fuse_level=fuse_level,
-            path=path,
             cutoff=cutoff,
         )
         n = Fiber(fiber_out).num_features
         self.mlp = nn.Sequential(nn.Linear(n, n), nn.ReLU(), nn.Linear(n, output_dim))
 
     @property
-    def path(self) -> str:
-        return self.transformer.path  # 'so2' or 'reference'
+    def conv_backend(self) -> str:
+        return self.transformer.conv_backend  # 'so2' or 'reference'
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> "SE3TransformerPooled":
@@ -280,7 +278,6 @@ class SE3TransformerPooled(nn.Module):
             low_memory=c.low_memory,
             fuse_level=c.fuse_level,
             cutoff=c.cutoff,
-            path=c.path,
         )
 
     def forward(

@@ -12,6 +12,7 @@ import os
 import torch
 from torch import Tensor
 
+from .backends import choose, register
 from .graph import DestinationCSR
 
 # %% ../nbs/03a_segment_attention.ipynb #3f2479cf
@@ -286,10 +287,26 @@ class _FusedSegmentAttention(torch.autograd.Function):
         return grad_k, grad_q, grad_v, grad_u, None, None
 
 # %% ../nbs/03a_segment_attention.ipynb #af079231
-def _fused_by_default(t: Tensor) -> bool:  # the automatic choice: CUDA tensors and Triton 3 installed
-    return t.is_cuda and _triton() is not None
+def _triton_available() -> str | None:
+    return None if _triton() is not None else "not installed: needs Triton 3 or newer (`pip install triton`)"
 
 
+def _triton_accepts(device: str | None, dtype: torch.dtype | None) -> str | None:
+    if device in (None, 'cuda') or (device == 'cpu' and _interpreting()):
+        return None
+    return f"needs CUDA tensors (got {device}); CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1)"
+
+
+def _triton_automatic(device: str | None, dtype: torch.dtype | None) -> str | None:
+    return None if device == 'cuda' else "automatic on CUDA only (Triton's interpreter on CPU is a test mode)"
+
+
+register(
+    'segment_attention', 'triton', available=_triton_available, accepts=_triton_accepts, automatic=_triton_automatic
+)
+register('segment_attention', 'torch')
+
+# %% ../nbs/03a_segment_attention.ipynb #2384100b
 @torch.compiler.disable
 def _fused(key, query, value, csr, scale, envelope):
     return _FusedSegmentAttention.apply(key, query, value, envelope, csr.offsets, scale)
@@ -303,9 +320,8 @@ def segment_attention(
     *,
     scale: float,  # sigma, e.g. 1/sqrt(total key size)
     envelope: Tensor | None = None,  # [E] smooth cutoff u, in `csr.edge_order`
-    fused: bool | None = None,  # None: the fused kernel on CUDA with Triton, else the composition
 ) -> Tensor:  # [N, H, d_v]
-    "Attention-weighted sum of each node's incoming values: one fused Triton pass on GPUs, `segment_attention_reference` elsewhere."
+    "Attention-weighted sum of each node's incoming values: the backend `choose('segment_attention')` picks runs it."
     E, H = key.shape[:2]
     if (
         key.dim() != 3
@@ -322,16 +338,6 @@ def segment_attention(
             f"N = {csr.num_nodes}; got key {list(key.shape)}, query {list(query.shape)}, value {list(value.shape)}, "
             f"envelope {None if envelope is None else list(envelope.shape)}"
         )
-    if fused is None:
-        fused = _fused_by_default(key)
-    if not fused:
-        return segment_attention_reference(key, query, value, csr, scale=scale, envelope=envelope)
-    if _triton() is None:
-        raise RuntimeError(
-            "fused=True needs Triton 3 or newer (`pip install triton`); pass fused=None to fall back to the composition"
-        )
-    if not (key.is_cuda or _interpreting()):
-        raise RuntimeError(
-            f"fused=True needs CUDA tensors (got {key.device}); on CPU only under Triton's interpreter (TRITON_INTERPRET=1)"
-        )
-    return _fused(key, query, value, csr, scale, envelope)
+    if choose('segment_attention', device=key.device, dtype=key.dtype) == 'triton':
+        return _fused(key, query, value, csr, scale, envelope)
+    return segment_attention_reference(key, query, value, csr, scale=scale, envelope=envelope)

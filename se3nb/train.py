@@ -213,6 +213,12 @@ def _from_dict(cls, d: dict):
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
+def _model_config_dict(ckpt: dict) -> dict:
+    # checkpoints made before the backend registry stored the convolution `path` ('so2' | 'reference') in the model
+    # config: both compute the same function with the same parameters, and the choice is now `se3nb.backends`': ignored
+    return {k: v for k, v in ckpt['config']['model'].items() if k != 'path'}
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 'cpu') -> dict:
     "Read a checkpoint with `weights_only=True`; a missing, corrupt or foreign file raises `CheckpointError`."
     path = Path(path)
@@ -232,7 +238,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def configs_from_checkpoint(ckpt: dict) -> tuple[ModelConfig, DataConfig, TrainConfig]:
     "The model, data and training configurations stored in a checkpoint."
     return (
-        _from_dict(ModelConfig, ckpt['config']['model']),
+        _from_dict(ModelConfig, _model_config_dict(ckpt)),
         _from_dict(DataConfig, ckpt['config']['data']),
         _from_dict(TrainConfig, ckpt['config']['train']),
     )
@@ -389,13 +395,12 @@ def fit(
             dist.barrier()
     if model is None:
         _check_fits(model_config, data)
-    data.path = (
-        model_config.path if model is None else getattr(model, 'path', data.path)
-    )  # precomputed geometry must fit the model
+
     out_dir = Path(config.out_dir)
     ckpt_path = out_dir / 'checkpoint.pt'
     _seed_everything(config.seed)
     net = (model if model is not None else SE3TransformerPooled.from_config(model_config)).to(runtime.device)
+    data.conv = getattr(net, 'conv_backend', data.conv)  # precomputed geometry must fit the model's convolutions
     optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     min_lr = config.lr / 10 if config.min_lr is None else config.min_lr
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(optimizer, T_0=config.epochs, eta_min=min_lr)
@@ -403,7 +408,7 @@ def fit(
     start_epoch, history = 0, []
     if config.resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, map_location=runtime.device)
-        stored = ckpt['config']['model']
+        stored = _model_config_dict(ckpt)
         if model is None and stored != _config_dict(model_config):
             diff = {k: (stored.get(k), v) for k, v in _config_dict(model_config).items() if stored.get(k) != v}
             raise CheckpointError(f"{ckpt_path} was made for another model configuration (checkpoint vs now: {diff})")

@@ -19,6 +19,7 @@ from se3nb.dgl_interop import (
     to_dgl,
 )
 from se3nb.graph import Graph, radius_graph
+from se3nb.backends import override
 
 MODEL_FIXTURES = [f"{c}_{v}" for c in ("graph2graph", "qm9", "rf_like") for v in ("none", "partial", "full")]
 
@@ -334,29 +335,29 @@ def test_low_memory_position_gradients(nvidia_dir):
     torch.testing.assert_close(rel_pos.grad, reference.grad, rtol=0, atol=1e-5 * reference.grad.abs().max().item())
 
 
-@pytest.mark.parametrize("path", ["so2", "reference"])
-def test_position_gradients_include_the_basis(path):
+@pytest.mark.parametrize("conv", ["so2", "reference"])
+def test_position_gradients_include_the_basis(conv):
     """NVIDIA difference: its forward builds the basis with get_basis(compute_gradients=False), so d(output)/d(positions) (forces)
     sees only the edge lengths. se3nb's gradient is the true one: it matches central finite differences in float64, and
     detaching the basis (NVIDIA's behaviour) does not."""
     from se3nb.conv import edge_invariants
 
     torch.manual_seed(0)
-    model = from_nvidia(
-        "SE3Transformer",
-        dict(
-            num_layers=1,
-            fiber_in={0: 2, 1: 1},
-            fiber_hidden={0: 4, 1: 4},
-            fiber_out={0: 1, 1: 1},
-            num_heads=2,
-            channels_div=2,
-            fiber_edge={},
-            return_type=None,
-            pooling=None,
-        ),
-        path=path,
-    ).double()
+    with override(conv=conv):
+        model = from_nvidia(
+            "SE3Transformer",
+            dict(
+                num_layers=1,
+                fiber_in={0: 2, 1: 1},
+                fiber_hidden={0: 4, 1: 4},
+                fiber_out={0: 1, 1: 1},
+                num_heads=2,
+                channels_div=2,
+                fiber_edge={},
+                return_type=None,
+                pooling=None,
+            ),
+        ).double()
     pos = torch.randn(6, 3, dtype=torch.float64)
     graph = radius_graph(pos, 10.0)
     feats = {0: torch.randn(6, 2, 1, dtype=torch.float64), 1: torch.randn(6, 1, 3, dtype=torch.float64)}

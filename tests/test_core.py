@@ -13,6 +13,7 @@ from se3nb.conv import (
 )
 from se3nb.attention import AttentionBlock
 from se3nb.so2 import conv_class
+from se3nb.backends import override
 from se3nb.equivariance import equivariance_error, translation_error
 from se3nb.fiber import Fiber
 from se3nb.graph import Graph, batch_graphs, fully_connected, radius_graph, unbatch
@@ -22,7 +23,7 @@ from se3nb.norm import NormNonlinearity
 F64 = torch.float64
 
 
-def small_model(dtype=F64, **kw):
+def small_model(dtype=F64, conv=None, **kw):
     torch.manual_seed(0)
     args = dict(
         num_layers=3,
@@ -34,7 +35,8 @@ def small_model(dtype=F64, **kw):
         fiber_edge=Fiber({0: 2, 1: 1}),
     )
     args.update(kw)
-    return SE3Transformer(**args).to(dtype)
+    with override(conv=conv):  # None: the registry's choice (`00a_backends`)
+        return SE3Transformer(**args).to(dtype)
 
 
 def random_inputs(model, n=14, cutoff=2.5, dtype=F64, seed=1):
@@ -49,11 +51,11 @@ def random_inputs(model, n=14, cutoff=2.5, dtype=F64, seed=1):
     )
 
 
-@pytest.mark.parametrize("path", ["so2", "reference"])
+@pytest.mark.parametrize("conv", ["so2", "reference"])
 @pytest.mark.parametrize("dtype,tol", [(F64, 1e-9), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("fuse_level", FUSE_LEVELS)
-def test_model_equivariance(dtype, tol, fuse_level, path):
-    model = small_model(dtype, fuse_level=fuse_level, path=path)
+def test_model_equivariance(dtype, tol, fuse_level, conv):
+    model = small_model(dtype, fuse_level=fuse_level, conv=conv)
     pos, graph, nf, ef = random_inputs(model, dtype=dtype)
     err = equivariance_error(
         lambda p, f, e: model(graph.with_positions(p), f, e), pos, nf, edge_feats=ef, num_rotations=4
@@ -160,16 +162,17 @@ def test_smooth_cutoff_is_continuous_and_default_is_not():
     assert smooth_steps < 1e-3
 
 
-@pytest.mark.parametrize("path", ["so2", "reference"])
-def test_gradcheck_conv_attention_norm(path):
+@pytest.mark.parametrize("backend", ["so2", "reference"])
+def test_gradcheck_conv_attention_norm(backend):
     torch.manual_seed(0)
     fin, fout, fedge = Fiber({0: 2, 1: 2, 2: 1}), Fiber({0: 2, 1: 2, 2: 2}), Fiber({0: 1, 1: 1})
     pos = torch.randn(5, 3, dtype=F64)
     graph = fully_connected(pos)
     ef = random_features(fedge, graph.num_edges, dtype=F64)
     inv = edge_invariants(graph.rel_pos, ef)
-    conv = conv_class(path)(fin, fout, fedge, self_interaction=True).double()
-    block = AttentionBlock(fin, fout, fedge, num_heads=1, path=path).double()
+    with override(conv=backend):
+        conv = conv_class()(fin, fout, fedge, self_interaction=True).double()
+        block = AttentionBlock(fin, fout, fedge, num_heads=1).double()
     bases = conv.geometry(graph, inv, 2, list(conv.groups.values()) + list(block.to_key_value.groups.values()))
     norm = NormNonlinearity(Fiber({0: 2, 1: 3, 2: 2})).double()
     x = random_features(fin, 5, dtype=F64)
@@ -270,12 +273,12 @@ def test_bad_inputs_give_clear_errors():
         small_model(num_heads=3)
     with pytest.raises(ValueError, match="fuse_level"):
         small_model(fuse_level='fast')
-    with pytest.raises(TypeError, match="path='so2' needs EdgeFrames"):
+    with pytest.raises(TypeError, match="conv backend 'so2' needs EdgeFrames"):
         model(graph, nf, ef, Bases(graph.rel_pos, 3))
     with pytest.raises(ValueError, match="bases were built for 5 edges"):
-        small_model(path='reference')(graph, nf, ef, Bases(graph.rel_pos[:5], 3))
-    with pytest.raises(ValueError, match="path must be one of"):
-        small_model(path='fast')
+        small_model(conv='reference')(graph, nf, ef, Bases(graph.rel_pos[:5], 3))
+    with pytest.raises(ValueError, match="unknown conv backend 'fast'; the conv backends are so2, reference"):
+        small_model(conv='fast')
 
 
 def test_string_keys_round_trip():
@@ -325,14 +328,15 @@ def test_destination_csr_matches_scatter_segment_operations():
     assert empty.sum(torch.zeros(0, 2)).shape == (3, 2) and empty.softmax(torch.zeros(0, 2)).shape == (0, 2)
 
 
-@pytest.mark.parametrize("path", ['so2', 'reference'])
-def test_messages_by_destination_are_the_graph_order_permuted(path):
+@pytest.mark.parametrize("backend", ['so2', 'reference'])
+def test_messages_by_destination_are_the_graph_order_permuted(backend):
     from se3nb.attention import SE3Attention
 
     torch.manual_seed(0)
     graph = _random_multigraph()
     fin, fout, fedge = Fiber({0: 3, 1: 2}), Fiber({0: 4, 1: 4}), Fiber({0: 2})
-    conv = conv_class(path)(fin, fout, fedge, pool=False, self_interaction=True).double()
+    with override(conv=backend):
+        conv = conv_class()(fin, fout, fedge, pool=False, self_interaction=True).double()
     x, e = (
         random_features(fin, graph.num_nodes, dtype=torch.float64),
         random_features(fedge, graph.num_edges, dtype=torch.float64),

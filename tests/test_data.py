@@ -332,8 +332,8 @@ def test_cache_atomic_stale_and_corrupt(tmp_path, capsys):
 def test_collate_equals_batch_graphs_and_bases(store):
     ds = QM9Dataset(store)
     samples = [ds[i] for i in range(5, 12)]
-    b = collate_graphs(samples, max_degree=2, basis_keys=[((0,), (0, 1))], path='reference')
-    frames = collate_graphs(samples, max_degree=2).bases  # the default SO(2) path: edge frames, bonds paired
+    b = collate_graphs(samples, max_degree=2, basis_keys=[((0,), (0, 1))], conv='reference')
+    frames = collate_graphs(samples, max_degree=2).bases  # the default SO(2) convolution: edge frames, bonds paired
     assert type(frames).__name__ == 'EdgeFrames' and frames.num_edges == 2 * frames.num_slots
     ref = batch_graphs([Graph(s.edge_index, s.pos.shape[0], pos=s.pos) for s in samples])
     assert torch.equal(b.graph.edge_index, ref.edge_index) and torch.equal(b.graph.rel_pos, ref.rel_pos)

@@ -11,6 +11,7 @@ from se3nb.model import SE3Transformer
 from se3nb.equivariance import equivariance_error
 from se3nb.conv import random_features
 from se3nb.graph import radius_graph
+from se3nb.backends import override
 
 MODEL_FIXTURES = [f"{c}_{v}" for c in ("graph2graph", "qm9", "rf_like") for v in ("none", "partial", "full")]
 
@@ -37,14 +38,15 @@ def total(out):
     return sum(v.sum() for v in out.values()) if isinstance(out, dict) else out.sum()
 
 
-PATHS = ["so2", "reference"]
+CONVS = ["so2", "reference"]  # conv backends (`00a_backends`): the same function
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("conv", CONVS)
 @pytest.mark.parametrize("name", MODEL_FIXTURES)
-def test_outputs_match_nvidia(nvidia_dir, name, path):
+def test_outputs_match_nvidia(nvidia_dir, name, conv):
     fx = load(nvidia_dir, name)
-    model = from_nvidia(fx["model"], fx["kwargs"], fx["state_dict"], path=path).eval()
+    with override(conv=conv):
+        model = from_nvidia(fx["model"], fx["kwargs"], fx["state_dict"]).eval()
     atol, _ = tolerances(fx)
     with torch.no_grad():
         assert max_diff(run_nvidia_fixture(fx, model), fx["output"]) < atol
@@ -71,11 +73,12 @@ def ambiguous_max_pool_graphs(model, fx, atol):
     return graphs
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("conv", CONVS)
 @pytest.mark.parametrize("name", MODEL_FIXTURES)
-def test_gradients_match_nvidia(nvidia_dir, name, path):
+def test_gradients_match_nvidia(nvidia_dir, name, conv):
     fx = load(nvidia_dir, name)
-    model = from_nvidia(fx["model"], fx["kwargs"], fx["state_dict"], path=path).eval()
+    with override(conv=conv):
+        model = from_nvidia(fx["model"], fx["kwargs"], fx["state_dict"]).eval()
     atol, gtol = tolerances(fx)
     ambiguous = ambiguous_max_pool_graphs(model, fx, atol)
     fx["node_feats"] = {k: v.clone().requires_grad_() for k, v in fx["node_feats"].items()}
@@ -118,9 +121,9 @@ def _recipe(nvidia_dir):
     return module
 
 
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("conv", CONVS)
 @pytest.mark.parametrize("variant", ["none", "partial", "full"])
-def test_full_size_qm9_model_matches_nvidia(nvidia_dir, variant, path):
+def test_full_size_qm9_model_matches_nvidia(nvidia_dir, variant, conv):
     """NVIDIA's exact QM9 architecture (9.3M parameters): weights rebuilt from recipe.py, outputs and gradient summaries."""
     fx, recipe = load(nvidia_dir, f"qm9big_{variant}"), _recipe(nvidia_dir)
     sd = {
@@ -128,7 +131,8 @@ def test_full_size_qm9_model_matches_nvidia(nvidia_dir, variant, path):
         for k, (shape, off, scale) in fx["state_dict_recipe"].items()
     }
     assert all(recipe.checksum(sd[k]) == c for k, c in fx["state_dict_checksums"].items())
-    model = from_nvidia(fx["model"], fx["kwargs"], sd, path=path).eval()
+    with override(conv=conv):
+        model = from_nvidia(fx["model"], fx["kwargs"], sd).eval()
     atol, _ = tolerances(fx)
     out = run_nvidia_fixture(fx, model)
     assert max_diff(out, fx["output"]) < atol

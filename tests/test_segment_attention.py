@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import se3nb.segment_attention as sa
+from se3nb.backends import choose, override
 from se3nb.fiber import Fiber
 from se3nb.graph import DestinationCSR
 from se3nb.segment_attention import segment_attention, segment_attention_reference
@@ -41,7 +42,8 @@ def _inputs(csr, H, d_k, d_v, dtype, envelope):
 
 def _run(inputs, csr, fused, scale=0.37):
     k, q, v, u = inputs
-    return segment_attention(k, q, v, csr, scale=scale, envelope=u, fused=fused)
+    with override(segment_attention='triton' if fused else 'torch'):
+        return segment_attention(k, q, v, csr, scale=scale, envelope=u)
 
 
 @needs_kernel
@@ -77,7 +79,8 @@ def test_envelope_without_gradient_and_constant_inputs():
     u = u.detach()
     q = q.detach()  # a constant query: only keys and values get gradients
     for fused in (True, False):
-        z = segment_attention(k, q, v, csr, scale=0.5, envelope=u, fused=fused)
+        with override(segment_attention='triton' if fused else 'torch'):
+            z = segment_attention(k, q, v, csr, scale=0.5, envelope=u)
         grads = torch.autograd.grad(z.square().sum(), (k, v))
         if fused:
             first = (z, grads)
@@ -106,14 +109,15 @@ def test_fused_kernel_in_low_precision(dtype):
 def test_empty_graph_and_nodes_without_edges():
     csr = DestinationCSR(torch.zeros(0, dtype=torch.long, device=DEVICE), 3)
     k, q, v = (torch.zeros(s, device=DEVICE, dtype=F64, requires_grad=True) for s in ((0, 2, 3), (3, 2, 3), (0, 2, 4)))
-    z = segment_attention(k, q, v, csr, scale=1.0, fused=True)
+    with override(segment_attention='triton'):
+        z = segment_attention(k, q, v, csr, scale=1.0)
     assert z.shape == (3, 2, 4) and (z == 0).all()
     (gq,) = torch.autograd.grad(z.sum(), q)
     assert (gq == 0).all()
 
 
 @needs_kernel
-def test_attention_block_with_the_kernel_equals_the_composition(monkeypatch):
+def test_attention_block_with_the_kernel_equals_the_composition():
     from se3nb.attention import AttentionBlock
     from se3nb.conv import edge_invariants, random_features
     from se3nb.graph import radius_graph
@@ -130,8 +134,8 @@ def test_attention_block_with_the_kernel_equals_the_composition(monkeypatch):
     u = torch.rand(graph.num_edges, dtype=F64, device=DEVICE)
     results = {}
     for fused in (True, False):
-        monkeypatch.setattr(sa, '_fused_by_default', lambda t, fused=fused: fused)
-        out = block(x, e, inv, graph, geometry, u)
+        with override(segment_attention='triton' if fused else 'torch'):
+            out = block(x, e, inv, graph, geometry, u)
         loss = sum(
             (o * torch.sin(torch.arange(o.numel(), device=DEVICE, dtype=F64)).view_as(o)).sum() for o in out.values()
         )
@@ -152,7 +156,7 @@ def test_default_choice_and_errors(monkeypatch):
     torch.testing.assert_close(
         segment_attention(k, q, v, csr, scale=0.5), segment_attention_reference(k, q, v, csr, scale=0.5)
     )
-    assert not sa._fused_by_default(k)
+    assert choose('segment_attention', device=k.device, dtype=k.dtype) == 'torch'
     with pytest.raises(
         ValueError, match=r"value \[E, H, d_v\].*got key \[3, 2, 4\], query \[3, 2, 4\], value \[2, 2, 5\]"
     ):
@@ -163,11 +167,11 @@ def test_default_choice_and_errors(monkeypatch):
         segment_attention(k, q[:2], v, csr, scale=0.5)
     monkeypatch.setattr(sa, '_interpreting', lambda: False)
     if sa._triton() is not None:
-        with pytest.raises(RuntimeError, match="needs CUDA tensors"):
-            segment_attention(k, q, v, csr, scale=0.5, fused=True)
+        with override(segment_attention='triton'), pytest.raises(RuntimeError, match="needs CUDA tensors"):
+            segment_attention(k, q, v, csr, scale=0.5)
     monkeypatch.setattr(sa, '_triton', lambda: None)
-    with pytest.raises(RuntimeError, match="needs Triton 3"):
-        segment_attention(k, q, v, csr, scale=0.5, fused=True)
+    with override(segment_attention='triton'), pytest.raises(RuntimeError, match="needs Triton 3"):
+        segment_attention(k, q, v, csr, scale=0.5)
 
 
 @pytest.mark.gpu

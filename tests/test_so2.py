@@ -10,13 +10,14 @@ from se3nb.graph import Graph, radius_graph
 from se3nb.model import SE3Transformer
 from se3nb.so2 import EdgeFrames, SO2Conv, SO2Plan, edge_rotations, reverse_edge_pairs, wigner_D_batch
 from se3nb.benchmark import random_molecule_batch
+from se3nb.backends import choose, override
 
 F64 = torch.float64
 
 
 def mixed_graph(seed=0, dtype=F64, symmetric=True):
-    """Radius graph whose reverse edges share degree-0 features (so they pair), plus a zero-length edge, a lone edge and a
-    duplicated edge; degree-1 edge features differ per direction."""
+    """Radius graph whose reverse edges share degree-0 features (so they pair), plus a zero-length edge, a lone edge and
+    a duplicated edge; degree-1 edge features differ per direction."""
     g = torch.Generator().manual_seed(seed)
     pos = torch.randn(24, 3, generator=g, dtype=dtype) * 1.6
     pos[23] = pos[22]
@@ -75,7 +76,8 @@ def test_fast_path_equals_reference_degrees_0_to_4(fibers, fuse_level, pool, sym
 
 
 def test_gradients_reach_each_edges_own_features_and_positions():
-    """Reverse edges share one radial evaluation; gradients for edge features and positions must still be each edge's own."""
+    """Reverse edges share one radial evaluation; gradients for edge features and positions must still be each edge's
+    own."""
     graph, ef = mixed_graph()
     fin, fout = UNEVEN
     ref, fast = conv_pair(fin, fout, Fiber({0: 2, 1: 1}), fuse_level='partial')
@@ -89,7 +91,8 @@ def test_gradients_reach_each_edges_own_features_and_positions():
         out = conv(x, e, inv, g, make(g, inv))
         sum(v.square().sum() for v in out.values()).backward()
         grads.append([pos.grad, e[0].grad, e[1].grad])
-    # the coincident nodes 22 and 23 are left out: there the reference's gradient is e3nn's normalization at |r| = 0 (~1e11)
+    # the coincident nodes 22 and 23 are left out: there the reference's gradient is e3nn's normalization at |r| = 0
+    # (~1e11)
     keep_nodes = torch.arange(graph.num_nodes) < 22
     keep_edges = graph.rel_pos.norm(dim=-1) > 0
     for (a, b), keep in zip(zip(*grads), (keep_nodes, keep_edges, keep_edges)):
@@ -108,7 +111,8 @@ def test_model_paths_agree_and_share_state_dicts():
         fiber_edge=Fiber({0: 2}),
     )
     fast = SE3Transformer(**kw).double()
-    ref = SE3Transformer(**kw, path='reference').double()
+    with override(conv='reference'):
+        ref = SE3Transformer(**kw).double()
     ref.load_state_dict(fast.state_dict())
     graph, ef = mixed_graph()
     x = random_features(fast.fiber_in, graph.num_nodes, dtype=F64)
@@ -153,7 +157,8 @@ def test_reverse_edge_pairing_handles_duplicates_self_loops_and_one_way_edges():
 
 @pytest.mark.parametrize("l_in,l_out", [(l_in, l_out) for l_in in range(5) for l_out in range(5)])
 def test_fold_is_invertible_per_degree_pair(l_in, l_out):
-    """The aligned TFN kernels of a degree pair span exactly the SO(2)-equivariant maps: the fold T is square and invertible."""
+    """The aligned TFN kernels of a degree pair span exactly the SO(2)-equivariant maps: the fold T is square and
+    invertible."""
     plan = SO2Plan((l_in,), (l_out,), 1, 1)
     T = plan.T  # [SO(2) weights, frequencies] of the one channel pair
     assert T.shape == (plan.num_weights, 2 * min(l_in, l_out) + 1) and torch.linalg.matrix_rank(T) == T.shape[0]
@@ -233,8 +238,8 @@ def test_wrong_geometry_gives_clear_error():
 
 
 def test_torch_compile_runs_the_model():
-    """torch.compile traces the model (the SO(2) product is a custom autograd Function, EdgeFrames has data-dependent shapes);
-    aot_eager checks the traced forward and backward without a C++ toolchain."""
+    """torch.compile traces the model (the SO(2) product is a custom autograd Function, EdgeFrames has data-dependent
+    shapes); aot_eager checks the traced forward and backward without a C++ toolchain."""
     from se3nb.model import SE3TransformerPooled
 
     torch.manual_seed(0)
@@ -289,23 +294,24 @@ def _native_kernels():
     from torch.utils.cpp_extension import is_ninja_available
     import se3nb.so2 as so2
 
-    native = so2._native_so2()
+    native, why_not = so2._native_so2()
     if native is None:
         can_build = (
             torch.backends.cpu.get_cpu_capability().startswith('AVX512')
             and is_ninja_available()
             and shutil.which(os.environ.get('CXX', 'c++')) is not None
-            and os.environ.get('SE3NB_NATIVE', '1') != '0'
         )
         if can_build:
-            pytest.fail("the fused SO(2) CPU kernels did not build on an AVX-512 machine with a compiler and ninja")
-        pytest.skip("fused SO(2) CPU kernels need AVX-512, a C++ compiler and ninja")
+            pytest.fail(
+                f"the fused SO(2) CPU kernels did not build on an AVX-512 machine with a compiler and ninja: {why_not}"
+            )
+        pytest.skip(f"fused SO(2) CPU kernels need AVX-512, a C++ compiler and ninja ({why_not})")
     return native
 
 
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("P", [0, 1, 7, 130])
-def test_fused_cpu_kernels_equal_the_torch_products(monkeypatch, P, split):
+def test_fused_cpu_kernels_equal_the_torch_products(P, split):
     import se3nb.so2 as so2
 
     _native_kernels()
@@ -323,13 +329,15 @@ def test_fused_cpu_kernels_equal_the_torch_products(monkeypatch, P, split):
         torch.randn(P, R, I, dtype=F64) for R, _, I in blocks
     ]
     results = {}
-    for name, dtype, native in (('truth', F64, False), ('torch', torch.float32, False), ('fused', torch.float32, True)):
-        if not native:
-            monkeypatch.setattr(so2, '_native_for', lambda h: None)
-        else:
-            monkeypatch.undo()
+    for name, dtype, backend in (
+        ('truth', F64, 'torch'),
+        ('torch', torch.float32, 'torch'),
+        ('fused', torch.float32, 'native'),
+    ):
         args = [None if t is None else t.to(dtype).requires_grad_() for t in inputs]
-        ys = so2._SO2Product.apply(args[0], args[1], args[2], sizes, *args[3:])
+        with override(so2_product=backend):  # native: the last block (16 does not divide I) falls back to torch
+            backends = so2._choose_products(args[0], args[3:])
+            ys = so2._SO2Product.apply(args[0], args[1], args[2], sizes, backends, *args[3:])
         cotangents = [
             torch.randn(y.shape, generator=torch.Generator().manual_seed(i), dtype=F64).to(dtype)
             for i, y in enumerate(ys)
@@ -349,9 +357,7 @@ def test_fused_cpu_kernels_equal_the_torch_products(monkeypatch, P, split):
         assert (fused - torch_f32).abs().max() / scale < 1e-5
 
 
-def test_fused_cpu_kernels_in_a_float32_model(monkeypatch):
-    import se3nb.so2 as so2
-
+def test_fused_cpu_kernels_in_a_float32_model():
     _native_kernels()
     torch.manual_seed(0)
     kw = dict(
@@ -367,12 +373,13 @@ def test_fused_cpu_kernels_in_a_float32_model(monkeypatch):
     graph, _, edge = random_molecule_batch(6)
     x = {0: torch.randn(graph.num_nodes, 16, 1)}
     results = []
-    for native in (True, False):
-        if not native:
-            monkeypatch.setattr(so2, '_native_for', lambda h: None)
+    for backend in ('native', 'torch'):
         model.zero_grad()
-        out = model(graph, x, edge)
-        sum((v * torch.sin(torch.arange(v.numel(), dtype=v.dtype)).view_as(v)).sum() for v in out.values()).backward()
+        with override(so2_product=backend):  # native: the blocks outside the kernels' limits run torch's products
+            out = model(graph, x, edge)
+            sum(
+                (v * torch.sin(torch.arange(v.numel(), dtype=v.dtype)).view_as(v)).sum() for v in out.values()
+            ).backward()
         results.append(([out[l].detach() for l in sorted(out)], [p.grad.clone() for p in model.parameters()]))
     for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]):
         assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-7
@@ -381,10 +388,15 @@ def test_fused_cpu_kernels_in_a_float32_model(monkeypatch):
 def test_fused_cpu_kernels_can_be_switched_off(monkeypatch):
     import se3nb.so2 as so2
 
-    monkeypatch.setenv('SE3NB_NATIVE', '0')
-    so2._native_so2.cache_clear()
-    try:
-        assert so2._native_so2() is None and so2._native_for(torch.zeros(1, 32)) is None
-    finally:
-        so2._native_so2.cache_clear()
-    assert so2._native_for(torch.zeros(1, 32, dtype=F64)) is None  # float64 always runs the torch products
+    monkeypatch.setenv('SE3NB_BACKENDS', 'so2_product=torch')
+    h, xs = torch.zeros(1, 32), (torch.zeros(1, 4, 32),)  # a block within the kernels' limits
+    assert so2._choose_products(h, xs) == ('torch',)
+    monkeypatch.setenv('SE3NB_BACKENDS', 'torch')  # torch for every op that has it
+    assert so2._choose_products(h, xs) == ('torch',)
+    monkeypatch.delenv('SE3NB_BACKENDS')
+    # float64 and bfloat16 always run the torch products, and so do blocks outside the kernels' limits
+    assert so2._choose_products(h.double(), tuple(x.double() for x in xs)) == ('torch',)
+    assert so2._choose_products(h.bfloat16(), tuple(x.bfloat16() for x in xs)) == ('torch',)
+    assert so2._choose_products(h, (torch.zeros(1, 4, 24),)) == ('torch',)
+    with override(so2_product='native'), pytest.raises(RuntimeError, match="float32 on CPU only"):
+        choose('so2_product', device='cpu', dtype=F64)

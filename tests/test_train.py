@@ -139,6 +139,19 @@ def test_corrupt_and_mismatched_checkpoints(smoke, tmp_path):
         load_checkpoint(tmp_path / 'missing.pt')
 
 
+def test_checkpoints_with_the_old_convolution_path_still_load(smoke, tmp_path):
+    "Before the backend registry, ModelConfig had a field `path` ('so2' | 'reference'); such checkpoints still load."
+    m, d, t = smoke
+    fit(m, d, replace(t, out_dir=str(tmp_path), epochs=1))
+    ck = tmp_path / 'checkpoint.pt'
+    old = torch.load(ck, weights_only=True)
+    old['config']['model']['path'] = 'reference'  # the same function and parameters as today's default
+    torch.save(old, ck)
+    assert configs_from_checkpoint(load_checkpoint(ck))[0] == m
+    fit(m, d, replace(t, out_dir=str(tmp_path), epochs=2, resume=True))  # not "made for another model configuration"
+    assert load_checkpoint(ck)['epoch'] == 2
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     mc = ModelConfig(
         num_layers=1, num_degrees=2, num_channels=4, num_heads=2, out_channels=8, node_feature_dim=1, edge_feature_dim=1
