@@ -46,6 +46,7 @@ setuptools.setup(
     url=cfg['git_url'],
     packages=setuptools.find_packages(include=['se3nb', 'se3nb.*']),
     include_package_data=True,
+    package_data={'se3nb': ['csrc/*.cpp']},  # the C++ kernels, compiled on first use (`03b_so2_product`)
     install_requires=requirements,
     extras_require=extras,
     python_requires='>=' + min_python,

@@ -22,7 +22,7 @@ OPS: dict[str, dict[str, str]] = {
         'reference': "the TFN convolution by its definition: kernel basis times radial weights (`04_conv`)",
     },
     'so2_product': {
-        'native': "fused float32 C++ kernels for AVX-512 CPUs, W(h) kept in registers (`04a_so2`)",
+        'native': "fused float32 C++ kernels for AVX-512 CPUs, W(h) kept in registers (`03b_so2_product`, `se3nb/csrc`)",
         'torch': "torch matrix products, W(h) built block by block",
     },
     'segment_attention': {
@@ -36,7 +36,7 @@ OPS: dict[str, dict[str, str]] = {
 }  # {op: {backend: what it is}}, each op's backends in the order of the automatic choice
 REGISTERED_BY = {
     'conv': 'se3nb.so2',
-    'so2_product': 'se3nb.so2',
+    'so2_product': 'se3nb.so2_product',
     'segment_attention': 'se3nb.segment_attention',
     'segment_reduce': 'se3nb.graph',
 }  # the module that registers each op's backends when it is imported

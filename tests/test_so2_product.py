@@ -1,0 +1,234 @@
+"""The SO(2) products (`se3nb.so2_product`, `03b_so2_product`): the C++ kernels against the torch products, the build
+from the package's sources, the switch to torch, and scratch buffers under threads.
+
+The whole install path is checked by hand (about 3 minutes on 2 cores, so it is not part of the suite):
+
+    pip wheel . --no-deps -w /tmp/whl && python3 -m venv /tmp/v
+    /tmp/v/bin/pip install torch==2.13.0 /tmp/whl/se3nb-*.whl pytest
+    cd /tmp && TORCH_EXTENSIONS_DIR=$(mktemp -d) /tmp/v/bin/python -m pytest -q <repo>/tests/test_so2_product.py
+
+(run from outside the repository, so the installed package, not the checkout, is imported).
+`test_the_wheel_ships_the_kernel_sources` checks the packaging part of it in the suite.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+import se3nb.so2_product as sp
+from se3nb.backends import choose, override
+from se3nb.benchmark import random_molecule_batch
+from se3nb.conv import edge_invariants, random_features
+from se3nb.fiber import Fiber
+from se3nb.model import SE3Transformer
+from se3nb.so2 import EdgeFrames, SO2Conv
+
+F64 = torch.float64
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_threads_running_the_product_at_once_do_not_share_scratch_buffers():
+    import threading
+
+    torch.manual_seed(0)
+    f = Fiber.create(3, 8)
+    conv = SO2Conv(f, f, Fiber({0: 4}))
+
+    def run(i, out):
+        graph, _, edge = random_molecule_batch(8, seed=i)
+        x = random_features(f, graph.num_nodes, generator=torch.Generator().manual_seed(i))
+        inv = edge_invariants(graph.rel_pos, edge)
+        with torch.no_grad():
+            for _ in range(10):
+                out[i] = conv(x, edge, inv, graph, EdgeFrames(graph, 2, inv))
+
+    together, alone = {}, {}
+    threads = [threading.Thread(target=run, args=(i, together)) for i in range(2)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    for i in range(2):
+        run(i, alone)
+    assert all(torch.equal(together[i][l], alone[i][l]) for i in range(2) for l in alone[i])
+
+
+def _native_kernels():
+    "The fused float32 CPU kernels; a machine that can build them must (a failed build is a failure, not a skip)."
+    from torch.utils.cpp_extension import is_ninja_available
+
+    native, why_not = sp._native_so2()
+    if native is None:
+        can_build = (
+            torch.backends.cpu.get_cpu_capability().startswith('AVX512')
+            and is_ninja_available()
+            and shutil.which(os.environ.get('CXX', 'c++')) is not None
+        )
+        if can_build:
+            pytest.fail(
+                f"the fused SO(2) CPU kernels did not build on an AVX-512 machine with a compiler and ninja: {why_not}"
+            )
+        pytest.skip(f"fused SO(2) CPU kernels need AVX-512, a C++ compiler and ninja ({why_not})")
+    return native
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("P", [0, 1, 7, 130])
+def test_fused_cpu_kernels_equal_the_torch_products(P, split):
+    _native_kernels()
+    torch.manual_seed(P)
+    H = 32
+    blocks = [
+        (2, 48, 64),
+        (4, 96, 192),
+        (4, 32, 128),
+        (2, 8, 24),
+    ]  # (rows, O, I); the last (16 does not divide I) runs in torch
+    sizes = tuple(O * I for _, O, I in blocks)
+    h = torch.relu(torch.randn(P, H, dtype=F64))
+    inputs = [h, h.clone() if split else None, torch.randn(sum(sizes), H, dtype=F64) / 6] + [
+        torch.randn(P, R, I, dtype=F64) for R, _, I in blocks
+    ]
+    results = {}
+    for name, dtype, backend in (
+        ('truth', F64, 'torch'),
+        ('torch', torch.float32, 'torch'),
+        ('fused', torch.float32, 'native'),
+    ):
+        args = [None if t is None else t.to(dtype).requires_grad_() for t in inputs]
+        with override(so2_product=backend):  # native: the last block (16 does not divide I) falls back to torch
+            ys = sp.so2_product(args[0], args[2], args[3:], sizes=sizes, h_second=args[1])
+        cotangents = [
+            torch.randn(y.shape, generator=torch.Generator().manual_seed(i), dtype=F64).to(dtype)
+            for i, y in enumerate(ys)
+        ]
+        grads = torch.autograd.grad(ys, [t for t in args if t is not None], cotangents, allow_unused=True)
+        results[name] = [t.double() for t in ys] + [g.double() for g in grads]
+    # the fused kernels sum in another order: as close to the float64 truth as the float32 torch products are
+    for truth, torch_f32, fused in zip(results['truth'], results['torch'], results['fused']):
+        assert fused.shape == truth.shape
+        if truth.numel() == 0:
+            continue
+        if not truth.any():  # the weight gradient of zero slots
+            assert not fused.any()
+            continue
+        scale = truth.abs().max()
+        assert (fused - truth).abs().max() / scale < max(4 * ((torch_f32 - truth).abs().max() / scale).item(), 1e-6)
+        assert (fused - torch_f32).abs().max() / scale < 1e-5
+
+
+def test_fused_cpu_kernels_in_a_float32_model():
+    _native_kernels()
+    torch.manual_seed(0)
+    kw = dict(
+        num_layers=2,
+        fiber_in=Fiber({0: 16}),
+        fiber_hidden=Fiber.create(4, 16),
+        fiber_out=Fiber({0: 16, 1: 16}),
+        num_heads=2,
+        channels_div=1,
+        fiber_edge=Fiber({0: 4}),
+    )
+    model = SE3Transformer(**kw)
+    graph, _, edge = random_molecule_batch(6)
+    x = {0: torch.randn(graph.num_nodes, 16, 1)}
+    results = []
+    for backend in ('native', 'torch'):
+        model.zero_grad()
+        with override(so2_product=backend):  # native: the blocks outside the kernels' limits run torch's products
+            out = model(graph, x, edge)
+            sum(
+                (v * torch.sin(torch.arange(v.numel(), dtype=v.dtype)).view_as(v)).sum() for v in out.values()
+            ).backward()
+        results.append(([out[l].detach() for l in sorted(out)], [p.grad.clone() for p in model.parameters()]))
+    for a, b in zip(results[0][0] + results[0][1], results[1][0] + results[1][1]):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-7
+
+
+def test_fused_cpu_kernels_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv('SE3NB_BACKENDS', 'so2_product=torch')
+    h, xs = torch.zeros(1, 32), (torch.zeros(1, 4, 32),)  # a block within the kernels' limits
+    assert sp._choose_products(h, xs) == ('torch',)
+    monkeypatch.setenv('SE3NB_BACKENDS', 'torch')  # torch for every op that has it
+    assert sp._choose_products(h, xs) == ('torch',)
+    monkeypatch.delenv('SE3NB_BACKENDS')
+    # float64 and bfloat16 always run the torch products, and so do blocks outside the kernels' limits
+    assert sp._choose_products(h.double(), tuple(x.double() for x in xs)) == ('torch',)
+    assert sp._choose_products(h.bfloat16(), tuple(x.bfloat16() for x in xs)) == ('torch',)
+    assert sp._choose_products(h, (torch.zeros(1, 4, 24),)) == ('torch',)
+    with override(so2_product='native'), pytest.raises(RuntimeError, match="float32 on CPU only"):
+        choose('so2_product', device='cpu', dtype=F64)
+
+
+def test_extension_name_follows_torch_and_the_sources(tmp_path):
+    source = tmp_path / 'so2_product.cpp'
+    source.write_bytes(sp._source_paths()[0].read_bytes())
+    name = sp._extension_name([source])
+    assert name.startswith('se3nb_so2_product_torch' + torch.__version__.replace('.', '_').replace('+', '_'))
+    assert name == sp._extension_name([source])  # the same sources: the same build
+    source.write_text(source.read_text() + '\n// a changed kernel\n')
+    assert sp._extension_name([source]) != name  # never a stale binary
+
+
+def test_build_problems_are_reported(monkeypatch, tmp_path):
+    paths = sp._source_paths()
+    assert all(p.is_file() for p in paths), paths
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX2')
+    assert sp._build_problem(paths) == "no AVX-512 (torch reports CPU capability AVX2)"
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX512')
+    assert sp._build_problem([tmp_path / 'gone.cpp']).startswith("sources missing: ")
+    monkeypatch.setenv('CXX', 'no-such-compiler-xyz')
+    assert sp._build_problem(paths) == "compiler missing: no no-such-compiler-xyz on PATH (install g++, or set CXX)"
+
+
+@pytest.mark.slow
+def test_kernels_build_from_the_package_sources_in_an_empty_extension_dir(tmp_path):
+    "A fresh clone or install: nothing cached, the kernels compile from se3nb/csrc and load (a minute on 2 cores)."
+    _native_kernels()  # skips where they cannot build
+    code = (
+        "import se3nb.so2_product as sp; m, why = sp._native_so2(); assert m is not None, why; "
+        "print(m.__file__); print(sp._source_paths()[0])"
+    )
+    env = {**os.environ, 'TORCH_EXTENSIONS_DIR': str(tmp_path)}
+    out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    built, source = (Path(line) for line in out.stdout.split())
+    assert built.is_relative_to(tmp_path) and built.name.startswith(sp._extension_name([source]))
+    assert source == REPO / 'se3nb' / 'csrc' / 'so2_product.cpp' or source.parent.name == 'csrc'
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_kernel_sources(tmp_path):
+    if shutil.which('pip') is None and not (Path(sys.executable).parent / 'pip').exists():
+        pytest.skip('pip is not installed')
+    cmd = [
+        sys.executable,
+        '-m',
+        'pip',
+        'wheel',
+        str(REPO),
+        '--no-deps',
+        '--no-build-isolation',
+        '-q',
+        '-w',
+        str(tmp_path),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (wheel,) = tmp_path.glob('se3nb-*.whl')
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {f'se3nb/csrc/{name}' for name in sp._SOURCES} <= set(names), [n for n in names if 'csrc' in n]
+
+
+def test_so2_product_checks_its_inputs():
+    h, w = torch.zeros(3, 16), torch.zeros(2 * 16 + 4, 16)
+    with pytest.raises(
+        ValueError, match=r"one input \[P, R, I\] per block of `sizes` \[32, 4\].*got inputs \[\[3, 2, 16\]\]"
+    ):
+        sp.so2_product(h, w, [torch.zeros(3, 2, 16)], sizes=[32, 4])
+    with pytest.raises(ValueError, match="P = 3"):
+        sp.so2_product(h, w, [torch.zeros(3, 2, 16), torch.zeros(4, 2, 2)], sizes=[32, 4])
