@@ -1,8 +1,20 @@
-"""The benchmark harness works and writes valid JSON (timings are never asserted: machines are noisy)."""
+"""The benchmark harness and suite work and write valid JSON (timings are never asserted: machines are noisy)."""
 
 import json
 
-from se3nb.benchmark import Case, loglog_slope, main, random_molecule_batch, run_case
+import pytest
+
+from se3nb.benchmark import (
+    STAGES,
+    Case,
+    loglog_slope,
+    machine_info,
+    random_molecule_batch,
+    run_case,
+    run_case_in_subprocess,
+    stage_scopes,
+)
+from se3nb.benchmark_suite import main
 
 
 def test_smoke_suite_writes_results(tmp_path, capsys):
@@ -19,6 +31,7 @@ def test_smoke_suite_writes_results(tmp_path, capsys):
         'results',
         'stage_profile_ms',
         'loglog_slopes',
+        'machine',
     ):
         assert key in report, key
     for kind in ('train', 'inference', 'memory', 'scale_atoms', 'scale_max_degree', 'scale_channels'):
@@ -46,3 +59,32 @@ def test_fixture_case_and_slope(nvidia_dir):
     r = run_case(Case(mode='inference', fixture=str(nvidia_dir / 'qm9_batch8.pt'), steps=1, warmup=0, num_layers=1))
     assert r['molecules'] == 8 and r['atoms'] == 93 and r['edges'] == 182
     assert abs(loglog_slope([1, 10, 100], [2, 20, 200]) - 1) < 1e-9
+
+
+def test_case_in_a_fresh_process_reports_its_own_memory():
+    r = run_case_in_subprocess(Case(mode='inference', batch_size=2, steps=1, warmup=0, num_layers=1, num_channels=4))
+    assert r['molecules'] == 2 and r['peak_memory_gb'] > 0 and r['memory_kind'] == 'peak RSS of the process'
+
+
+def test_machine_info_names_the_cpu_and_the_backends():
+    info = machine_info()
+    assert info['cpu_model'] and info['cpu_capability'] and info['threads'] >= 1
+    assert 'so2_product' in info['backends'] and 'conv' in info['backends']
+
+
+def test_stage_scopes_wrap_every_stage_and_restore_the_model():
+    from se3nb.attention import SE3Attention
+    from se3nb.conv import TFNConv
+
+    forward, geometry = SE3Attention.forward, TFNConv.__dict__['geometry']
+    with stage_scopes({**STAGES, 'geometry': ['se3nb.conv:TFNConv.geometry']}):
+        assert SE3Attention.forward is not forward
+        assert isinstance(TFNConv.__dict__['geometry'], staticmethod) and TFNConv.__dict__['geometry'] is not geometry
+    assert SE3Attention.forward is forward and TFNConv.__dict__['geometry'] is geometry
+    assert set(STAGES) == {'geometry', 'radial_mlp', 'kernel', 'aggregation', 'attention', 'norm'}
+
+
+def test_stage_scopes_name_a_missing_target():
+    with pytest.raises(LookupError, match="stage 'kernel': se3nb.conv:TFNConv.no_such_method"):
+        with stage_scopes({'kernel': ['se3nb.conv:TFNConv.no_such_method']}):
+            pass
