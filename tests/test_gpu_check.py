@@ -62,7 +62,7 @@ def test_cpu_smoke_runs_every_step(tmp_path):
 
     results = {r['precision']: r for r in d['equivariance']['results']}
     assert list(results) == ['fp32', 'bf16']
-    assert results['fp32']['max_relative_error'] < 1e-4 < results['bf16']['max_relative_error'] < 2e-1
+    assert results['fp32']['max_relative_error'] < 1e-4 < results['bf16']['max_relative_error']  # bf16: rounding shows
     assert all(r['passed'] and r['max_relative_error'] <= r['tolerance'] for r in results.values())
 
     train = d['training']

@@ -62,10 +62,11 @@ STEP_NAMES = [s.name for s in STEPS]
 BUDGET_S = {False: 450, True: 180}  # all steps together (the install not counted): a CUDA run, a --smoke run
 
 # Equivariance error max|f(Rx) - D(R) f(x)| / max|f(x)|. fp32 and TF32 must pass at 1e-3 (STYLE.md §8, full model in
-# float32; NVIDIA's own test fails with TF32 on: DeepLearningExamples issue #1114). Autocast rounds to 11 (fp16) or 8
-# (bf16) mantissa bits through 7 layers: on CPU the NVIDIA model gave 1.2e-2 (fp16) and 4.6e-2 to 8.4e-2 (bf16), as
-# large as the outputs' deviation from fp32 itself, which is printed beside each error.
-EQUIVARIANCE_TOLERANCE = {'fp32': 1e-3, 'tf32': 1e-3, 'fp16': 5e-2, 'bf16': 2e-1}
+# float32; NVIDIA's own test fails with TF32 on: DeepLearningExamples issue #1114). Under autocast the error cannot be
+# smaller than the rounding: it is bounded by the outputs' deviation from fp32 (printed beside it), which on CPU for
+# NVIDIA's model on 4 and 8 random molecules was 1.3e-2 in fp16 and 1.2e-1 to 1.6e-1 in bf16 (11 and 8 mantissa bits).
+# The fp16 and bf16 bounds therefore catch only gross failures (NaN, overflow, a broken kernel): read their figures.
+EQUIVARIANCE_TOLERANCE = {'fp32': 1e-3, 'tf32': 1e-3, 'fp16': 1e-1, 'bf16': 5e-1}
 
 # NVIDIA's published figures for its QM9 model on one A100 80GB, molecules per ms (quoted in
 # ../shared/fixtures/nvidia/BASELINE.md).
@@ -422,6 +423,8 @@ def step_throughput(ctx):
 
     tiny = dict(num_layers=1, num_degrees=2, num_channels=8, num_heads=2) if ctx.smoke else {}
     timing = dict(steps=2, warmup=1) if ctx.smoke else dict(steps=20, warmup=5)
+    if ctx.device == 'cpu' and not ctx.smoke:  # the full-size model on CPU takes seconds per step
+        timing = dict(steps=5, warmup=2)
     cases, problems = [], []
     for mode, batch, precision, low_memory in _throughput_plan(ctx):
         label = f"{mode} batch {batch} {precision}{' low_memory' if low_memory else ''}"
