@@ -15,7 +15,8 @@ Steps, in order; each runs in its own process under its own time limit, and a fa
 | ddp | 2-process DDP through `torchrun -m se3nb.train` (nccl; gloo on CPU); skipped with fewer than 2 GPUs |
 
 It writes `gpu_check.json` (everything) and `gpu_check.md` (a summary to read) to `benchmarks/results/<gpu-name>/` after
-every step, so a run cut short still leaves its results. The exit code is 0 when no step failed.
+every step, so a run cut short still leaves its results. The exit code is 0 when no step failed. In a copy of the
+repository without .git (a container image), set SE3NB_COMMIT to the commit so that the results name it.
 Only public entry points are used: pytest, the papermill run notebook, `python -m se3nb.train`, the harness of
 `se3nb.benchmark` (`Case`, `run_case`, `run_case_in_subprocess`, `random_molecule_batch`) and the model's constructor.
 """
@@ -144,8 +145,13 @@ def _run(cmd: list[str], ctx) -> tuple[int | None, str]:
     return p.returncode, p.stdout
 
 
-def _git(*args: str) -> str:
-    return subprocess.run(['git', *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+def _git(*args: str) -> str | None:
+    "Output of a git command in the checkout; None without git or outside a git checkout (a copied tree, an image)."
+    try:
+        p = subprocess.run(['git', *args], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return None
+    return p.stdout.strip() if p.returncode == 0 else None
 
 
 def step_environment(ctx):
@@ -163,6 +169,8 @@ def step_environment(ctx):
         cpu = next(
             (l.split(':', 1)[1].strip() for l in Path('/proc/cpuinfo').open() if l.startswith('model name')), cpu
         )
+    commit = _git('rev-parse', 'HEAD') or os.environ.get('SE3NB_COMMIT')  # the variable: a copy without .git
+    changes = _git('status', '--porcelain', '--untracked-files=no')
     gpus = []
     for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
         p = torch.cuda.get_device_properties(i)
@@ -187,8 +195,8 @@ def step_environment(ctx):
         e3nn=_version('e3nn'),
         numpy=_version('numpy'),
         se3nb=se3nb.__version__,
-        se3nb_commit=_git('rev-parse', 'HEAD') or None,
-        se3nb_uncommitted_changes=bool(_git('status', '--porcelain', '--untracked-files=no')),
+        se3nb_commit=commit,
+        se3nb_uncommitted_changes=None if changes is None else bool(changes),
         gpus=gpus,
         nvidia_smi=smi,
     )
@@ -762,7 +770,7 @@ def _write(report: dict, out_dir: Path) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--device', choices=['cuda', 'cpu'], default='cuda')
+    p.add_argument('--device', choices=['cuda', 'cpu'], default='cuda', help='where every step runs (default: cuda)')
     p.add_argument('--smoke', action='store_true', help='tiny sizes (with --device cpu: every step in under 3 minutes)')
     p.add_argument('--out-dir', help='where gpu_check.json and .md go (default: benchmarks/results/<gpu-name>/)')
     p.add_argument('--only', help=f"comma list of steps to run (default: all): {','.join(STEP_NAMES)}")
