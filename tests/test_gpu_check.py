@@ -61,7 +61,8 @@ def test_cpu_smoke_runs_every_step(tmp_path):
     assert kernels['passed'] > 0 and kernels['failed'] == [] and d['gpu_tests']['triton'].startswith('interpreted')
 
     results = {r['precision']: r for r in d['equivariance']['results']}
-    assert list(results) == ['fp32', 'bf16']
+    assert list(results) == ['fp32', 'bf16', 'fp32, torch backends']
+    assert results['fp32, torch backends']['deviation_from_fp32'] < 1e-5, 'the backends compute the same function'
     assert results['fp32']['max_relative_error'] < 1e-4 < results['bf16']['max_relative_error']  # bf16: rounding shows
     assert all(r['passed'] and r['max_relative_error'] <= r['tolerance'] for r in results.values())
 
