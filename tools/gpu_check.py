@@ -54,7 +54,7 @@ class Step:
 STEPS = [
     Step('environment', 'nvidia-smi and versions', 60, 60),
     Step('gpu_tests', 'gpu-marked tests and Triton kernel tests', 180, 120),
-    Step('equivariance', 'equivariance per precision', 90, 60),
+    Step('equivariance', 'equivariance per precision', 90, 90),
     Step('training', 'AMP training through the papermill notebook', 180, 120),
     Step('throughput', 'throughput, latency and peak memory', 150, 90),
     Step('ddp', '2-process DDP', 90, 90),
