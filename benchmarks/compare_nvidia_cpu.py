@@ -1,230 +1,244 @@
-"""se3nb vs NVIDIA's SE(3)-Transformer on this project's CPU machine (NVIDIA figures: ../shared/fixtures/nvidia/BASELINE.md).
+"""se3nb against NVIDIA's SE(3)-Transformer on this project's CPU machine, measured the only honest way available here.
 
-Runs NVIDIA's QM9 training configuration (7 layers, degrees 0-3, 32 channels, 8 heads, channels_div 2, fiber_in {0: 6},
-fiber_edge {0: 4}, fiber_out {0: 128}, max pooling, norm and layer norm on) on the 64 real QM9 molecules of
-`qm9_batch64.pt`, like BASELINE.md: float32, bases computed inside the forward pass, 3 warm-ups, median of N timed iterations,
-each case in a fresh process, peak RSS of that process. Prints each figure beside NVIDIA's and the ratio.
+NVIDIA's code cannot run on this machine (it is not installable here), so its figures come from
+`../shared/fixtures/nvidia/BASELINE_SIDE_BY_SIDE.md`: NVIDIA and se3nb at commit 9afe565 measured in the same minutes on
+one 2-core Intel Xeon machine of this project's kind, two rounds. This script times the current se3nb and, with
+`--baseline-commit 9afe565` (the default), that same old se3nb, alternating fresh processes in the same minutes. Then
 
-    python benchmarks/compare_nvidia_cpu.py [--threads 2] [--iters 10] [--json out.json] [--fuse-level partial] [--low-memory]
-                                            [--amp]
+    current / NVIDIA  =  (current / se3nb@9afe565, measured here)  x  (se3nb@9afe565 / NVIDIA, measured there)
 
-Backends follow se3nb's registry (`nbs/00a_backends.ipynb`): e.g. `SE3NB_BACKENDS=conv=reference` times the reference
-convolution, `SE3NB_BACKENDS=so2_product=torch` torch's products instead of the C++ kernels.
+which cancels the speed of the machine. It also prints the plain ratio to NVIDIA's stored figures, which only means
+something on a machine as fast as theirs.
+
+    python benchmarks/compare_nvidia_cpu.py --config qm9 --batch fixture      # NVIDIA's QM9 model, qm9_batch64.pt
+    python benchmarks/compare_nvidia_cpu.py --config qm9 --batch random64     # 64 random QM9 training molecules
+    python benchmarks/compare_nvidia_cpu.py --config small --batch random64   # NVIDIA's `small` configuration
+    options: --modes inference,train --rounds 2 --threads 2 --iters 10 --warmup 3 --amp --low-memory
+             --fuse-level partial --baseline-commit none --json out.json
+
+Each case runs in a fresh process (3 warm-ups, median of the timed steps, peak RSS of that process); the rounds
+alternate current and baseline. Backends follow se3nb's registry (`nbs/00a_backends.ipynb`): `SE3NB_BACKENDS=torch` times the
+torch products everywhere (the baseline gets `SE3NB_NATIVE=0` to match). The JSON names the CPU (model, ISA, caches).
 """
 
 import argparse
 import json
 import os
-import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-# NVIDIA's best CPU figures (BASELINE.md, 2 threads, batch of 64): {mode: (variant, seconds per batch, molecules/s, peak RSS GB)}
-NVIDIA = {'inference': ("low_memory=True", 0.48, 134, 0.78), 'train': ("tensor_cores=False", 2.09, 31, 2.79)}
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = {  # NVIDIA's QM9 configuration and its `small` one (BASELINE_SIDE_BY_SIDE.md)
+    'qm9': dict(num_layers=7, num_degrees=4, num_channels=32, num_heads=8, out_channels=128, optimizer='Adam'),
+    'small': dict(num_layers=2, num_degrees=3, num_channels=16, num_heads=4, out_channels=48, optimizer='AdamW'),
+}
+BATCHES = {'fixture': 'qm9_batch64.pt', 'random64': 'qm9_random64.pt', 'random': None}  # random: synthetic molecules
+# BASELINE_SIDE_BY_SIDE.md, molecules/s in two rounds: NVIDIA's best variant of the round, and se3nb at 9afe565
+SIDE_BY_SIDE = {
+    ('qm9', 'fixture', 'inference'): {'nvidia': (72.9, 106.6), 'se3nb_9afe565': (145.5, 240.5)},
+    ('qm9', 'fixture', 'train'): {'nvidia': (21.5, 26.3), 'se3nb_9afe565': (64.4, 69.6)},
+    ('qm9', 'random64', 'inference'): {'nvidia': (50.0, 37.3), 'se3nb_9afe565': (171.6, 122.5)},
+    ('qm9', 'random64', 'train'): {'nvidia': (12.8, 12.7), 'se3nb_9afe565': (32.7, 30.2)},
+    ('small', 'random64', 'train'): {'nvidia': (314, 274), 'se3nb_9afe565': (427, 432)},
+    ('small', 'random64', 'inference'): {'nvidia': (845, 895), 'se3nb_9afe565': (1153, 1235)},
+}
+NVIDIA_PEAK_RSS_GB = {  # NVIDIA's lower peak RSS of its two variants (BASELINE_SIDE_BY_SIDE.md), qm9 configuration
+    ('qm9', 'fixture', 'inference'): 0.786, ('qm9', 'fixture', 'train'): 1.502,
+    ('qm9', 'random64', 'inference'): 0.856, ('qm9', 'random64', 'train'): 1.719,
+}  # fmt: skip
 
 
-def run_case(
-    mode: str,
-    fixture: Path,
-    threads: int,
-    iters: int,
-    fuse_level: str,
-    low_memory: bool,
-    device: str,
-    amp: bool = False,
-    batch_kind: str = 'fixture',
-) -> dict:
+def fixture_dir() -> Path:
+    "`$SE3NB_FIXTURES`, or `shared/fixtures/nvidia` beside the working tree or one of its parents."
+    here = Path.cwd()
+    folders = [os.environ.get('SE3NB_FIXTURES')] + [
+        str(b / 'shared/fixtures/nvidia') for b in (ROOT, *ROOT.parents, here)
+    ]
+    for f in folders:
+        if f and (Path(f) / 'qm9_batch64.pt').exists():
+            return Path(f)
+    sys.exit("NVIDIA's fixtures not found: set SE3NB_FIXTURES to the folder holding qm9_batch64.pt")
+
+
+def load_batch(kind: str):
+    "Graph, node and edge features of a batch kind (only APIs that se3nb at 9afe565 has too)."
     import torch
-    from se3nb.backends import choose
-    from se3nb.compat import nvidia_graph
+    from se3nb.graph import Graph
+
+    if BATCHES[kind] is None:
+        from se3nb.benchmark import random_molecule_batch
+
+        return random_molecule_batch(64)
+    b = torch.load(fixture_dir() / BATCHES[kind], weights_only=True)
+    graph = Graph(
+        torch.stack([b['src'], b['dst']]), int(b['num_nodes']), rel_pos=b['rel_pos'],
+        batch_num_nodes=b['batch_num_nodes'], batch_num_edges=b['batch_num_edges'],
+    )  # fmt: skip
+    return graph, {0: b['node_feats']['0']}, {0: b['edge_feats']['0']}
+
+
+def run_case(a: argparse.Namespace, mode: str) -> dict:
+    "One case in this process: the model of `--config`, a batch of `--batch`, warm-ups, then the timed steps."
+    import resource
+
+    import torch
     from se3nb.fiber import Fiber
     from se3nb.model import SE3TransformerPooled
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    batch = torch.load(fixture, weights_only=True)
+    c = CONFIGS[a.config]
     model = SE3TransformerPooled(
-        Fiber({0: 6}),
-        Fiber({0: 128}),
-        Fiber({0: 4}),
-        num_degrees=4,
-        num_channels=32,
-        output_dim=1,
-        num_layers=7,
-        num_heads=8,
-        channels_div=2,
-        pooling='max',
-        norm=True,
-        use_layer_norm=True,
-        low_memory=low_memory,
-        fuse_level=fuse_level,
-    ).to(device)
-    if batch_kind == 'fixture':
-        graph = nvidia_graph(batch['src'], batch['dst'], batch['num_nodes'], batch['rel_pos'], batch['batch_num_nodes'])
-        node, edge = {0: batch['node_feats']['0']}, {0: batch['edge_feats']['0']}
-    elif batch_kind == 'random':  # synthetic molecules of QM9's average size (se3nb.benchmark.random_molecule_batch)
-        from se3nb.benchmark import random_molecule_batch
-
-        graph, node, edge = random_molecule_batch(64)
-    else:  # 64 real QM9 molecules drawn at random from NVIDIA's training split
-        from se3nb.data import DataConfig, QM9DataModule
-
-        dm = QM9DataModule(DataConfig(batch_size=64, progress=False))
-        b = next(iter(dm.dataloader('train', shuffle=True)))
-        graph, node, edge = b.graph, b.node_feats, b.edge_feats
-    graph, node, edge = graph.to(device), {0: node[0].to(device)}, {0: edge[0].to(device)}
-    batch = {'batch_num_nodes': graph.batch_num_nodes, 'num_nodes': graph.num_nodes, 'src': graph.src}
-    target = torch.randn(graph.num_graphs, device=device)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    sync = torch.cuda.synchronize if device == 'cuda' else (lambda: None)
-
-    def autocast():
-        return torch.autocast(device, dtype=torch.bfloat16 if device == 'cpu' else torch.float16, enabled=amp)
+        Fiber({0: 6}), Fiber({0: c['out_channels']}), Fiber({0: 4}), num_degrees=c['num_degrees'],
+        num_channels=c['num_channels'], output_dim=1, num_layers=c['num_layers'], num_heads=c['num_heads'],
+        channels_div=2, pooling='max', norm=True, use_layer_norm=True, low_memory=a.low_memory, fuse_level=a.fuse_level,
+    )  # fmt: skip
+    graph, node, edge = load_batch(a.batch)
+    target = torch.randn(graph.num_graphs)
+    opt = getattr(torch.optim, c['optimizer'])(model.parameters(), lr=1e-4)
+    model.train(mode == 'train')
 
     def step():
-        if mode == 'inference':
-            with torch.no_grad(), autocast():
-                model(graph, node, edge)
-        else:
-            opt.zero_grad(set_to_none=True)
-            with autocast():
-                out = model(graph, node, edge)
-            torch.nn.functional.l1_loss(out.float(), target).backward()  # (fp16 on CUDA would add a GradScaler)
-            opt.step()
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=a.amp):
+            if mode == 'inference':
+                with torch.no_grad():
+                    return model(graph, node, edge)
+            loss = torch.nn.functional.l1_loss(model(graph, node, edge).float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
 
-    model.train(mode == 'train')
     times = []
-    for i in range(3 + iters):
-        sync()
+    for _ in range(a.warmup + a.iters):
         t0 = time.perf_counter()
         step()
-        sync()
         times.append(time.perf_counter() - t0)
-    times = times[3:]
-    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
-    peak_gpu = torch.cuda.max_memory_allocated() / 1e9 if device == 'cuda' else None
-    n = len(batch['batch_num_nodes'])
+    median = statistics.median(times[a.warmup :])
     return {
-        'mode': mode,
-        'median_s': statistics.median(times),
-        'min_s': min(times),
-        'molecules_per_s': n / statistics.median(times),
-        'peak_rss_gb': rss_gb,
-        'peak_gpu_gb': peak_gpu,
-        'batch': n,
-        'nodes': int(batch['num_nodes']),
-        'edges': int(len(batch['src'])),
-        'threads': threads,
-        'iters': iters,
-        'fuse_level': fuse_level,
-        'low_memory': low_memory,
-        'conv': model.conv_backend,
-        'so2_product': choose('so2_product', device=device, dtype=torch.float32),  # float32 products (not under --amp)
-        'amp': amp,
-        'batch_kind': batch_kind,
-        'device': device,
-        'torch': torch.__version__,
-        'parameters': sum(p.numel() for p in model.parameters()),
-    }
+        'mode': mode, 'median_s': median, 'molecules_per_s': graph.num_graphs / median,
+        'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,  # KiB on Linux
+        'molecules': graph.num_graphs, 'atoms': graph.num_nodes, 'edges': graph.num_edges,
+        'parameters': sum(p.numel() for p in model.parameters()), 'torch': torch.__version__,
+    }  # fmt: skip
+
+
+def baseline_tree(commit: str) -> Path:
+    "A detached worktree of `commit` (made once, kept under /tmp) whose se3nb the baseline cases import."
+    sha = subprocess.run(
+        ['git', 'rev-parse', commit], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout.strip()
+    path = Path('/tmp') / f'se3nb-baseline-{sha[:12]}'
+    if not (path / 'se3nb').exists():
+        subprocess.run(
+            ['git', 'worktree', 'add', '--detach', str(path), sha], cwd=ROOT, check=True, capture_output=True
+        )
+    return path
+
+
+def run_in_process(a: argparse.Namespace, mode: str, tree: Path | None) -> dict:
+    "A case in a fresh process, importing se3nb from this checkout or from the baseline worktree `tree`."
+    env = dict(os.environ, PYTHONPATH=str(tree or ROOT))
+    if tree is not None and env.get('SE3NB_BACKENDS', '').strip() == 'torch':
+        env['SE3NB_NATIVE'] = '0'  # the same choice under the old override
+    args = [f'--{k.replace("_", "-")}={v}' for k, v in vars(a).items() if k in ('config', 'batch', 'threads', 'iters')]
+    args += (
+        [f'--warmup={a.warmup}', f'--fuse-level={a.fuse_level}'] + ['--amp'] * a.amp + ['--low-memory'] * a.low_memory
+    )
+    cmd = [sys.executable, __file__, '--case', mode, *args]
+    out = subprocess.run(cmd, cwd=str(tree or ROOT), env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"case {mode} ({'baseline' if tree else 'current'}) failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def estimate(key: tuple, current: list[float], baseline: list[float]) -> dict:
+    "Ratios to NVIDIA: stored, and through the baseline measured here (see the module docstring)."
+    stored = SIDE_BY_SIDE.get(key)
+    out = {'current_mol_s': current, 'baseline_mol_s': baseline}
+    if stored is None:
+        return out
+    old_over_nvidia = statistics.mean(s / n for s, n in zip(stored['se3nb_9afe565'], stored['nvidia']))
+    out['stored'] = stored
+    out['ratio_to_stored_nvidia'] = statistics.median(current) / max(stored['nvidia'])
+    if baseline:
+        out['speedup_over_9afe565_here'] = statistics.median(current) / statistics.median(baseline)
+        out['estimated_ratio_to_nvidia'] = out['speedup_over_9afe565_here'] * old_over_nvidia
+    return out
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--fixture', type=Path, default=None, help='qm9_batch64.pt (default: found beside the repository)')
+    p.add_argument('--config', default='qm9', choices=list(CONFIGS))
+    p.add_argument('--batch', default='fixture', choices=list(BATCHES))
+    p.add_argument('--modes', default='inference,train')
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--iters', type=int, default=10)
+    p.add_argument('--warmup', type=int, default=3)
+    p.add_argument('--rounds', type=int, default=2)
     p.add_argument('--fuse-level', default='partial', choices=['none', 'partial', 'full'])
     p.add_argument('--low-memory', action='store_true')
-    p.add_argument(
-        '--batch',
-        default='fixture',
-        choices=['fixture', 'random', 'qm9'],
-        help='fixture: qm9_batch64.pt (small molecules); random: 64 synthetic average-size QM9 molecules; '
-        'qm9: 64 random molecules of the QM9 training split',
-    )
-    p.add_argument(
-        '--amp', action='store_true', help='autocast: bfloat16 on CPU, float16 on CUDA (norms and softmax stay float32)'
-    )
-    p.add_argument('--device', default='cpu')
-    p.add_argument('--modes', default='inference,train')
+    p.add_argument('--amp', action='store_true', help='bfloat16 autocast (norms and softmax statistics stay float32)')
+    p.add_argument('--baseline-commit', default='9afe565', help="'none' to time only the current code")
     p.add_argument('--json', type=Path, default=None, help='write the results here')
-    p.add_argument('--_case', default=None, help=argparse.SUPPRESS)
+    p.add_argument('--case', default=None, help=argparse.SUPPRESS)  # child process: one case, JSON on stdout
     a = p.parse_args()
-    if a.fixture is None:
-        from se3nb.compat import find_nvidia_fixtures
-
-        d = find_nvidia_fixtures()
-        if d is None:
-            sys.exit("qm9_batch64.pt not found: pass --fixture or set SE3NB_FIXTURES")
-        a.fixture = d / 'qm9_batch64.pt'
-    if a._case:  # child process: one case, JSON on stdout
-        print(
-            json.dumps(
-                run_case(a._case, a.fixture, a.threads, a.iters, a.fuse_level, a.low_memory, a.device, a.amp, a.batch)
-            )
-        )
+    if a.case:
+        print(json.dumps(run_case(a, a.case)))
         return
-    results = []
+    from se3nb.benchmark import machine_info
+
+    tree = None if a.baseline_commit == 'none' else baseline_tree(a.baseline_commit)
+    runs = {}
+    for r in range(a.rounds):
+        for mode in a.modes.split(','):
+            for label, where in (('current', None), ('baseline', tree)) if tree else (('current', None),):
+                res = run_in_process(a, mode, where)
+                runs.setdefault((mode, label), []).append(res)
+                print(f"round {r + 1} {mode:<9} {label:<8} {res['molecules_per_s']:8.1f} mol/s  "
+                      f"peak RSS {res['peak_rss_gb']:.2f} GB", flush=True)  # fmt: skip
+    machine = machine_info()
+    first = runs[next(iter(runs))][0]
+    size = f"{first['molecules']} molecules, {first['atoms']} atoms, {first['edges']} edges"
+    print(f"\nse3nb vs NVIDIA, config {a.config}, batch {a.batch} ({size}), "
+          f"{a.threads} threads, {'bf16 autocast' if a.amp else 'float32'}, "
+          f"{machine['cpu_model']} ({machine['cpu_capability']}), baseline {a.baseline_commit}")  # fmt: skip
+    summary = {}
     for mode in a.modes.split(','):
-        cmd = (
-            [
-                sys.executable,
-                __file__,
-                '--_case',
-                mode,
-                '--fixture',
-                str(a.fixture),
-                '--threads',
-                str(a.threads),
-                '--iters',
-                str(a.iters),
-                '--fuse-level',
-                a.fuse_level,
-                '--device',
-                a.device,
-            ]
-            + (['--amp'] if a.amp else [])
-            + ['--batch', a.batch]
-            + (['--low-memory'] if a.low_memory else [])
-        )
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        results.append(json.loads(out))
-    print(
-        f"se3nb vs NVIDIA, QM9 config, batch '{a.batch}': {results[0]['batch']} molecules ({results[0]['nodes']} atoms, {results[0]['edges']} edges), "
-        f"{a.threads} threads, {'bf16 autocast' if a.amp else 'float32'}, device {a.device} ({platform.processor() or platform.machine()}), torch {results[0]['torch']}, "
-        f"fuse_level={a.fuse_level}, low_memory={a.low_memory}, {results[0]['parameters']:,} parameters; median of {a.iters}; "
-        f"backends conv={results[0]['conv']}, so2_product={results[0]['so2_product']} (float32)"
-    )
-    print(
-        f"{'mode':<10} {'se3nb s/batch':>13} {'NVIDIA':>7} {'speed-up':>8} {'se3nb mol/s':>11} {'NVIDIA':>7} "
-        f"{'se3nb RSS GB':>12} {'NVIDIA':>7} {'ratio':>6}  NVIDIA variant"
-    )
-    for r in results:
-        variant, t, mps, rss = NVIDIA[r['mode']]
-        print(
-            f"{r['mode']:<10} {r['median_s']:>13.3f} {t:>7.2f} {t / r['median_s']:>7.2f}x {r['molecules_per_s']:>11.1f} {mps:>7} "
-            f"{r['peak_rss_gb']:>12.2f} {rss:>7.2f} {r['peak_rss_gb'] / rss:>6.2f}  {variant}"
-        )
+        current = [x['molecules_per_s'] for x in runs[mode, 'current']]
+        baseline = [x['molecules_per_s'] for x in runs.get((mode, 'baseline'), [])]
+        est = estimate((a.config, a.batch, mode), current, baseline)
+        est['peak_rss_gb'] = max(x['peak_rss_gb'] for x in runs[mode, 'current'])
+        est['nvidia_peak_rss_gb'] = NVIDIA_PEAK_RSS_GB.get((a.config, a.batch, mode))
+        summary[mode] = est
+        line = f"{mode:<9} current {' / '.join(f'{v:.1f}' for v in current)} mol/s"
+        if baseline:
+            line += f", 9afe565 here {' / '.join(f'{v:.1f}' for v in baseline)}"
+        if 'estimated_ratio_to_nvidia' in est:
+            line += f", speed-up over 9afe565 {est['speedup_over_9afe565_here']:.2f}x"
+            line += f" -> estimated {est['estimated_ratio_to_nvidia']:.2f}x NVIDIA's best"
+        if 'ratio_to_stored_nvidia' in est:
+            line += f" (stored figures: {est['ratio_to_stored_nvidia']:.2f}x)"
+        line += f"; peak RSS {est['peak_rss_gb']:.2f} GB"
+        if est['nvidia_peak_rss_gb']:
+            line += f" (NVIDIA's leaner variant {est['nvidia_peak_rss_gb']:.2f} GB)"
+        print(line)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         tmp = a.json.with_suffix('.tmp')
-        tmp.write_text(
-            json.dumps(
-                {
-                    'results': results,
-                    'nvidia_baseline': NVIDIA,
-                    'date': time.strftime('%Y-%m-%d %H:%M:%S'),
-                    'machine': platform.node(),
-                    'cpu_count': os.cpu_count(),
-                },
-                indent=1,
-            )
-        )
-        tmp.replace(a.json)
+        args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()}
+        runs_out = {f'{m}/{label}': v for (m, label), v in runs.items()}
+        record = {
+            'args': args,
+            'summary': summary,
+            'runs': runs_out,
+            'machine': machine,
+            'date': time.strftime('%F %T'),
+        }
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(a.json)  # atomic
 
 
 if __name__ == '__main__':
