@@ -17,8 +17,9 @@ something on a machine as fast as theirs.
              --fuse-level partial --baseline-commit none --json out.json
 
 Each case runs in a fresh process (3 warm-ups, median of the timed steps, peak RSS of that process); the rounds
-alternate current and baseline. Backends follow se3nb's registry (`nbs/00a_backends.ipynb`): `SE3NB_BACKENDS=torch` times the
-torch products everywhere (the baseline gets `SE3NB_NATIVE=0` to match). The JSON names the CPU (model, ISA, caches).
+alternate current and baseline. Backends follow se3nb's registry (`nbs/00a_backends.ipynb`): `SE3NB_BACKENDS=torch`
+times the torch products everywhere (the baseline gets `SE3NB_NATIVE=0` to match). The JSON names the CPU (model,
+ISA, caches).
 """
 
 import argparse
