@@ -158,6 +158,7 @@ def step_environment(ctx):
     import torch
 
     import se3nb
+    from se3nb.benchmark import machine_info
 
     try:
         smi = subprocess.run(['nvidia-smi'], capture_output=True, text=True, timeout=30).stdout
@@ -198,6 +199,7 @@ def step_environment(ctx):
         se3nb_commit=commit,
         se3nb_uncommitted_changes=None if changes is None else bool(changes),
         gpus=gpus,
+        machine=machine_info(ctx.device if gpus else 'cpu'),  # the benchmark harness's record: ISA, caches, backends
         nvidia_smi=smi,
     )
     print(json.dumps({k: v for k, v in details.items() if k != 'nvidia_smi'}, indent=1), flush=True)
@@ -663,7 +665,9 @@ def markdown(report: dict) -> str:
         versions = f"torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, triton {env['triton']}"
         versions += f", e3nn {env['e3nn']}"
         lines += ['', '## Environment', '', f"Python {env['python']}, {versions}, se3nb {env['se3nb']} at {commit}."]
-        lines += [f"CPU: {env['cpu']} ({env['cpu_count']} logical cores)."]
+        machine = env.get('machine') or {}
+        isa = f", {machine['cpu_capability']}, caches {machine['cpu_caches']}" if machine else ''
+        lines += [f"CPU: {env['cpu']} ({env['cpu_count']} logical cores{isa})."]
         lines += [
             f"GPU {g['index']}: {g['name']}, {g['memory_gb']} GB, compute capability {g['capability']}." for g in gpus
         ]
