@@ -38,7 +38,7 @@ python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | { grep -v "i
 
 python - <<'PY'
 import sys
-import se3nb, se3nb.compat, se3nb.dgl_interop
+import se3nb, se3nb.nvidia, se3nb.compat, se3nb.dgl_interop
 assert 'dgl' not in sys.modules, 'se3nb imported dgl at import time'
 import dgl, e3nn, numpy, torch
 assert torch.__version__.split('+')[0] == '2.2.1', torch.__version__
@@ -47,7 +47,7 @@ PY
 
 echo "== pytest (DGL interop, checkpoints, core suite, NVIDIA fixtures) on the legacy stack"
 status=0
-python -m pytest -q -rs -p no:cacheprovider tests/test_dgl.py tests/test_compat_checkpoints.py tests/test_core.py \
-  tests/test_nvidia.py "$@" || status=$?
+python -m pytest -q -rs -p no:cacheprovider tests/test_dgl.py tests/test_nvidia_checkpoints.py tests/test_core.py \
+  tests/test_nvidia.py tests/test_nvidia_deprecated.py "$@" || status=$?
 echo "== legacy leg finished in $(( $(date +%s) - start )) s (pytest exit $status)"
 exit $status

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['Graph', 'segment_sum', 'segment_max', 'edge_softmax', 'DestinationCSR', 'graph_max_pool', 'graph_mean_pool',
-           'batch_graphs', 'unbatch', 'from_edge_list', 'fully_connected', 'radius_graph']
+           'batch_graphs', 'unbatch', 'fully_connected', 'radius_graph']
 
 # %% ../nbs/03_graph.ipynb #f5e1d5fe
 from collections.abc import Sequence
@@ -324,18 +324,6 @@ def unbatch(graph: Graph) -> list[Graph]:
     return out
 
 # %% ../nbs/03_graph.ipynb #adb93b6b
-def from_edge_list(
-    src: Tensor,  # [E] source nodes
-    dst: Tensor,  # [E] destination nodes
-    num_nodes: int,
-    *,
-    pos: Tensor | None = None,  # [N, 3]
-    rel_pos: Tensor | None = None,  # [E, 3]
-) -> Graph:
-    "A single graph from source and destination index lists."
-    return Graph(torch.stack([src, dst]), num_nodes, pos=pos, rel_pos=rel_pos)
-
-
 def _per_graph(pos: Tensor, batch_num_nodes: Tensor | None, edges_of) -> Graph:
     counts = [pos.shape[0]] if batch_num_nodes is None else batch_num_nodes.tolist()
     edges, num_edges, start = [], [], 0
@@ -371,7 +359,7 @@ def fully_connected(
 
     return _per_graph(pos, batch_num_nodes, edges_of)
 
-
+# %% ../nbs/03_graph.ipynb #d9f1b3c5
 def radius_graph(
     pos: Tensor,  # [N, 3]
     cutoff: float,  # r_c, same unit as pos

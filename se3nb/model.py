@@ -7,11 +7,10 @@ __all__ = ['check_inputs', 'SE3Transformer', 'ModelConfig', 'SE3TransformerPoole
 
 # %% ../nbs/07_model.ipynb #5de27426
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.profiler import record_function
 from torch.utils.checkpoint import checkpoint
 
 from .fiber import Fiber
@@ -22,27 +21,23 @@ from .so2 import CONVOLUTIONS, EdgeFrames
 from .backends import choose
 from .attention import AttentionBlock
 from .norm import NormNonlinearity, GraphPooling
-from se3nb.dgl_interop import (
-    as_graph,
-)  # 07b, an exception to the numbering: it imports only basis and graph at import time
 
 # %% ../nbs/07_model.ipynb #79989504
-def _int_keys(feats: Mapping | None) -> dict[int, Tensor]:
-    return {} if feats is None else {int(l): v for l, v in feats.items()}
-
-
 def check_inputs(
     graph: Graph,
-    node_feats: Mapping[int, Tensor],
-    edge_feats: Mapping[int, Tensor],
+    node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
+    edge_feats: Mapping[int, Tensor],  # {l: [E, C_l, 2l+1]}
     fiber_in: Fiber,
     fiber_edge: Fiber,
     dtype: torch.dtype,
     device: torch.device,
 ) -> None:
-    "Raise a clear `ValueError`/`TypeError` if the graph and features do not fit the model (shapes, degrees, device, dtype)."
+    "Raise a clear `ValueError`/`TypeError` unless graph and features fit the model (shapes, degrees, device, dtype)."
     if not isinstance(graph, Graph):
-        raise TypeError(f"graph must be an se3nb Graph, got {type(graph).__name__}")
+        raise TypeError(
+            f"graph must be an se3nb Graph, got {type(graph).__name__} (a DGL graph: se3nb.nvidia.from_dgl converts "
+            "it, and se3nb.nvidia's models take it as it is)"
+        )
     fiber_in.check(node_feats, num=graph.num_nodes, name='node_feats')
     fiber_edge.check(edge_feats, num=graph.num_edges, name='edge_feats')
     tensors = (
@@ -57,8 +52,88 @@ def check_inputs(
             )
         if x.dtype != dtype:
             raise TypeError(
-                f"{name} has dtype {x.dtype} but the model's parameters are {dtype}: cast one of them (use torch.autocast for mixed precision)"
+                f"{name} has dtype {x.dtype} but the model's parameters are {dtype}: cast one of them "
+                "(use torch.autocast for mixed precision)"
             )
+
+# %% ../nbs/07_model.ipynb #a7d3c1e0
+def _blocks(
+    num_layers: int,
+    fiber_in: Fiber,
+    fiber_hidden: Fiber,
+    fiber_out: Fiber,
+    fiber_edge: Fiber,
+    num_heads: int,
+    channels_div: int,
+    norm: bool,
+    use_layer_norm: bool,
+    max_degree: int,
+    fuse_level: str,
+    conv: type[TFNConv],  # the convolution class (`SO2Conv` or `TFNConv`)
+) -> nn.ModuleList:
+    "The attention blocks (each followed by a norm nonlinearity when `norm`) and the last convolution."
+    conv_args = dict(use_layer_norm=use_layer_norm, max_degree=max_degree, fuse_level=fuse_level)
+    layers, fin = [], fiber_in
+    for _ in range(num_layers):
+        layers.append(
+            AttentionBlock(fin, fiber_hidden, fiber_edge, num_heads=num_heads, channels_div=channels_div, **conv_args)
+        )
+        if norm:
+            layers.append(NormNonlinearity(fiber_hidden))
+        fin = fiber_hidden
+    layers.append(conv(fin, fiber_out, fiber_edge, self_interaction=True, **conv_args))
+    return nn.ModuleList(layers)
+
+# %% ../nbs/07_model.ipynb #c5e7a9b1
+def _run_block(module: nn.Module, x, edge_feats, invariants, graph, geometry, envelope) -> dict[int, Tensor]:
+    "One entry of `graph_modules` (an attention block or a norm nonlinearity) on node features `x`."
+    if isinstance(module, NormNonlinearity):
+        return module(x)
+    return module(x, edge_feats, invariants, graph, geometry, envelope)
+
+
+def _run_blocks(
+    graph_modules: nn.ModuleList,
+    x: dict[int, Tensor],  # {l: [N, C_l, 2l+1]} node features
+    edge_feats: dict[int, Tensor],  # {l: [E, C_l, 2l+1]}
+    invariants: Tensor,  # [E, C_edge_0 + 1]
+    graph: Graph,
+    geometry: Bases | EdgeFrames,
+    envelope: Tensor | None,  # [E] smooth cutoff, or None
+    low_memory: bool,  # recompute each block in backward
+) -> dict[int, Tensor]:  # {l: [N, C_l, 2l+1]} of the last convolution
+    "All blocks, then the last convolution (whose messages the envelope scales as well)."
+    for module in graph_modules[:-1]:
+        args = (module, x, edge_feats, invariants, graph, geometry, envelope)
+        x = (
+            checkpoint(_run_block, *args, use_reentrant=False)
+            if low_memory and torch.is_grad_enabled()
+            else _run_block(*args)
+        )
+    return graph_modules[-1](x, edge_feats, invariants, graph, geometry, edge_scale=envelope)
+
+
+def _checked_geometry(
+    geometry: Bases | EdgeFrames,  # precomputed by the caller
+    graph: Graph,
+    conv: TFNConv,  # the model's last convolution: its type decides the geometry type
+    max_degree: int,
+    basis_keys: list,
+    conv_backend: str,  # the model's conv backend, named in the error
+) -> Bases | EdgeFrames:
+    "The caller's geometry, checked against the graph and the model."
+    kind = conv.geometry_type
+    if not isinstance(geometry, kind):
+        raise TypeError(
+            f"the model's conv backend {conv_backend!r} needs {kind.__name__} as `geometry` (what "
+            f"model.geometry(graph, invariants) returns), got {type(geometry).__name__}"
+        )
+    if geometry.num_edges != graph.num_edges or geometry.max_degree < max_degree:
+        raise ValueError(
+            f"the geometry was built for {geometry.num_edges} edges and max_degree {geometry.max_degree}; "
+            f"this graph has {graph.num_edges} edges and the model needs max_degree {max_degree}"
+        )
+    return geometry.precompute(basis_keys)
 
 # %% ../nbs/07_model.ipynb #0b388f77
 class SE3Transformer(nn.Module):
@@ -74,7 +149,7 @@ class SE3Transformer(nn.Module):
         channels_div: int,  # value channels = hidden channels // channels_div
         fiber_edge: Fiber = Fiber({}),  # edge input features (the edge length is added to degree 0)
         return_type: int | None = None,  # return only this degree's features
-        pooling: str | None = None,  # 'max' | 'avg': pool `return_type` over each graph
+        pooling: str | None = None,  # 'max' | 'mean' | None: pool `return_type` over each graph, or not
         norm: bool = True,  # NormNonlinearity after each block
         use_layer_norm: bool = True,  # LayerNorm inside the radial MLPs
         low_memory: bool = False,  # recompute activations in backward
@@ -83,112 +158,51 @@ class SE3Transformer(nn.Module):
         cutoff: float | None = None,  # smooth cutoff radius (None: NVIDIA's behaviour)
     ):
         super().__init__()
-        fiber_in, fiber_hidden, fiber_out, fiber_edge = map(Fiber, (fiber_in, fiber_hidden, fiber_out, fiber_edge))
+        fibers = tuple(map(Fiber, (fiber_in, fiber_hidden, fiber_out, fiber_edge)))
+        self.fiber_in, self.fiber_hidden, self.fiber_out, self.fiber_edge = fibers
         if pooling is not None and return_type is None:
             raise ValueError("pooling needs return_type (the degree to pool)")
         if num_layers < 0:
             raise ValueError(f"num_layers must be >= 0, got {num_layers}")
-        self.fiber_in, self.fiber_hidden, self.fiber_out, self.fiber_edge = (
-            fiber_in,
-            fiber_hidden,
-            fiber_out,
-            fiber_edge,
-        )
         self.return_type, self.pooling, self.low_memory, self.cutoff = return_type, pooling, low_memory, cutoff
+        self.max_degree = max(f.max_degree for f in fibers[:3])
         self.conv_backend = choose('conv')  # 'so2', or 'reference' on request (`00a_backends`); chosen once, here
         conv = CONVOLUTIONS[self.conv_backend]
-        self.max_degree = max(fiber_in.max_degree, fiber_hidden.max_degree, fiber_out.max_degree)
-        layers, fin = [], fiber_in
-        for _ in range(num_layers):
-            layers.append(
-                AttentionBlock(
-                    fin,
-                    fiber_hidden,
-                    fiber_edge,
-                    num_heads=num_heads,
-                    channels_div=channels_div,
-                    use_layer_norm=use_layer_norm,
-                    max_degree=self.max_degree,
-                    fuse_level=fuse_level,
-                )
-            )
-            if norm:
-                layers.append(NormNonlinearity(fiber_hidden))
-            fin = fiber_hidden
-        layers.append(
-            conv(
-                fin,
-                fiber_out,
-                fiber_edge,
-                self_interaction=True,
-                use_layer_norm=use_layer_norm,
-                max_degree=self.max_degree,
-                fuse_level=fuse_level,
-            )
+        self.graph_modules = _blocks(  # same indices as NVIDIA's `graph_modules`
+            num_layers, *fibers, num_heads, channels_div, norm, use_layer_norm, self.max_degree, fuse_level, conv
         )
-        self.graph_modules = nn.ModuleList(layers)  # same indices as NVIDIA's `graph_modules`
-        self.basis_keys = sorted(
-            {key for m in self.graph_modules.modules() if isinstance(m, TFNConv) for key in m.groups.values()}
-        )
+        convs = [m for m in self.graph_modules.modules() if isinstance(m, TFNConv)]
+        self.basis_keys = sorted({key for m in convs for key in m.groups.values()})
         self.pooling_module = GraphPooling(pooling, return_type) if pooling is not None else None
 
     def geometry(self, graph: Graph, invariants: Tensor) -> Bases | EdgeFrames:
         "What the convolutions need about the edges (bases, or edge frames), for all layers of one forward pass."
         return self.graph_modules[-1].geometry(graph, invariants, self.max_degree, self.basis_keys)
 
-    def _checked_geometry(self, bases, graph: Graph):
-        kind = self.graph_modules[-1].geometry_type
-        if not isinstance(bases, kind):
-            raise TypeError(
-                f"the model's conv backend {self.conv_backend!r} needs {kind.__name__} as precomputed `bases`, "
-                f"got {type(bases).__name__}"
-            )
-        if bases.num_edges != graph.num_edges or bases.max_degree < self.max_degree:
-            raise ValueError(
-                f"bases were built for {bases.num_edges} edges and max_degree {bases.max_degree}; "
-                f"this graph has {graph.num_edges} edges and the model needs max_degree {self.max_degree}"
-            )
-        return bases.precompute(self.basis_keys)
-
-    def _block(self, module: nn.Module, x, edge_feats, invariants, graph, bases, envelope):
-        if isinstance(module, NormNonlinearity):
-            return module(x)
-        return module(x, edge_feats, invariants, graph, bases, envelope)
-
     def forward(
         self,
         graph: Graph,
-        node_feats: Mapping[int | str, Tensor],  # {l: [N, C_l, 2l+1]}
-        edge_feats: Mapping[int | str, Tensor] | None = None,  # {l: [E, C_l, 2l+1]}
-        bases: Bases
-        | EdgeFrames
-        | None = None,  # this graph's geometry (EdgeFrames for conv backend 'so2'), else computed here
-    ) -> dict[int | str, Tensor] | Tensor:  # {l: [N, C_l, 2l+1]}, or [N, C, 2l+1] / pooled [B, C]
-        "Run the model; keys of the result are `str` when the inputs' are."
-        graph = as_graph(graph)  # a dgl.DGLGraph with edata['rel_pos'] becomes a Graph (DGL is never imported here)
-        str_keys = any(isinstance(k, str) for k in node_feats)
-        node_feats, edge_feats = _int_keys(node_feats), _int_keys(edge_feats)
+        node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
+        edge_feats: Mapping[int, Tensor] | None = None,  # {l: [E, C_l, 2l+1]}
+        geometry: Bases | EdgeFrames | None = None,  # this graph's geometry (`self.geometry`), else computed here
+    ) -> dict[int, Tensor] | Tensor:  # {l: [N, C_l, 2l+1]}, or [N, C, 2l+1] / pooled [B, C]
+        "Run the model on one (batched) graph."
+        edge_feats = {} if edge_feats is None else edge_feats
         param = next(self.parameters())
         check_inputs(graph, node_feats, edge_feats, self.fiber_in, self.fiber_edge, param.dtype, param.device)
         invariants = edge_invariants(graph.rel_pos, edge_feats)  # [E, C_edge_0 + 1]
-        # the geometry of every layer now, outside the checkpointed blocks of low_memory mode, whose recomputation must see the same
-        with record_function('se3nb.bases'):
-            bases = self.geometry(graph, invariants) if bases is None else self._checked_geometry(bases, graph)
+        # every layer's geometry now, outside the checkpointed blocks of low_memory mode (recomputation must see it)
+        if geometry is None:
+            geometry = self.geometry(graph, invariants)
+        else:
+            last, keys = self.graph_modules[-1], self.basis_keys
+            geometry = _checked_geometry(geometry, graph, last, self.max_degree, keys, self.conv_backend)
         envelope = None if self.cutoff is None else smooth_cutoff(invariants[:, -1], self.cutoff)  # [E]
-        x = node_feats
-        for module in self.graph_modules[:-1]:
-            if self.low_memory and torch.is_grad_enabled():
-                x = checkpoint(
-                    self._block, module, x, edge_feats, invariants, graph, bases, envelope, use_reentrant=False
-                )
-            else:
-                x = self._block(module, x, edge_feats, invariants, graph, bases, envelope)
-        x = self.graph_modules[-1](x, edge_feats, invariants, graph, bases, edge_scale=envelope)  # {l: [N, C_l, 2l+1]}
+        args = (edge_feats, invariants, graph, geometry, envelope, self.low_memory)
+        x = _run_blocks(self.graph_modules, node_feats, *args)  # {l: [N, C_l, 2l+1]}
         if self.pooling_module is not None:
             return self.pooling_module(x, graph)  # [B, C]
-        if self.return_type is not None:
-            return x[self.return_type]  # [N, C, 2l+1]
-        return {str(l) if str_keys else l: v for l, v in x.items()}
+        return x if self.return_type is None else x[self.return_type]  # [N, C, 2l+1]
 
 # %% ../nbs/07_model.ipynb #34434301
 @dataclass(frozen=True)
@@ -204,30 +218,30 @@ class ModelConfig:
     edge_feature_dim: int = 4  # degree-0 edge inputs (QM9: one-hot bond type)
     out_channels: int = 128  # degree-0 channels pooled into the head (num_degrees * num_channels in NVIDIA's script)
     output_dim: int = 1  # predicted numbers per graph
-    pooling: str = 'max'  # 'max' | 'avg'
+    pooling: str = 'max'  # 'max' | 'mean'
     norm: bool = True  # NormNonlinearity after each block
     use_layer_norm: bool = True  # LayerNorm in the radial MLPs
     low_memory: bool = False  # recompute activations in backward
     fuse_level: str = 'partial'  # NVIDIA parameter layout
     cutoff: float | None = None  # smooth cutoff radius in Angstrom (None: NVIDIA's behaviour)
 
-
+# %% ../nbs/07_model.ipynb #b2e4f6a8
 class SE3TransformerPooled(nn.Module):
     "SE(3)-Transformer with max/mean pooling of degree-0 outputs and an MLP head: graph -> `[B]` or `[B, output_dim]`."
 
     def __init__(
         self,
-        fiber_in: Fiber,
-        fiber_out: Fiber,
-        fiber_edge: Fiber,
-        num_degrees: int,
-        num_channels: int,
-        output_dim: int,
+        fiber_in: Fiber,  # node input features
+        fiber_out: Fiber,  # node features before pooling (degree 0 is pooled)
+        fiber_edge: Fiber,  # edge input features
+        num_degrees: int,  # hidden degrees 0..num_degrees-1
+        num_channels: int,  # hidden channels per degree
+        output_dim: int,  # predicted numbers per graph
         *,
         num_layers: int = 7,
         num_heads: int = 8,
         channels_div: int = 2,
-        pooling: str | None = 'max',
+        pooling: str = 'max',  # 'max' | 'mean' (required: this model pools)
         norm: bool = True,
         use_layer_norm: bool = True,
         low_memory: bool = False,
@@ -235,22 +249,14 @@ class SE3TransformerPooled(nn.Module):
         cutoff: float | None = None,
     ):
         super().__init__()
-        self.transformer = SE3Transformer(
-            num_layers,
-            fiber_in,
-            Fiber.create(num_degrees, num_channels),
-            fiber_out,
-            num_heads,
-            channels_div,
-            fiber_edge,
-            return_type=0,
-            pooling=pooling or 'max',
-            norm=norm,
-            use_layer_norm=use_layer_norm,
-            low_memory=low_memory,
-            fuse_level=fuse_level,
-            cutoff=cutoff,
-        )
+        if pooling is None:
+            raise ValueError(
+                "SE3TransformerPooled pools its degree-0 outputs over each graph: pooling must be 'max' or 'mean', "
+                "got None (SE3Transformer gives per-node outputs without pooling)"
+            )
+        options = dict(norm=norm, use_layer_norm=use_layer_norm, low_memory=low_memory, fuse_level=fuse_level)
+        sizes = (num_layers, fiber_in, Fiber.create(num_degrees, num_channels), fiber_out, num_heads, channels_div)
+        self.transformer = SE3Transformer(*sizes, fiber_edge, return_type=0, pooling=pooling, cutoff=cutoff, **options)
         n = Fiber(fiber_out).num_features
         self.mlp = nn.Sequential(nn.Linear(n, n), nn.ReLU(), nn.Linear(n, output_dim))
 
@@ -261,34 +267,22 @@ class SE3TransformerPooled(nn.Module):
     @classmethod
     def from_config(cls, config: ModelConfig) -> "SE3TransformerPooled":
         "Build from a `ModelConfig`."
+        sizes = ('num_degrees', 'num_channels', 'node_feature_dim', 'edge_feature_dim', 'out_channels', 'output_dim')
+        options = {k: v for k, v in asdict(config).items() if k not in sizes}  # the keyword arguments
         c = config
-        return cls(
-            Fiber({0: c.node_feature_dim}),
-            Fiber({0: c.out_channels}),
-            Fiber({0: c.edge_feature_dim}) if c.edge_feature_dim else Fiber({}),
-            c.num_degrees,
-            c.num_channels,
-            c.output_dim,
-            num_layers=c.num_layers,
-            num_heads=c.num_heads,
-            channels_div=c.channels_div,
-            pooling=c.pooling,
-            norm=c.norm,
-            use_layer_norm=c.use_layer_norm,
-            low_memory=c.low_memory,
-            fuse_level=c.fuse_level,
-            cutoff=c.cutoff,
-        )
+        edge = Fiber({0: c.edge_feature_dim}) if c.edge_feature_dim else Fiber({})
+        fibers = Fiber({0: c.node_feature_dim}), Fiber({0: c.out_channels}), edge
+        return cls(*fibers, c.num_degrees, c.num_channels, c.output_dim, **options)
 
     def forward(
         self,
         graph: Graph,
-        node_feats: Mapping[int | str, Tensor],  # {0: [N, C_in, 1]}
-        edge_feats: Mapping[int | str, Tensor] | None = None,  # {0: [E, C_edge, 1]}
-        bases: Bases | None = None,
+        node_feats: Mapping[int, Tensor],  # {0: [N, C_in, 1]}
+        edge_feats: Mapping[int, Tensor] | None = None,  # {0: [E, C_edge, 1]}
+        geometry: Bases | EdgeFrames | None = None,  # this graph's geometry (`self.transformer.geometry`)
     ) -> Tensor:  # [B] if output_dim == 1 else [B, output_dim]
         "One prediction per graph."
-        pooled = self.transformer(graph, node_feats, edge_feats, bases)  # [B, C_out]
+        pooled = self.transformer(graph, node_feats, edge_feats, geometry)  # [B, C_out]
         return self.mlp(pooled).squeeze(-1)
 
 # %% ../nbs/07_model.ipynb #5d18ed4a

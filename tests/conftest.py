@@ -19,7 +19,7 @@ def _triton_major() -> int:  # without importing triton
 if not torch.cuda.is_available() and _triton_major() >= 3:
     os.environ.setdefault('TRITON_INTERPRET', '1')
 
-from se3nb.compat import find_nvidia_fixtures  # noqa: E402 (after TRITON_INTERPRET)
+from nvidia_fixtures import find_fixtures  # noqa: E402 (after TRITON_INTERPRET)
 
 
 def pytest_configure(config):
@@ -30,9 +30,17 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def nvidia_dir():
-    path = find_nvidia_fixtures()
+    path = find_fixtures("nvidia")
     if path is None:
         pytest.skip("shared NVIDIA fixtures not found (set SE3NB_FIXTURES or keep ../shared beside the repository)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def rfdiffusion_dir():
+    path = find_fixtures("rfdiffusion")
+    if path is None:
+        pytest.skip("shared RFdiffusion fixtures not found (keep ../shared beside the repository)")
     return path
 
 

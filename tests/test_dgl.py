@@ -1,17 +1,15 @@
-"""se3nb fed real DGL graphs (NVIDIA's input type) gives the same results as fed its own graphs, on the shared NVIDIA fixtures.
+"""se3nb fed real DGL graphs (NVIDIA's input type) gives the same results as fed its own graphs, on the shared NVIDIA
+fixtures.
 
-Needs DGL (only dgl==2.1.0 exists for Python 3.11, with torch==2.2.1): run by the legacy CI leg `.ci/legacy_dgl.sh`; skipped
-elsewhere. The DGL-free parts of the drop-in path are tested in test_compat_checkpoints.py."""
-
-import inspect
+Needs DGL (only dgl==2.1.0 exists for Python 3.11, with torch==2.2.1): run by the legacy CI leg `.ci/legacy_dgl.sh`;
+skipped elsewhere. The DGL-free parts of the drop-in path are tested in test_nvidia_checkpoints.py."""
 
 import pytest
 import torch
 
-from se3nb.compat import nvidia_graph
-from se3nb.dgl_interop import NVIDIACompatModel, as_graph, from_dgl, is_dgl_graph, to_dgl
 from se3nb.graph import batch_graphs, radius_graph
 from se3nb.model import SE3Transformer
+from se3nb.nvidia import NVIDIACompatModel, as_graph, from_dgl, from_nvidia, is_dgl_graph, nvidia_graph, to_dgl
 
 pytestmark = pytest.mark.dgl
 
@@ -28,7 +26,8 @@ def load(nvidia_dir, name):
 
 
 def dgl_graph(dgl, g, rel_pos):
-    """The DGL graph NVIDIA's code would feed: one `dgl.graph` per molecule, `dgl.batch`ed, as its QM9 data loader does."""
+    """The DGL graph NVIDIA's code would feed: one `dgl.graph` per molecule, `dgl.batch`ed, as its QM9 data loader
+    does."""
     bnn, bne = g["batch_num_nodes"].tolist(), g["batch_num_edges"].tolist()
     node_offsets = torch.tensor([0] + bnn[:-1]).cumsum(0).tolist()
     graphs, e0 = [], 0
@@ -87,8 +86,9 @@ def test_dgl_graph_gives_same_outputs_as_se3nb_graph(dgl, nvidia_dir, name):
     ],
 )
 def test_dgl_graph_gives_same_gradients(dgl, nvidia_dir, name, position_grad):
-    """Parameter, feature and position gradients (forces flow through edata['rel_pos']). Not positions with low_memory=True
-    (the `_none` fixtures): see test_compat_checkpoints.py::test_low_memory_position_gradients, an se3nb bug."""
+    """Parameter, feature and position gradients (forces flow through edata['rel_pos']). Not positions with
+    low_memory=True (the `_none` fixtures): see test_nvidia_checkpoints.py::test_low_memory_position_gradients, an se3nb
+    bug."""
     fx = load(nvidia_dir, name)
     model = NVIDIACompatModel(fx["model"], fx["kwargs"], fx["state_dict"]).eval()
     grads = []
@@ -141,18 +141,18 @@ def test_to_dgl_round_trip(dgl, idtype):
     assert as_graph(g).num_graphs == 3
 
 
-@pytest.mark.skipif(
-    "as_graph" not in inspect.getsource(SE3Transformer.forward),
-    reason="SE3Transformer.forward does not call as_graph yet (proposed one-line change to nbs/07_model.ipynb)",
-)
-def test_core_model_accepts_dgl_graph(dgl, nvidia_dir):
+def test_from_nvidia_model_accepts_dgl_graph_and_core_refuses_it(dgl, nvidia_dir):
+    """The model from_nvidia builds takes a DGL graph as it takes the se3nb graph (was: the core model took it); the
+    core model itself takes se3nb graphs only and says where DGL graphs go."""
     fx = load(nvidia_dir, "rf_like_partial")
-    model = NVIDIACompatModel(
-        fx["model"], fx["kwargs"], fx["state_dict"]
-    ).model.eval()  # the plain se3nb SE3Transformer
+    model = from_nvidia(fx["model"], fx["kwargs"], fx["state_dict"]).eval()  # an se3nb SE3Transformer
     g, graph, nf, ef = fixture_inputs(dgl, fx)
     with torch.no_grad():
         assert torch.equal(flat(model(g, nf, ef)), flat(model(graph, nf, ef)))
+    core = SE3Transformer.forward
+    int_nf, int_ef = {int(k): v for k, v in nf.items()}, {int(k): v for k, v in ef.items()}
+    with pytest.raises(TypeError, match="se3nb.nvidia.from_dgl"):
+        core(model, g, int_nf, int_ef)
 
 
 def test_missing_rel_pos_says_what_to_set(dgl):

@@ -5,7 +5,8 @@ import importlib.util
 import pytest
 import torch
 
-from se3nb.compat import from_nvidia, run_nvidia_fixture, to_nvidia_state_dict, nvidia_key_to_se3nb
+from nvidia_fixtures import run_nvidia_fixture
+from se3nb.nvidia import from_nvidia, to_nvidia_state_dict, nvidia_key_to_se3nb
 from se3nb.fiber import Fiber
 from se3nb.model import SE3Transformer
 from se3nb.equivariance import equivariance_error
@@ -54,8 +55,8 @@ def test_outputs_match_nvidia(nvidia_dir, name, conv):
 
 
 def ambiguous_max_pool_graphs(model, fx, atol):
-    """Graphs whose max pooling has a runner-up within `atol` of the maximum: which node gets the gradient is then decided by
-    float32 rounding (NVIDIA's and ours differ by ~1e-6), so gradients there are not comparable."""
+    """Graphs whose max pooling has a runner-up within `atol` of the maximum: which node gets the gradient is then
+    decided by float32 rounding (NVIDIA's and ours differ by ~1e-6), so gradients there are not comparable."""
     if fx["model"] != "SE3TransformerPooled":
         return set()
     seen = {}
@@ -124,7 +125,8 @@ def _recipe(nvidia_dir):
 @pytest.mark.parametrize("conv", CONVS)
 @pytest.mark.parametrize("variant", ["none", "partial", "full"])
 def test_full_size_qm9_model_matches_nvidia(nvidia_dir, variant, conv):
-    """NVIDIA's exact QM9 architecture (9.3M parameters): weights rebuilt from recipe.py, outputs and gradient summaries."""
+    """NVIDIA's exact QM9 architecture (9.3M parameters): weights rebuilt from recipe.py, outputs and gradient
+    summaries."""
     fx, recipe = load(nvidia_dir, f"qm9big_{variant}"), _recipe(nvidia_dir)
     sd = {
         k: recipe.recipe_tensor(k, shape, off, scale, fx["recipe"]["seed"])
@@ -163,7 +165,8 @@ def test_mismatched_checkpoint_lists_first_problems(nvidia_dir):
 
 
 def test_low_memory_gives_every_parameter_a_gradient(nvidia_dir):
-    """NVIDIA bug (MANIFEST): with low_memory=True the first layer's radial MLPs get no gradient when inputs do not require grad."""
+    """NVIDIA bug (MANIFEST): with low_memory=True the first layer's radial MLPs get no gradient when inputs do not
+    require grad."""
     fx = load(nvidia_dir, "qm9_none")
     assert fx["lowmem_checkpoint_params_without_grad"], "the fixture documents NVIDIA's missing gradients"
     model = from_nvidia(fx["model"], fx["kwargs"], fx["state_dict"])
@@ -177,7 +180,8 @@ def test_low_memory_gives_every_parameter_a_gradient(nvidia_dir):
 
 
 def test_per_degree_norm_is_equivariant():
-    """NVIDIA bug (MANIFEST): NormSE3's per-degree LayerNorm branch (unequal hidden channels) is not equivariant (error 8.5e3)."""
+    """NVIDIA bug (MANIFEST): NormSE3's per-degree LayerNorm branch (unequal hidden channels) is not equivariant (error
+    8.5e3)."""
     torch.manual_seed(0)
     model = SE3Transformer(
         2, Fiber({0: 4}), Fiber({0: 16, 1: 8}), Fiber({0: 4, 1: 2}), num_heads=2, channels_div=2
@@ -192,3 +196,74 @@ def test_per_degree_norm_is_equivariant():
         num_rotations=4,
     )
     assert err.max() < 1e-9
+
+
+def small_converted_model(**kw):
+    """test_core's small model (degrees 0-3, uneven channels, degree-1 edge features), built the way from_nvidia builds
+    it."""
+    from se3nb.nvidia import ConvertedSE3Transformer
+
+    torch.manual_seed(0)
+    args = dict(
+        num_layers=3,
+        fiber_in=Fiber({0: 3, 1: 2, 2: 1, 3: 1}),
+        fiber_hidden=Fiber({0: 8, 1: 4, 2: 12, 3: 4}),
+        fiber_out=Fiber({0: 2, 1: 2, 2: 1, 3: 1}),
+        num_heads=2,
+        channels_div=2,
+        fiber_edge=Fiber({0: 2, 1: 1}),
+    )
+    return ConvertedSE3Transformer(**args, **kw).double()
+
+
+def small_inputs(model, n=14, cutoff=2.5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    graph = radius_graph(torch.randn(n, 3, generator=g, dtype=torch.float64) * 1.3, cutoff)
+    nf = random_features(model.fiber_in, n, dtype=torch.float64, generator=g)
+    return graph, nf, random_features(model.fiber_edge, graph.num_edges, dtype=torch.float64, generator=g)
+
+
+def test_string_keys_round_trip():
+    """Moved from test_core.py: NVIDIA's string keys give the same outputs, keyed by strings (now through
+    se3nb.nvidia)."""
+    model = small_converted_model()
+    graph, nf, ef = small_inputs(model)
+    out_int = model(graph, nf, ef)
+    out_str = model(graph, {str(l): x for l, x in nf.items()}, {str(l): x for l, x in ef.items()})
+    assert set(out_str) == {'0', '1', '2', '3'} and all(torch.equal(out_str[str(l)], out_int[l]) for l in out_int)
+
+
+def test_core_refuses_nvidia_inputs_with_a_clear_type_error():
+    """The core takes integer degrees and se3nb graphs only, and says where NVIDIA's string keys and DGL graphs go."""
+    model = small_converted_model()
+    graph, nf, ef = small_inputs(model)
+    core_forward = SE3Transformer.forward
+    with pytest.raises(TypeError, match=r"node_feats: degree keys must be int, got '0' \(str\).*se3nb.nvidia"):
+        core_forward(model, graph, {str(l): x for l, x in nf.items()}, ef)
+    with pytest.raises(TypeError, match=r"edge_feats: degree keys must be int, got '0'"):
+        core_forward(model, graph, nf, {str(l): x for l, x in ef.items()})
+    with pytest.raises(TypeError, match=r"graph must be an se3nb Graph, got dict.*se3nb.nvidia.from_dgl"):
+        core_forward(model, {'src': graph.src}, nf, ef)
+    with pytest.raises(TypeError, match=r"degree keys must be int or digit strings like '0', '1', got 'x'"):
+        model(graph, {'x': nf[0]}, ef)
+    with pytest.raises(ValueError, match=r"degree 0 twice"):
+        model(graph, {'0': nf[0], 0: nf[0]}, ef)
+
+
+def test_nvidia_pooling_names():
+    """NVIDIA's 'avg' is read only here (as 'mean'); the core takes 'max' | 'mean' | None and says what 'avg' is."""
+    from se3nb.model import SE3TransformerPooled
+    from se3nb.nvidia import from_nvidia, nvidia_pooling
+
+    assert nvidia_pooling("avg") == "mean" and nvidia_pooling("max") == "max" and nvidia_pooling(None) is None
+    with pytest.raises(ValueError, match="'max', 'avg' or None"):
+        nvidia_pooling("sum")
+    kwargs = dict(fiber_in={0: 2}, fiber_out={0: 4}, fiber_edge={}, num_degrees=2, num_channels=4, output_dim=1,
+                  num_layers=1, num_heads=2, pooling="avg")  # fmt: skip
+    assert from_nvidia("SE3TransformerPooled", kwargs).transformer.pooling == "mean"
+    with pytest.raises(
+        ValueError, match=r"pooling must be 'max' or 'mean', got 'avg' \(NVIDIA's 'avg' is 'mean' here\)"
+    ):
+        SE3TransformerPooled(Fiber({0: 2}), Fiber({0: 4}), Fiber({}), 2, 4, 1, num_layers=1, num_heads=2, pooling="avg")
+    with pytest.raises(ValueError, match="SE3TransformerPooled pools .* got None"):
+        SE3TransformerPooled(Fiber({0: 2}), Fiber({0: 4}), Fiber({}), 2, 4, 1, num_layers=1, num_heads=2, pooling=None)

@@ -1,5 +1,6 @@
-"""NVIDIA drop-in path without DGL: NVIDIACompatModel (NVIDIA's call signature and key names), NVIDIA training checkpoints both
-ways (weights and optimizer state, every fusion layout), clear errors for bad files, and DGL-free graph conversion."""
+"""NVIDIA drop-in path without DGL: NVIDIACompatModel (NVIDIA's call signature and key names), NVIDIA training
+checkpoints both ways (weights and optimizer state, every fusion layout), clear errors for bad files, and DGL-free graph
+conversion."""
 
 import argparse
 import subprocess
@@ -8,17 +9,20 @@ import sys
 import pytest
 import torch
 
-from se3nb.compat import from_nvidia, nvidia_graph, run_nvidia_fixture, se3nb_key_to_nvidia
-from se3nb.dgl_interop import (
+from nvidia_fixtures import run_nvidia_fixture
+from se3nb.graph import Graph, radius_graph
+from se3nb.nvidia import (
     NVIDIACompatModel,
     as_graph,
     from_dgl,
+    from_nvidia,
     load_nvidia_checkpoint,
+    nvidia_graph,
     nvidia_optimizer_state_to_se3nb,
     save_nvidia_checkpoint,
+    se3nb_key_to_nvidia,
     to_dgl,
 )
-from se3nb.graph import Graph, radius_graph
 from se3nb.backends import override
 
 MODEL_FIXTURES = [f"{c}_{v}" for c in ("graph2graph", "qm9", "rf_like") for v in ("none", "partial", "full")]
@@ -47,7 +51,8 @@ def total(out):
 
 
 def nvidia_order_adam_step(fx, lr=1e-3):
-    """An Adam step over NVIDIA's parameters in NVIDIA's order with NVIDIA's gradients: the optimizer state NVIDIA's script saves."""
+    """An Adam step over NVIDIA's parameters in NVIDIA's order with NVIDIA's gradients: the optimizer state NVIDIA's
+    script saves."""
     params = [torch.nn.Parameter(v.clone()) for v in fx["state_dict"].values()]
     for p, k in zip(params, fx["state_dict"]):
         p.grad = fx["grads"][k].clone()
@@ -108,8 +113,9 @@ def test_compat_load_state_dict_refuses_wrong_configuration(nvidia_dir):
 
 @pytest.mark.parametrize("name", MODEL_FIXTURES)
 def test_checkpoint_file_loads_weights_and_optimizer_state(nvidia_dir, tmp_path, name):
-    """A checkpoint as NVIDIA's training script writes it (saved from the GPU would only change map_location) loads with the
-    optimizer moments attached to the right se3nb parameters, although the two libraries order parameters differently."""
+    """A checkpoint as NVIDIA's training script writes it (saved from the GPU would only change map_location) loads with
+    the optimizer moments attached to the right se3nb parameters, although the two libraries order parameters
+    differently."""
     fx = load(nvidia_dir, name)
     torch.save(nvidia_checkpoint(fx), tmp_path / "ckpt.pt")
     ckpt = load_nvidia_checkpoint(tmp_path / "ckpt.pt", fx["model"], fx["kwargs"])
@@ -131,7 +137,8 @@ def test_checkpoint_file_loads_weights_and_optimizer_state(nvidia_dir, tmp_path,
 
 @pytest.mark.parametrize("name", ["qm9_none", "rf_like_full", "graph2graph_partial"])
 def test_checkpoint_round_trip_resumes_identically(nvidia_dir, tmp_path, name):
-    """se3nb -> NVIDIA file -> se3nb: weights and optimizer state unchanged, NVIDIA's order kept; two more Adam steps agree."""
+    """se3nb -> NVIDIA file -> se3nb: weights and optimizer state unchanged, NVIDIA's order kept; two more Adam steps
+    agree."""
     fx = load(nvidia_dir, name)
     torch.save(nvidia_checkpoint(fx), tmp_path / "a.pt")
     first = load_nvidia_checkpoint(tmp_path / "a.pt", fx["model"], fx["kwargs"])
@@ -300,8 +307,8 @@ def test_from_dgl_reads_edges_rel_pos_and_batch_sizes(nvidia_dir):
 
 def test_se3nb_never_imports_dgl():
     code = (
-        "import sys, se3nb, se3nb.compat, se3nb.dgl_interop, se3nb.model; "
-        "from se3nb.dgl_interop import as_graph; from se3nb.graph import radius_graph; import torch; "
+        "import sys, se3nb, se3nb.nvidia, se3nb.compat, se3nb.dgl_interop, se3nb.model; "
+        "from se3nb.nvidia import as_graph; from se3nb.graph import radius_graph; import torch; "
         "as_graph(radius_graph(torch.randn(5, 3), 2.0)); assert 'dgl' not in sys.modules, 'dgl imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -337,9 +344,9 @@ def test_low_memory_position_gradients(nvidia_dir):
 
 @pytest.mark.parametrize("conv", ["so2", "reference"])
 def test_position_gradients_include_the_basis(conv):
-    """NVIDIA difference: its forward builds the basis with get_basis(compute_gradients=False), so d(output)/d(positions) (forces)
-    sees only the edge lengths. se3nb's gradient is the true one: it matches central finite differences in float64, and
-    detaching the basis (NVIDIA's behaviour) does not."""
+    """NVIDIA difference: its forward builds the basis with get_basis(compute_gradients=False), so
+    d(output)/d(positions) (forces) sees only the edge lengths. se3nb's gradient is the true one: it matches central
+    finite differences in float64, and detaching the basis (NVIDIA's behaviour) does not."""
     from se3nb.conv import edge_invariants
 
     torch.manual_seed(0)
