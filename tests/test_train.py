@@ -1,4 +1,4 @@
-"Training runtime (se3nb.train): smoke fit, resume, checkpoints, non-finite loss, DDP equivalence, prediction, CLI, papermill."
+"Training (se3nb.train): smoke fit, schedules, time budget, weight averaging, seeds, resume, checkpoints, DDP."
 
 import json
 import os
@@ -17,21 +17,22 @@ import importlib.util
 if importlib.util.find_spec('qm9pack') is None:
     pytest.skip('needs the qm9pack wheel', allow_module_level=True)
 
-from se3nb.data import GraphDataModule, PointCloudDataset, QM9Dataset, TargetScaler, load_qm9, read_qm9
+from se3nb.cli import predict
+from se3nb.data import GraphDataModule, PointCloudDataset, QM9DataModule, TargetScaler
 from se3nb.fiber import Fiber
-from se3nb.model import ModelConfig
+from se3nb.model import ModelConfig, SE3TransformerPooled
+from se3nb.qm9 import load_qm9
+from se3nb.recipe import scheduled_lr
+from se3nb.runtime import evaluate
 from se3nb.train import (
     CheckpointError,
     NonFiniteLossError,
     TrainConfig,
-    cli_predict,
-    configs_from_args,
     configs_from_checkpoint,
     fit,
     load_checkpoint,
-    predict,
+    model_from_checkpoint,
     presets,
-    read_xyz,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,6 +55,23 @@ def params(model):
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
+def records(out_dir, kind):
+    return [r for r in map(json.loads, open(Path(out_dir) / 'metrics.jsonl')) if r['kind'] == kind]
+
+
+# torchrun --standalone: the rendezvous listens on a free port it picks itself. A fixed --master_port made this file
+# flaky: two test runs at the same time on one machine (several checkouts, CI jobs) collided on it (EADDRINUSE).
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+
+
+def run_script(text: str, path: Path, *args: str, launcher: list[str] = TORCHRUN) -> None:
+    "Write `text` to `path` and run it with `args` (two gloo processes by default, one thread each); fail on an error."
+    path.write_text(text)
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
+    r = subprocess.run(launcher + [str(path), *args], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 def test_smoke_fit_writes_outputs(smoke, tmp_path):
     m, d, t = smoke
     res = fit(m, d, replace(t, out_dir=str(tmp_path), plots=True, tensorboard=True))
@@ -68,33 +86,6 @@ def test_smoke_fit_writes_outputs(smoke, tmp_path):
     assert set(ckpt) >= {'model', 'optimizer', 'scheduler', 'scaler', 'epoch', 'rng', 'config', 'target'}
     mc, dc, tc = configs_from_checkpoint(ckpt)
     assert mc == m and dc == d and tc.epochs == 2
-
-
-def test_recipe_defaults_are_nvidias():
-    m, d, t = presets('nvidia')
-    assert (
-        m.num_layers,
-        m.num_degrees,
-        m.num_channels,
-        m.num_heads,
-        m.channels_div,
-        m.pooling,
-        m.norm,
-        m.use_layer_norm,
-    ) == (7, 4, 32, 8, 2, 'max', True, True)
-    assert (d.task, d.batch_size, t.epochs, t.lr, t.betas, t.weight_decay) == (
-        'homo',
-        240,
-        100,
-        0.002,
-        (0.9, 0.999),
-        0.1,
-    )
-    assert t.min_lr is None and t.scheduler_interval == 'epoch'  # eta_min = lr / 10, stepped per epoch
-    with pytest.raises(ValueError, match='valid presets'):
-        presets('fast')
-    with pytest.raises(ValueError, match='precision'):
-        TrainConfig(precision='fp8')
 
 
 def test_schedule_is_cosine_warm_restarts(smoke, tmp_path):
@@ -193,8 +184,8 @@ def test_custom_module_trains_and_gradient_options(tmp_path):
         fiber_node=Fiber({0: 1}),
         fiber_edge=Fiber({0: 1}),
         batch_size=8,
-        max_degree=1,
-    )  # bases precomputed in collate
+        precompute_geometry=True,
+    )  # edge frames built in the loader
     res = fit(
         mc, dm, TrainConfig(epochs=2, out_dir=str(tmp_path), progress=False, plots=False, grad_clip=1.0, accumulate=2)
     )
@@ -233,150 +224,141 @@ DDP_SCRIPT = textwrap.dedent('''
     res = fit(m, replace(d, cache_dir=sys.argv[1], batch_size=int(sys.argv[2])),
               replace(t, out_dir=sys.argv[3], epochs=2, num_threads=1, plots=False))
     if int(__import__('os').environ.get('RANK', 0)) == 0:
-        torch.save({'params': torch.cat([p.detach().flatten() for p in res['model'].parameters()]), 'test_mae': res['test_mae'],
-                    'world_size': res['world_size']}, sys.argv[4])
-    if torch.distributed.is_initialized():  # like se3nb-train: exiting with a live gloo group can abort ("terminate called ...")
+        params = torch.cat([p.detach().flatten() for p in res['model'].parameters()])
+        torch.save({'params': params, 'test_mae': res['test_mae'], 'world_size': res['world_size']}, sys.argv[4])
+    if torch.distributed.is_initialized():  # like se3nb-train: exiting with a live gloo group can abort
         torch.distributed.destroy_process_group()
 ''')
 
 
 def test_ddp_two_processes_equal_one_process(cache_dir, tmp_path):
-    "2 gloo processes with batch 8 each == 1 process with batch 16 (same molecules per step; only summation order differs)."
+    "2 gloo processes with batch 8 each == 1 process with batch 16 (same molecules per step, sums in another order)."
     script = tmp_path / 'ddp_run.py'
-    script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get('PYTHONPATH', ''), OMP_NUM_THREADS='1')
-    cmd2 = [
-        sys.executable,
-        '-m',
-        'torch.distributed.run',
-        '--nproc_per_node=2',
-        '--master_port=29517',
-        str(script),
-        cache_dir,
-        '8',
-        str(tmp_path / 'ddp'),
-        str(tmp_path / 'two.pt'),
-    ]
-    r = subprocess.run(cmd2, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = subprocess.run(
-        [sys.executable, str(script), cache_dir, '16', str(tmp_path / 'one'), str(tmp_path / 'one.pt')],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_script(DDP_SCRIPT, script, cache_dir, '8', str(tmp_path / 'ddp'), str(tmp_path / 'two.pt'))
+    one = [cache_dir, '16', str(tmp_path / 'one'), str(tmp_path / 'one.pt')]
+    run_script(DDP_SCRIPT, script, *one, launcher=[sys.executable])
     two, one = torch.load(tmp_path / 'two.pt'), torch.load(tmp_path / 'one.pt')
     assert two['world_size'] == 2 and one['world_size'] == 1
-    # tolerance: float32 gradients summed in another order (per-rank means, then the DDP average), amplified by 20 AdamW steps
+    # tolerance: float32 gradients summed in another order (per-rank means, then the DDP average), amplified by 20 AdamW
+    # steps
     assert (two['params'] - one['params']).abs().max() < 1e-4
     assert two['test_mae'] == pytest.approx(
         one['test_mae'], abs=1e-4
     )  # test metrics reduced over ranks: same molecules counted once
 
 
-def _write_xyz(path, mol):
-    lines = [str(len(mol.elements)), mol.name] + [
-        f"{e} {x:.10f} {y:.10f} {z:.10f}" for e, (x, y, z) in zip(mol.elements, mol.pos)
-    ]
-    path.write_text('\n'.join(lines) + '\n')
+DDP_BUDGET_SCRIPT = textwrap.dedent('''
+    import json, os, sys, torch
+    from dataclasses import replace
+    import se3nb.runtime
+    from se3nb.train import fit, presets
+    if os.environ['RANK'] == '1':  # rank 1's own clock says the budget is long spent: only rank 0's may count
+        se3nb.runtime.TrainClock.seconds = property(lambda self: 1e6)
+    m, d, t = presets('smoke')
+    t = replace(t, out_dir=sys.argv[2], epochs=1000, time_budget=2.0, num_threads=1, plots=False, eval_every=1000)
+    res = fit(m, replace(d, cache_dir=sys.argv[1], batch_size=8), t)
+    with open(sys.argv[3] + os.environ['RANK'], 'w') as f:
+        json.dump({'steps': res['steps'], 'train_seconds': res['train_seconds']}, f)
+    torch.distributed.destroy_process_group()
+''')
 
 
-def test_predict_xyz_matches_dataset_and_cli(smoke, tmp_path, capsys):
+def test_ddp_ranks_stop_at_the_same_step_when_rank_0_says_so(cache_dir, tmp_path):
+    "With a time budget, rank 0's clock decides for all: rank 1's clock, skewed, would stop it at once and hang rank 0."
+    run_script(DDP_BUDGET_SCRIPT, tmp_path / 'ddp_budget.py', cache_dir, str(tmp_path / 'out'), str(tmp_path / 'rank'))
+    ranks = [json.loads((tmp_path / f'rank{k}').read_text()) for k in (0, 1)]
+    assert ranks[0]['steps'] == ranks[1]['steps'] > 5  # the same batch, well after rank 1's own clock said stop
+    assert 2.0 <= ranks[0]['train_seconds'] < 4.0
+
+
+def test_time_budget_stops_and_schedules_over_training_time(smoke, tmp_path):
     m, d, t = smoke
-    res = fit(m, d, replace(t, out_dir=str(tmp_path), epochs=1))
-    model, ck = res['model'].eval(), tmp_path / 'checkpoint.pt'
-    mols = list(read_qm9(max_molecules=200))[150:153]
-    files = []
-    for k, mol in enumerate(mols):
-        files.append(tmp_path / f'm{k}.xyz')
-        _write_xyz(files[-1], mol)
-    out = predict(ck, files)
-    store = load_qm9(max_molecules=200, cache_dir=d.cache_dir, progress=False)
-    ds = QM9Dataset(store)
-    from se3nb.data import collate_graphs
-
-    b = collate_graphs([ds[150], ds[151], ds[152]])
-    target = load_checkpoint(ck)['target']
-    with torch.no_grad():
-        ref = model(b.graph, b.node_feats, b.edge_feats).double() * target['std'] + target['mean']
-    assert out['predictions'] == pytest.approx(ref.tolist(), abs=1e-5)
-    cli_predict([str(ck), *map(str, files), '--output', str(tmp_path / 'pred.json')])
-    assert 'eV' in capsys.readouterr().out and json.loads((tmp_path / 'pred.json').read_text())['unit'] == 'eV'
-    test = predict(ck)
-    assert test['count'] == 20 and test['test_mae'] == pytest.approx(res['test_mae'], rel=1e-6)
-    (tmp_path / 'bad.xyz').write_text('3\n\nC 0 0 0\nH 1 0\n')
-    with pytest.raises(ValueError, match='bad.xyz'):
-        read_xyz(tmp_path / 'bad.xyz')
-    (tmp_path / 'si.xyz').write_text('1\n\nSi 0 0 0\n')
-    with pytest.raises(ValueError, match='not in QM9'):
-        read_xyz(tmp_path / 'si.xyz')
+    c = replace(t, out_dir=str(tmp_path), epochs=1000, time_budget=2.0, log_every=1, warmup=0.2, eval_every=5)
+    res = fit(m, d, c)
+    steps = records(tmp_path, 'step')
+    assert c.schedule_name == 'cosine' and len(steps) == res['steps'] > 10
+    assert all(r['train_seconds'] < 2.0 for r in steps[:-1]) and steps[-1]['train_seconds'] >= 2.0  # stops right after
+    for r in steps:  # the lr of each batch follows rank 0's training time at that batch
+        assert r['lr'] == pytest.approx(scheduled_lr(c, r['train_seconds'] / 2.0), rel=1e-9)
+    assert steps[0]['lr'] < 0.5 * c.lr and max(r['lr'] for r in steps) > 0.9 * c.lr
+    assert steps[-1]['lr'] == pytest.approx(c.lowest_lr)  # the end of the decay
+    epochs = records(tmp_path, 'epoch')
+    assert len(epochs) >= 2 and sum('val_mae' in r for r in epochs) >= 1 and 'val_mae' in epochs[-1]
+    assert 2.0 <= res['train_seconds'] < 3.0 and res['eval_seconds'] > 0  # evaluation is not training time
+    assert res['epochs_done'] == pytest.approx(res['steps'] / 10) and res['time_budget'] == 2.0
 
 
-def test_cli_flags_fill_configs():
-    m, d, t = configs_from_args(
-        [
-            '--preset',
-            'quick',
-            '--task',
-            'gap',
-            '--epochs',
-            '3',
-            '--amp',
-            '--max-train',
-            '100',
-            '--num-layers',
-            '3',
-            '--precompute-bases',
-            '--grad-clip',
-            '5',
-        ]
-    )
-    assert (d.task, t.epochs, t.precision, d.max_train, m.num_layers, t.grad_clip) == ('gap', 3, 'amp', 100, 3, 5.0)
-    assert d.precompute_bases and d.max_degree == m.num_degrees - 1
-    r = subprocess.run(
-        [sys.executable, '-m', 'se3nb.train', '--help'],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-    )
-    assert r.returncode == 0 and '--preset' in r.stdout
+def test_resume_continues_the_budget_schedule(smoke, tmp_path):
+    m, d, t = smoke
+    c = replace(t, out_dir=str(tmp_path), epochs=1000, time_budget=3.0, log_every=1, warmup=0.1)
+    fit(m, d, replace(c, stop_after=2))  # "interrupted" after two epochs
+    first = load_checkpoint(tmp_path / 'checkpoint.pt')
+    assert first['epoch'] == 2 and first['step'] == 20 and 0 < first['train_seconds'] < 3.0
+    res = fit(m, d, replace(c, resume=True))
+    steps = records(tmp_path, 'step')
+    resumed = steps[20:]  # the records of the resumed run follow the first run's 20
+    assert [r['step'] for r in steps] == list(range(1, len(steps) + 1)) and resumed[0]['epoch'] == 3
+    assert resumed[0]['train_seconds'] >= first['train_seconds'] and resumed[-1]['train_seconds'] >= 3.0
+    for r in resumed:
+        assert r['lr'] == pytest.approx(scheduled_lr(c, r['train_seconds'] / 3.0), rel=1e-9)
+    assert 3.0 <= res['train_seconds'] < 4.0 and res['steps'] == len(steps)
+    again = fit(m, d, replace(c, resume=True))  # the budget is spent: nothing more to train
+    assert again['steps'] == res['steps'] and again['test_mae'] == pytest.approx(res['test_mae'])
 
 
-def test_main_cli_smoke(cache_dir, tmp_path):
-    r = subprocess.run(
-        [
-            sys.executable,
-            '-m',
-            'se3nb.train',
-            '--preset',
-            'smoke',
-            '--cache-dir',
-            cache_dir,
-            '--out-dir',
-            str(tmp_path),
-            '--num-threads',
-            '1',
-        ],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-        env=dict(os.environ, PYTHONPATH=str(REPO)),
-    )
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert 'test MAE' in r.stdout and 'mean predictor' in r.stdout
-    r = subprocess.run(
-        [sys.executable, '-m', 'se3nb.train', 'predict', str(tmp_path / 'checkpoint.pt')],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        timeout=300,
-        env=dict(os.environ, PYTHONPATH=str(REPO), SE3NB_CACHE=cache_dir),
-    )
-    assert r.returncode == 0 and 'test MAE' in r.stdout, r.stderr[-2000:]
+def test_seed_controls_initialisation_and_data_order(smoke, tmp_path):
+    m, d, t = smoke
+    losses = {}
+    for name, seed in (('a', 1), ('b', 1), ('c', 2)):
+        fit(m, d, replace(t, out_dir=str(tmp_path / name), epochs=1, log_every=1, seed=seed))
+        losses[name] = [r['train_loss'] for r in records(tmp_path / name, 'step')][:5]
+    assert losses['a'] == losses['b']  # same seed: identical first losses
+    assert all(a != c for a, c in zip(losses['a'], losses['c']))  # another seed: other weights and batches
+    order = {}
+    for seed in (1, 2):
+        torch.manual_seed(123)  # the global state before fit does not matter
+        dm = QM9DataModule(d)
+        sampler = torch.utils.data.DistributedSampler(dm.train_set, 1, 0, shuffle=True, seed=seed)
+        order[seed] = list(sampler)
+    assert order[1] != order[2] and sorted(order[1]) == sorted(order[2])
+
+
+def test_weight_average_is_evaluated_saved_and_predicted(smoke, tmp_path):
+    m, d, t = smoke
+    res = fit(m, d, replace(t, out_dir=str(tmp_path), epochs=2, ema=0.9))
+    ckpt = load_checkpoint(tmp_path / 'checkpoint.pt')
+    assert ckpt['ema']['decay'] == 0.9 and ckpt['ema']['updates'] == ckpt['step'] == 20
+    raw, averaged = model_from_checkpoint(ckpt, raw=True), model_from_checkpoint(ckpt)
+    assert not torch.equal(params(raw), params(averaged)) and torch.equal(params(averaged), params(res['model']))
+    dm = QM9DataModule(d)
+    assert res['test_mae'] == pytest.approx(evaluate(averaged, dm, 'test')['mae'], rel=1e-6)
+    assert records(tmp_path, 'epoch')[-1]['val_mae'] == pytest.approx(evaluate(averaged, dm, 'val')['mae'], rel=1e-6)
+    default, trained = predict(tmp_path / 'checkpoint.pt'), predict(tmp_path / 'checkpoint.pt', raw_weights=True)
+    assert default['averaged_weights'] and not trained['averaged_weights']
+    assert default['test_mae'] == pytest.approx(res['test_mae'], rel=1e-6)
+    assert trained['test_mae'] == pytest.approx(evaluate(raw, dm, 'test')['mae'], rel=1e-6)
+
+
+def test_learning_curve_every_n_batches(smoke, tmp_path):
+    m, d, t = smoke
+    res = fit(m, d, replace(t, out_dir=str(tmp_path), epochs=3, log_every=4, plots=True))
+    steps = records(tmp_path, 'step')
+    assert [r['step'] for r in steps] == [4, 8, 12, 16, 20, 24, 28] and res['steps'] == 30
+    assert all(r['train_loss'] > 0 and r['lr'] > 0 for r in steps) and (tmp_path / 'learning_curve.png').exists()
+    assert [r['epoch'] for r in records(tmp_path, 'epoch')] == [1, 2, 3]
+
+
+def test_checkpoints_of_the_previous_version_still_load(smoke, tmp_path):
+    m, d, t = smoke
+    fit(m, d, replace(t, out_dir=str(tmp_path), epochs=1))
+    ckpt = load_checkpoint(tmp_path / 'checkpoint.pt')
+    old = dict(ckpt['config']['data'], max_degree=3, precompute_bases=True)  # DataConfig fields before the rename
+    del old['precompute_geometry']
+    ckpt['config'] = dict(ckpt['config'], data=old)
+    assert configs_from_checkpoint(ckpt)[1] == replace(d, precompute_geometry=True)
+    ckpt['config']['data']['made_up'] = 1
+    with pytest.raises(CheckpointError, match="unknown fields \\['made_up'\\]"):
+        configs_from_checkpoint(ckpt)
 
 
 def test_papermill_run_notebook_smoke(cache_dir, tmp_path):
@@ -394,39 +376,16 @@ def test_papermill_run_notebook_smoke(cache_dir, tmp_path):
     assert res['test_mae'] > 0 and (out / 'parity.png').exists() and (out / 'learning_curve.png').exists()
 
 
-def test_bases_precomputed_in_collate_give_the_same_output(cache_dir):
-    from se3nb.data import QM9DataModule
-    from se3nb.model import SE3TransformerPooled
-
+def test_geometry_precomputed_in_the_loader_gives_the_same_output(cache_dir):
     m, d, _ = presets('smoke')
-    dm = QM9DataModule(replace(d, cache_dir=cache_dir, precompute_bases=True, max_degree=m.num_degrees - 1))
-    b = next(iter(dm.dataloader('val')))
-    assert b.bases is not None and b.bases.num_edges == b.graph.num_edges
+    dm = QM9DataModule(replace(d, cache_dir=cache_dir, precompute_geometry=True))
     torch.manual_seed(0)
     model = SE3TransformerPooled.from_config(m).eval()
+    dm.use_geometry_of(model)  # the degrees come from the model: nothing to keep in step by hand
+    b = next(iter(dm.dataloader('val')))
+    assert b.geometry is not None and b.geometry.num_edges == b.graph.num_edges
+    assert b.geometry.max_degree == m.num_degrees - 1
     with torch.no_grad():
         assert torch.equal(
-            model(b.graph, b.node_feats, b.edge_feats, b.bases), model(b.graph, b.node_feats, b.edge_feats)
+            model(b.graph, b.node_feats, b.edge_feats, b.geometry), model(b.graph, b.node_feats, b.edge_feats)
         )
-
-
-def test_console_scripts_installed():
-    import shutil
-
-    exe = shutil.which('se3nb-train')
-    if exe is None:
-        pytest.skip('se3nb is not pip-installed here (console scripts come from settings.ini)')
-    for name in ('se3nb-train', 'se3nb-predict'):
-        r = subprocess.run([shutil.which(name), '--help'], capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0 and 'usage' in r.stdout
-
-
-def test_console_entry_points_exit_zero(cache_dir, tmp_path, capsys):
-    "setuptools wrappers call sys.exit(entry()): a returned dict would be printed and exit with status 1."
-    from se3nb.train import cli_train
-
-    assert (
-        cli_train(['--preset', 'smoke', '--cache-dir', cache_dir, '--out-dir', str(tmp_path), '--epochs', '1']) is None
-    )
-    assert cli_predict([str(tmp_path / 'checkpoint.pt')]) is None
-    assert 'test MAE' in capsys.readouterr().out

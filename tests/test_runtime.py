@@ -1,0 +1,57 @@
+"Runtime (se3nb.runtime): the training clock, RNG state, shard sampling, evaluation, metrics file."
+
+import json
+import time
+
+import torch
+
+from se3nb.data import GraphDataModule, PointCloudDataset
+from se3nb.fiber import Fiber
+from se3nb.model import ModelConfig, SE3TransformerPooled
+from se3nb.runtime import JsonlLogger, ShardSampler, TrainClock, evaluate, rng_state, seed_everything, set_rng_state
+
+
+def test_clock_counts_only_unpaused_time():
+    clock = TrainClock(5.0)  # a resumed run: 5 s already spent
+    time.sleep(0.1)
+    with clock.paused():
+        time.sleep(0.3)
+        assert abs(clock.seconds - clock.seconds) < 1e-9  # stopped while paused
+    time.sleep(0.1)
+    assert 5.2 <= clock.seconds < 5.5
+
+
+def test_rng_state_round_trip():
+    seed_everything(7)
+    state = json.loads(json.dumps({k: v for k, v in rng_state().items() if k != 'torch'}))  # plain values
+    state['torch'] = torch.get_rng_state()
+    first = (torch.rand(4), __import__('random').random())
+    set_rng_state(state)
+    assert torch.equal(torch.rand(4), first[0]) and __import__('random').random() == first[1]
+
+
+def test_shards_cover_every_item_once():
+    for n, world in ((10, 3), (2, 4), (0, 2)):
+        items = sorted(i for r in range(world) for i in ShardSampler(n, r, world))
+        assert items == list(range(n)) and sum(len(ShardSampler(n, r, world)) for r in range(world)) == n
+
+
+def test_evaluate_mae_and_predictions(tmp_path):
+    dm = GraphDataModule(
+        PointCloudDataset(8),
+        PointCloudDataset(10, seed=1),
+        PointCloudDataset(10, seed=2),
+        fiber_node=Fiber({0: 1}),
+        fiber_edge=Fiber({0: 1}),
+        batch_size=3,
+    )
+    config = ModelConfig(1, 2, 4, 2, node_feature_dim=1, edge_feature_dim=1, out_channels=8)
+    model = SE3TransformerPooled.from_config(config).eval()
+    res = evaluate(model, dm, 'test', return_predictions=True)
+    y = dm.test_set.targets.double()
+    assert res['count'] == 10 and torch.allclose(res['targets'], y)
+    assert abs(res['mae'] - (res['predictions'] - y).abs().mean().item()) < 1e-9
+    log = JsonlLogger(tmp_path, enabled=True, tensorboard=False, resume=False)
+    log.log({'kind': 'step', 'step': 1, 'train_loss': 0.5})
+    log.close()
+    assert json.loads((tmp_path / 'metrics.jsonl').read_text()) == {'kind': 'step', 'step': 1, 'train_loss': 0.5}
