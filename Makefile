@@ -2,7 +2,7 @@
 PY ?= python3
 TORCH ?= torch==2.13.0
 
-.PHONY: install qm9 test test-nbs test-py export clean-nbs check-sync lint format
+.PHONY: install qm9 lab test test-nbs test-py export clean-nbs check-sync lint format
 
 install:  ## torch first (the CPU wheel is on this machine; `make install TORCH=torch` elsewhere), then se3nb with its dev tools
 	$(PY) -m pip install -q "$(TORCH)"
@@ -10,6 +10,9 @@ install:  ## torch first (the CPU wheel is on this machine; `make install TORCH=
 
 qm9: install  ## the main job: train on the embedded QM9 (quick CPU preset, ~6-8 min on 2 cores) and print the test MAE
 	se3nb-train --preset quick
+
+lab: install  ## open the tutorial notebooks in JupyterLab (on a server: make lab LAB_ARGS="--no-browser --ip=0.0.0.0")
+	jupyter lab nbs/index.ipynb $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
 test: install  ## every test: pytest and the notebooks
 	$(MAKE) test-py test-nbs
