@@ -7,6 +7,7 @@ __all__ = ['wigner_D', 'spherical_harmonics', 'clebsch_gordan', 'num_frequencies
            'basis_equivariance_error', 'Bases']
 
 # %% ../nbs/01_basis.ipynb #98261d49
+import math
 from functools import lru_cache
 
 import torch
@@ -16,13 +17,26 @@ from e3nn import o3
 from .fiber import degree_to_dim
 
 # %% ../nbs/01_basis.ipynb #38af3dea
-def wigner_D(l: int, R: Tensor) -> Tensor:  # [2l+1, 2l+1]
-    "Real Wigner D matrix of degree `l` for the rotation matrix `R`, in e3nn's basis, accurate to float64 rounding."
-    points = torch.randn(4 * (2 * l + 1), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(l))  # [P, 3]
-    R64 = R.detach().to('cpu', torch.float64)
-    Y = o3.spherical_harmonics(l, points, normalize=True)  # [P, 2l+1]
-    Y_rot = o3.spherical_harmonics(l, points @ R64.T, normalize=True)  # [P, 2l+1]
-    return torch.linalg.lstsq(Y, Y_rot).solution.T.to(device=R.device, dtype=R.dtype)  # [2l+1, 2l+1]
+@lru_cache(maxsize=None)
+def _step_coupling(l: int, dtype: torch.dtype, device: torch.device) -> Tensor:  # [3(2l-1), 2l+1]
+    C = o3.wigner_3j(l - 1, 1, l, dtype=torch.float64).reshape(-1, 2 * l + 1) * math.sqrt(2 * l + 1)  # orthonormal
+    return C.to(device, dtype)
+
+
+def wigner_D(
+    R: Tensor,  # [..., 3, 3] rotation matrices
+    max_degree: int,
+) -> list[Tensor]:  # [..., 2l+1, 2l+1] for l = 0..max_degree
+    "Real Wigner D matrices $D_0(R), \\dots, D_{max}(R)$ in e3nn's basis, exact to rounding, for any batch of rotations."
+    batch = R.shape[:-2]
+    R = R.reshape(-1, 3, 3)  # [E, 3, 3]
+    E = R.shape[0]
+    Ds = [R.new_ones(E, 1, 1), R][: max_degree + 1]  # e3nn's degree-1 basis is (x, y, z), so D_1 = R
+    for l in range(2, max_degree + 1):
+        C = _step_coupling(l, R.dtype, R.device)  # [3(2l-1), 2l+1]
+        K = torch.einsum('eab,ecd->eacbd', Ds[-1], R).reshape(E, 3 * (2 * l - 1), 3 * (2 * l - 1))  # D_{l-1} x D_1
+        Ds.append(C.T @ K @ C)  # [E, 2l+1, 2l+1]
+    return [D.reshape(*batch, D.shape[-2], D.shape[-1]) for D in Ds]  # [..., 2l+1, 2l+1]
 
 # %% ../nbs/01_basis.ipynb #49fa957a
 def spherical_harmonics(
@@ -103,6 +117,7 @@ def basis_equivariance_error(
     errors = []
     for _ in range(num_rotations):
         R = o3.rand_matrix(dtype=torch.float64)
+        Ds = wigner_D(R, max_degree)  # [2l+1, 2l+1] per degree
         Y = spherical_harmonics(r.to(dtype), 2 * max_degree)
         Y_rot = spherical_harmonics((r @ R.T).to(dtype), 2 * max_degree)
         err = 0.0
@@ -110,7 +125,7 @@ def basis_equivariance_error(
             for l_out in range(max_degree + 1):
                 W = kernel_basis(Y, (l_in,), (l_out,)).double()  # [E, 2l_in+1, F, 2l_out+1]
                 W_rot = kernel_basis(Y_rot, (l_in,), (l_out,)).double()
-                D_in, D_out = wigner_D(l_in, R), wigner_D(l_out, R)
+                D_in, D_out = Ds[l_in], Ds[l_out]
                 expected = torch.einsum('ai,eifk,bk->eafb', D_in, W, D_out)
                 err = max(err, ((W_rot - expected).abs().max() / W.abs().max()).item())
         errors.append(err)

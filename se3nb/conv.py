@@ -247,7 +247,7 @@ class TFNConv(nn.Module):
         edge_feats: Mapping[int, Tensor],  # {l: [E, C_l, 2l+1]}
         invariants: Tensor,  # [E, C_edge_0 + 1] from `edge_invariants`
         graph: Graph,
-        bases: Bases,
+        geometry: Bases,
         order: Tensor | None = None,  # [E] edge ids: the rows of the result (None: the graph's edge order)
     ) -> dict[int, Tensor]:  # {l: [E, C_out_l, 2l+1]}
         "Message of every edge by the definition: inputs contracted with the basis, then with the radial weights."
@@ -258,7 +258,7 @@ class TFNConv(nn.Module):
                 inputs[ins] = _gather_inputs(node_feats, edge_feats, graph.src, ins)
             x = inputs[ins]  # [E, C_in, D_in]
             with record_function('se3nb.bases'):
-                B = bases.get(ins, outs) * self.basis_scale[name]  # [E, D_in, F, D_out]
+                B = geometry.get(ins, outs) * self.basis_scale[name]  # [E, D_in, F, D_out]
             radial = self.radial[name]
             with record_function('se3nb.radial_mlp'):
                 h = radial.hidden(invariants)  # [E, mid]

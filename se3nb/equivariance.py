@@ -28,7 +28,8 @@ def rotate_features(
     R: Tensor,  # [3, 3]
 ) -> dict[int, Tensor]:  # {l: [N, C, 2l+1]}
     "Rotate each degree-`l` feature by $D_l(R)$: `f @ D_l(R).T`."
-    return {l: x @ wigner_D(int(l), R).to(x.dtype).T for l, x in feats.items()}
+    Ds = wigner_D(R.detach().to(torch.float64), max((int(l) for l in feats), default=0))  # in float64, then cast
+    return {l: x @ Ds[int(l)].to(x.device, x.dtype).T for l, x in feats.items()}
 
 # %% ../nbs/02_equivariance.ipynb #f89f5554
 def _as_dict(out) -> dict[int, Tensor]:
