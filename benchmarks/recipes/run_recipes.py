@@ -70,6 +70,13 @@ def git_commit() -> str | None:
     return r.stdout.strip() or None if r.returncode == 0 else None
 
 
+def backends() -> str:
+    "se3nb's backend report, checking every backend: builds the C++ kernels now, so no run's budget pays for it."
+    code = 'from se3nb.backends import backend_report; print(backend_report(check=True))'
+    r = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else f"backend report failed: {r.stderr.strip()[-500:]}"
+
+
 def curve(metrics: Path, std: float) -> list[dict]:
     "The learning curve of a run: training MAE (target units) and lr against training time, from its metrics.jsonl."
     points = []
@@ -99,6 +106,7 @@ def run_one(recipe: str, budget: float, seed: int, args: argparse.Namespace) -> 
     results = json.loads((work / 'results.json').read_text())
     record = dict(recipe=recipe, about=RECIPES[recipe][1], budget=budget, seed=seed, flags=flags, smoke=args.smoke)
     record.update(cpu=cpu_model(), threads=args.threads, python=platform.python_version(), se3nb_commit=git_commit())
+    record['backends'] = args.backends
     record.update(wall_seconds=round(time.perf_counter() - start, 1), results=results)
     record['curve'] = curve(work / 'metrics.jsonl', results['target_std'])
     path = Path(args.out) / f'{budget:g}s' / f'{recipe}-seed{seed}.json'
@@ -151,6 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     slug = '-'.join(cpu_model().lower().replace('(r)', '').replace('(tm)', '').replace('@', ' ').split())[:60]
     args.out = Path(args.out or RESULTS / (slug + ('-smoke' if args.smoke else '')))
     if not args.table_only:
+        args.backends = backends()
         for budget in args.budgets:
             for seed in args.seeds:
                 for recipe in args.recipes:
