@@ -2,6 +2,7 @@
 
 import json
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -11,14 +12,23 @@ from se3nb.model import ModelConfig, SE3TransformerPooled
 from se3nb.runtime import JsonlLogger, ShardSampler, TrainClock, evaluate, rng_state, seed_everything, set_rng_state
 
 
-def test_clock_counts_only_unpaused_time():
+def test_clock_counts_only_unpaused_time(monkeypatch):
+    import se3nb.runtime
+
+    now = [100.0]  # a fake perf_counter: the test does not depend on the machine's load
+    monkeypatch.setattr(se3nb.runtime, 'time', SimpleNamespace(perf_counter=lambda: now[0]))
     clock = TrainClock(5.0)  # a resumed run: 5 s already spent
-    time.sleep(0.1)
+    now[0] += 2.0
+    assert clock.seconds == 7.0
     with clock.paused():
-        time.sleep(0.3)
-        assert abs(clock.seconds - clock.seconds) < 1e-9  # stopped while paused
-    time.sleep(0.1)
-    assert 5.2 <= clock.seconds < 5.5
+        now[0] += 30.0
+        assert clock.seconds == 7.0  # stopped while paused
+    now[0] += 1.0
+    assert clock.seconds == 8.0
+    monkeypatch.undo()
+    real = TrainClock()  # and the real clock runs
+    time.sleep(0.01)
+    assert real.seconds >= 0.01
 
 
 def test_rng_state_round_trip():

@@ -7,6 +7,7 @@ import sys
 import textwrap
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -247,16 +248,42 @@ def test_ddp_two_processes_equal_one_process(cache_dir, tmp_path):
     )  # test metrics reduced over ranks: same molecules counted once
 
 
+BATCH_SECONDS = 0.125  # the training time one batch takes on the batch clock (a power of 2: sums are exact)
+
+
+def batch_clock(monkeypatch) -> None:
+    "Training time that moves BATCH_SECONDS per training batch and never else: a time budget becomes a batch count."
+    import se3nb.runtime
+    import se3nb.train
+
+    now, step = [0.0], getattr(se3nb.train._train_step, '__wrapped__', se3nb.train._train_step)  # installed twice: anew
+
+    def counted(*args, **kwargs):
+        loss = step(*args, **kwargs)
+        now[0] += BATCH_SECONDS
+        return loss
+
+    counted.__wrapped__ = step
+
+    monkeypatch.setattr(se3nb.runtime, 'time', SimpleNamespace(perf_counter=lambda: now[0]))  # TrainClock's time
+    monkeypatch.setattr(se3nb.train, '_train_step', counted)
+
+
 DDP_BUDGET_SCRIPT = textwrap.dedent('''
     import json, os, sys, torch
     from dataclasses import replace
+    import pytest
     import se3nb.runtime
     from se3nb.train import fit, presets
-    if os.environ['RANK'] == '1':  # rank 1's own clock says the budget is long spent: only rank 0's may count
-        se3nb.runtime.TrainClock.seconds = property(lambda self: 1e6)
-    m, d, t = presets('smoke')
-    t = replace(t, out_dir=sys.argv[2], epochs=1000, time_budget=2.0, num_threads=1, plots=False, eval_every=1000)
-    res = fit(m, replace(d, cache_dir=sys.argv[1], batch_size=8), t)
+    sys.path.insert(0, sys.argv[4])
+    from test_train import batch_clock
+    with pytest.MonkeyPatch.context() as patch:
+        batch_clock(patch)  # rank 0: 2.5 s = 20 batches; rank 1: its own clock says the budget is long spent
+        if os.environ['RANK'] == '1':
+            patch.setattr(se3nb.runtime.TrainClock, 'seconds', property(lambda self: 1e6))
+        m, d, t = presets('smoke')
+        t = replace(t, out_dir=sys.argv[2], epochs=1000, time_budget=2.5, num_threads=1, plots=False, eval_every=1000)
+        res = fit(m, replace(d, cache_dir=sys.argv[1], batch_size=8), t)
     with open(sys.argv[3] + os.environ['RANK'], 'w') as f:
         json.dump({'steps': res['steps'], 'train_seconds': res['train_seconds']}, f)
     torch.distributed.destroy_process_group()
@@ -264,46 +291,55 @@ DDP_BUDGET_SCRIPT = textwrap.dedent('''
 
 
 def test_ddp_ranks_stop_at_the_same_step_when_rank_0_says_so(cache_dir, tmp_path):
-    "With a time budget, rank 0's clock decides for all: rank 1's clock, skewed, would stop it at once and hang rank 0."
-    run_script(DDP_BUDGET_SCRIPT, tmp_path / 'ddp_budget.py', cache_dir, str(tmp_path / 'out'), str(tmp_path / 'rank'))
+    "With a time budget, rank 0's clock decides for all: rank 1's clock, which says stop at once, would hang rank 0."
+    out, ranks = str(tmp_path / 'out'), str(tmp_path / 'rank')
+    run_script(DDP_BUDGET_SCRIPT, tmp_path / 'ddp_budget.py', cache_dir, out, ranks, str(Path(__file__).parent))
     ranks = [json.loads((tmp_path / f'rank{k}').read_text()) for k in (0, 1)]
-    assert ranks[0]['steps'] == ranks[1]['steps'] > 5  # the same batch, well after rank 1's own clock said stop
-    assert 2.0 <= ranks[0]['train_seconds'] < 4.0
+    assert ranks[0]['steps'] == ranks[1]['steps'] == 21  # batch 21 is the first to see 20 * 0.125 s >= 2.5 s
+    assert ranks[0]['train_seconds'] == pytest.approx(21 * BATCH_SECONDS, abs=0.05)  # rounded to 0.1 s
 
 
-def test_time_budget_stops_and_schedules_over_training_time(smoke, tmp_path):
+def test_time_budget_stops_and_schedules_over_training_time(smoke, tmp_path, monkeypatch):
     m, d, t = smoke
-    c = replace(t, out_dir=str(tmp_path), epochs=1000, time_budget=2.0, log_every=1, warmup=0.2, eval_every=5)
+    c = replace(t, out_dir=str(tmp_path), epochs=1000, time_budget=2.5, log_every=1, warmup=0.2, eval_every=1)
+    batch_clock(monkeypatch)
     res = fit(m, d, c)
     steps = records(tmp_path, 'step')
-    assert c.schedule_name == 'cosine' and len(steps) == res['steps'] > 10
-    assert all(r['train_seconds'] < 2.0 for r in steps[:-1]) and steps[-1]['train_seconds'] >= 2.0  # stops right after
-    for r in steps:  # the lr of each batch follows rank 0's training time at that batch
-        assert r['lr'] == pytest.approx(scheduled_lr(c, r['train_seconds'] / 2.0), rel=1e-9)
-    assert steps[0]['lr'] < 0.5 * c.lr and max(r['lr'] for r in steps) > 0.9 * c.lr
+    assert c.schedule_name == 'cosine' and res['steps'] == len(steps) == 21  # 20 * 0.125 s = 2.5 s
+    assert [r['train_seconds'] for r in steps] == [BATCH_SECONDS * k for k in range(21)]  # at each batch's lr choice
+    for r in steps:  # the lr of each batch follows the training time at that batch
+        assert r['lr'] == pytest.approx(scheduled_lr(c, r['train_seconds'] / 2.5), rel=1e-12)
+    assert steps[0]['lr'] == c.lowest_lr and max(r['lr'] for r in steps) == pytest.approx(c.lr, rel=0.02)
     assert steps[-1]['lr'] == pytest.approx(c.lowest_lr)  # the end of the decay
     epochs = records(tmp_path, 'epoch')
-    assert len(epochs) >= 2 and sum('val_mae' in r for r in epochs) >= 1 and 'val_mae' in epochs[-1]
-    assert 2.0 <= res['train_seconds'] < 3.0 and res['eval_seconds'] > 0  # evaluation is not training time
-    assert res['epochs_done'] == pytest.approx(res['steps'] / 10) and res['time_budget'] == 2.0
+    assert [r['epoch'] for r in epochs] == [1, 2, 3] and all('val_mae' in r for r in epochs)  # the last one cut short
+    assert res['train_seconds'] == pytest.approx(21 * BATCH_SECONDS, abs=0.05)  # 3 validations took no training time
+    assert res['eval_seconds'] > 0
+    assert res['epochs_done'] == 2.1 and res['time_budget'] == 2.5
 
 
-def test_resume_continues_the_budget_schedule(smoke, tmp_path):
+def test_time_budget_on_the_real_clock(smoke, tmp_path):
     m, d, t = smoke
-    c = replace(t, out_dir=str(tmp_path), epochs=1000, time_budget=3.0, log_every=1, warmup=0.1)
-    fit(m, d, replace(c, stop_after=2))  # "interrupted" after two epochs
-    first = load_checkpoint(tmp_path / 'checkpoint.pt')
-    assert first['epoch'] == 2 and first['step'] == 20 and 0 < first['train_seconds'] < 3.0
-    res = fit(m, d, replace(c, resume=True))
+    res = fit(m, d, replace(t, out_dir=str(tmp_path), epochs=1000, time_budget=1.0, log_every=1, eval_every=1000))
     steps = records(tmp_path, 'step')
-    resumed = steps[20:]  # the records of the resumed run follow the first run's 20
-    assert [r['step'] for r in steps] == list(range(1, len(steps) + 1)) and resumed[0]['epoch'] == 3
-    assert resumed[0]['train_seconds'] >= first['train_seconds'] and resumed[-1]['train_seconds'] >= 3.0
-    for r in resumed:
-        assert r['lr'] == pytest.approx(scheduled_lr(c, r['train_seconds'] / 3.0), rel=1e-9)
-    assert 3.0 <= res['train_seconds'] < 4.0 and res['steps'] == len(steps)
-    again = fit(m, d, replace(c, resume=True))  # the budget is spent: nothing more to train
-    assert again['steps'] == res['steps'] and again['test_mae'] == pytest.approx(res['test_mae'])
+    assert all(r['train_seconds'] < 1.0 for r in steps[:-1]) and steps[-1]['train_seconds'] >= 1.0  # stops right after
+    assert res['train_seconds'] >= 1.0 and res['steps'] == len(steps)
+
+
+def test_resume_continues_the_budget_schedule(smoke, tmp_path, monkeypatch):
+    m, d, t = smoke
+    c = replace(t, epochs=1000, time_budget=2.5, log_every=1, warmup=0.1, num_threads=1)
+    batch_clock(monkeypatch)
+    whole = fit(m, d, replace(c, out_dir=str(tmp_path / 'a')))
+    batch_clock(monkeypatch)  # the clock starts again from 0
+    fit(m, d, replace(c, out_dir=str(tmp_path / 'b'), stop_after=1))  # "interrupted" after one epoch
+    first = load_checkpoint(tmp_path / 'b' / 'checkpoint.pt')
+    assert first['epoch'] == 1 and first['step'] == 10 and first['train_seconds'] == 10 * BATCH_SECONDS
+    resumed = fit(m, d, replace(c, out_dir=str(tmp_path / 'b'), resume=True))
+    assert records(tmp_path / 'b', 'step') == records(tmp_path / 'a', 'step')  # the same lr at every batch
+    assert resumed['steps'] == whole['steps'] == 21 and torch.equal(params(resumed['model']), params(whole['model']))
+    again = fit(m, d, replace(c, out_dir=str(tmp_path / 'b'), resume=True))  # the budget is spent: nothing to train
+    assert again['steps'] == 21 and again['test_mae'] == pytest.approx(resumed['test_mae'])
 
 
 def test_seed_controls_initialisation_and_data_order(smoke, tmp_path):
