@@ -377,7 +377,7 @@ def _finish(run: _Run, clock: TrainClock) -> dict:
         mean_predictor_test_mae=d.mean_predictor_mae('test'), val_mae=(run.history or [{}])[-1].get('val_mae')
     )
     results.update(epochs=run.config.epochs, epochs_done=round(run.batches / len(run.loader), 3), steps=run.batches)
-    results.update(train_seconds=round(seconds, 1), eval_seconds=round(run.eval_seconds, 1))
+    results.update(train_seconds=round(seconds, 1), eval_seconds=round(run.eval_seconds, 3))
     results['data_seconds'] = round(run.data_seconds, 1)
     results.update(
         molecules_per_second=round(run.molecules / max(seconds, 1e-9), 1), time_budget=run.config.time_budget
