@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['Graph', 'segment_sum', 'segment_max', 'DestinationCSR', 'graph_max_pool', 'graph_mean_pool', 'batch_graphs',
-           'unbatch', 'fully_connected', 'radius_graph']
+           'unbatch', 'fully_connected', 'radius_graph', 'full_graph', 'topk_graph']
 
 # %% ../nbs/03_graph.ipynb #f5e1d5fe
 from collections.abc import Sequence
@@ -371,3 +371,79 @@ def radius_graph(
         return torch.stack([src, dst])  # [2, E]
 
     return _per_graph(pos, batch_num_nodes, edges_of)
+
+# %% ../nbs/03_graph.ipynb #b9d1f3a5
+def _check_backbone(xyz: Tensor, idx: Tensor) -> None:
+    "Raise a clear error unless `xyz` is [B, L, 3] finite coordinates and `idx` the [B, L] residue indices."
+    if not isinstance(xyz, Tensor) or xyz.dim() != 3 or xyz.shape[-1] != 3:
+        shape = list(xyz.shape) if isinstance(xyz, Tensor) else type(xyz).__name__
+        hint = (
+            " (a backbone [B, L, atoms, 3]: pass its CA coordinates, xyz[:, :, 1])"
+            if isinstance(xyz, Tensor) and xyz.dim() == 4
+            else ""
+        )
+        raise ValueError(f"xyz must be [B, L, 3] coordinates, got {shape}{hint}")
+    if not xyz.is_floating_point():
+        raise TypeError(f"xyz must be floating point, got {xyz.dtype}")
+    if not isinstance(idx, Tensor) or idx.shape != xyz.shape[:2]:
+        shape = list(idx.shape) if isinstance(idx, Tensor) else type(idx).__name__
+        raise ValueError(
+            f"idx must be the [B, L] = {list(xyz.shape[:2])} residue indices of xyz's residues, got {shape}"
+        )
+    finite = torch.isfinite(xyz).all(-1)  # [B, L]
+    if not finite.all():
+        b, l = (~finite).nonzero()[0].tolist()
+        raise ValueError(f"xyz has non-finite coordinates (first: structure {b}, residue {l}, {xyz[b, l].tolist()})")
+
+
+def _pair_graph(
+    xyz: Tensor,  # [B, L, 3]
+    edges: Tensor,  # [B, L, L] bool: edge i -> j of structure b
+    detach: bool,  # positions without gradient
+) -> tuple[Graph, tuple[Tensor, Tensor, Tensor]]:  # graph, (b, i, j) [E] each
+    "The graph of the true entries of `edges`, in (b, i, j) order, residue b*L+i -> b*L+j."
+    B, L = edges.shape[:2]
+    b, i, j = edges.nonzero(as_tuple=True)  # [E] each, row-major
+    pos = xyz.detach() if detach else xyz
+    return Graph(
+        torch.stack([b * L + i, b * L + j]),  # [2, E]
+        B * L,
+        pos=pos.reshape(B * L, 3),
+        rel_pos=pos[b, j] - pos[b, i],  # [E, 3]
+        batch_num_nodes=torch.full((B,), L, device=xyz.device),
+        batch_num_edges=torch.bincount(b, minlength=B),
+        validate=False,  # built valid: indices in range, edges grouped by structure, finite positions checked
+    ), (b, i, j)
+
+# %% ../nbs/03_graph.ipynb #c0e2a4b6
+def full_graph(
+    xyz: Tensor,  # [B, L, 3] CA coordinates of B structures of L residues
+    idx: Tensor,  # [B, L] residue indices
+    *,
+    detach: bool = True,  # positions without gradient (RFdiffusion's choice)
+) -> tuple[Graph, tuple[Tensor, Tensor, Tensor]]:  # graph of B*L nodes, (b, i, j) [E] each to gather pair features
+    "Every ordered pair i -> j of residues of a structure with different residue indices (RFdiffusion's full graph)."
+    _check_backbone(xyz, idx)
+    return _pair_graph(xyz, idx[:, None, :] != idx[:, :, None], detach)
+
+
+def topk_graph(
+    xyz: Tensor,  # [B, L, 3] CA coordinates of B structures of L residues
+    idx: Tensor,  # [B, L] residue indices
+    top_k: int = 64,  # nearest residues of each residue (itself included when L <= top_k)
+    kmin: int = 32,  # residues closer than this in sequence are always neighbours
+    *,
+    eps: float = 1e-6,  # sequence-separation tie-break of equal distances (per residue index)
+    detach: bool = True,  # positions without gradient (RFdiffusion's choice)
+) -> tuple[Graph, tuple[Tensor, Tensor, Tensor]]:  # graph of B*L nodes, (b, i, j) [E] each to gather pair features
+    "Edges i -> j to the `top_k` nearest residues j of each i and to all j with |idx_j - idx_i| < `kmin`."
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+    _check_backbone(xyz, idx)
+    L = xyz.shape[1]
+    self_loop = torch.eye(L, device=xyz.device)[None] * 999.9  # [1, L, L]: a residue is the last of its own neighbours
+    separation = (idx[:, None, :] - idx[:, :, None]).abs() + self_loop  # [B, L, L]
+    rank = torch.cdist(xyz, xyz) + self_loop + separation * eps  # [B, L, L] distance, ties broken by separation
+    nearest = torch.topk(rank, min(top_k, L), dim=-1, largest=False).indices  # [B, L, k]
+    edges = torch.zeros_like(rank, dtype=torch.bool).scatter_(-1, nearest, True) | (separation < kmin)  # [B, L, L]
+    return _pair_graph(xyz, edges, detach)

@@ -185,3 +185,17 @@ def test_features_on_another_device_say_what_to_move(dgl, nvidia_dir):
         model(g, {k: v.to("meta") for k, v in nf.items()}, ef)
     with pytest.raises(ValueError, match=r"edge_feats\['0'\] is on meta but the DGL graph is on cpu"):
         model(g, nf, {k: v.to("meta") for k, v in ef.items()})
+
+
+@pytest.mark.parametrize("name", ["rf_like_partial", "qm9_full"])
+def test_nvidia_named_classes_take_dgl_graphs(dgl, nvidia_dir, name):
+    """se3nb.nvidia's SE3Transformer / SE3TransformerPooled (NVIDIA's names) on a real DGL graph: the outputs of the
+    se3nb graph, bit for bit."""
+    from se3nb.nvidia import SE3Transformer as NVSE3Transformer, SE3TransformerPooled as NVPooled
+
+    fx = load(nvidia_dir, name)
+    model = (NVSE3Transformer if fx["model"] == "SE3Transformer" else NVPooled)(**fx["kwargs"])
+    model.load_state_dict(fx["state_dict"])
+    g, graph, nf, ef = fixture_inputs(dgl, fx)
+    with torch.no_grad():
+        assert torch.equal(flat(model.eval()(g, nf, ef)), flat(model(graph, nf, ef)))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nvidia_fixtures import run_nvidia_fixture
-from se3nb.nvidia import from_nvidia, to_nvidia_state_dict, nvidia_key_to_se3nb
+from se3nb.nvidia import from_nvidia, nvidia_graph, nvidia_key_to_se3nb, to_nvidia_state_dict
 from se3nb.fiber import Fiber
 from se3nb.model import SE3Transformer
 from se3nb.equivariance import equivariance_error
@@ -267,3 +267,150 @@ def test_nvidia_pooling_names():
         SE3TransformerPooled(Fiber({0: 2}), Fiber({0: 4}), Fiber({}), 2, 4, 1, num_layers=1, num_heads=2, pooling="avg")
     with pytest.raises(ValueError, match="SE3TransformerPooled pools .* got None"):
         SE3TransformerPooled(Fiber({0: 2}), Fiber({0: 4}), Fiber({}), 2, 4, 1, num_layers=1, num_heads=2, pooling=None)
+
+
+# --- se3nb.nvidia's SE3Transformer / SE3TransformerPooled / Fiber: NVIDIA's classes, names and order ---
+
+
+def nvidia_named(fx):
+    from se3nb.nvidia import SE3Transformer as NVSE3Transformer, SE3TransformerPooled as NVPooled
+
+    return (NVSE3Transformer if fx["model"] == "SE3Transformer" else NVPooled)(**fx["kwargs"])
+
+
+@pytest.mark.parametrize("name", MODEL_FIXTURES + [f"qm9big_{v}" for v in ("none", "partial", "full")])
+def test_named_model_has_nvidias_keys_in_nvidias_order(nvidia_dir, name):
+    """state_dict keys and named_parameters names equal NVIDIA's, in NVIDIA's order, for every layout; strict
+    loading both ways; one name per parameter."""
+    fx = load(nvidia_dir, name)
+    model = nvidia_named(fx)
+    keys = list(model.state_dict())
+    nvidia_keys = list(fx["state_dict"] if fx["state_dict"] is not None else fx["state_dict_keys_shapes"])
+    assert keys == nvidia_keys and [n for n, _ in model.named_parameters()] == keys
+    assert len(list(model.named_parameters(remove_duplicate=False))) == len(keys)
+    assert {id(p) for p in model.parameters()} == {id(p) for p in model.core.parameters()}
+    if fx["state_dict"] is not None:
+        model.load_state_dict(fx["state_dict"])  # strict
+        other = nvidia_named(fx)
+        other.load_state_dict(model.state_dict())  # and back
+        assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), fx["state_dict"].values()))
+
+
+@pytest.mark.parametrize("name", ["graph2graph_partial", "qm9_full", "rf_like_none"])
+def test_named_model_computes_what_the_se3nb_model_computes(nvidia_dir, name):
+    fx = load(nvidia_dir, name)
+    model = nvidia_named(fx)
+    model.load_state_dict(fx["state_dict"])
+    converted = from_nvidia(fx["model"], fx["kwargs"], fx["state_dict"]).eval()
+    with torch.no_grad():
+        out, ref = run_nvidia_fixture(fx, model.eval()), run_nvidia_fixture(fx, converted)
+    assert max_diff(out, ref) == 0.0 and max_diff(out, fx["output"]) < tolerances(fx)[0]
+    if isinstance(out, dict):
+        assert list(out) == [str(l) for l in sorted(map(int, fx["output"]))]
+
+
+def test_named_model_is_one_set_of_parameters(nvidia_dir):
+    """NVIDIA's attribute paths reach the se3nb model's own modules and Parameters: initialization by name, assignment,
+    freezing, dtype and mode changes all act on the model that computes."""
+    fx = load(nvidia_dir, "rf_like_partial")
+    model = nvidia_named(fx)
+    core = model.core
+    assert model.graph_modules[-1].to_kernel_self["0"] is core.graph_modules[-1].self_interaction["0"]
+    assert (
+        model.graph_modules[0].to_key_value.conv_in["1"].radial_func.net[6]
+        is (core.graph_modules[0].to_key_value.radial["in1"].net[6])
+    )
+    assert model.graph_modules[1].group_norm is core.graph_modules[1].group_norm
+    for n, p in model.named_parameters():  # RFdiffusion's reset_parameter, by name
+        if "bias" in n:
+            torch.nn.init.zeros_(p)
+        elif "radial_func" in n and "net.6" in n:
+            torch.nn.init.zeros_(p)
+    torch.nn.init.zeros_(model.graph_modules[-1].to_kernel_self["0"])
+    assert (core.graph_modules[0].to_key_value.radial["in0"].net[6].weight == 0).all()
+    assert (core.graph_modules[-1].self_interaction["0"] == 0).all()
+    new = torch.nn.Parameter(torch.ones_like(model.graph_modules[-1].to_kernel_self["1"]))
+    model.graph_modules[-1].to_kernel_self["1"] = new  # assignment under NVIDIA's name replaces se3nb's Parameter
+    assert (
+        core.graph_modules[-1].self_interaction["1"] is new
+        and dict(model.named_parameters())["graph_modules.6.to_kernel_self.1"] is new
+    )
+    for n, p in model.named_parameters():  # freezing by name
+        p.requires_grad_("radial_func" not in n)
+    model.double().eval()
+    assert all(p.dtype == torch.float64 for p in core.parameters()) and not core.training
+    g = fx["graph"]
+    graph = nvidia_graph(g["src"], g["dst"], g["num_nodes"], fx["rel_pos"].double())
+    out = model.train()(
+        graph, {k: v.double() for k, v in fx["node_feats"].items()}, {"0": fx["edge_feats"]["0"].double()}
+    )
+    assert core.training
+    total(out).backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert (
+        all(g is None for n, g in grads.items() if "radial_func" in n)
+        and grads["graph_modules.6.to_kernel_self.1"] is not None
+    )
+
+
+def test_named_model_load_with_assign_and_deepcopy(nvidia_dir):
+    import copy
+
+    fx = load(nvidia_dir, "graph2graph_partial")
+    model = nvidia_named(fx)
+    model.load_state_dict({k: v.clone() for k, v in fx["state_dict"].items()}, assign=True)
+    core_params = dict(model.core.named_parameters())
+    assert all(torch.equal(core_params[nvidia_key_to_se3nb(k)], v) for k, v in fx["state_dict"].items())
+    assert {id(p) for p in model.parameters()} == {id(p) for p in model.core.parameters()}
+    twin = copy.deepcopy(model)
+    assert {id(p) for p in twin.parameters()} == {id(p) for p in twin.core.parameters()}
+    assert not {id(p) for p in twin.parameters()} & {id(p) for p in model.parameters()}
+    with torch.no_grad():
+        assert max_diff(run_nvidia_fixture(fx, twin.eval()), run_nvidia_fixture(fx, model.eval())) == 0.0
+
+
+def test_named_model_under_ddp_and_checkpoint_files(nvidia_dir, tmp_path):
+    """DistributedDataParallel (one gloo process) trains it like any module; save_nvidia_checkpoint writes NVIDIA's file
+    with the optimizer in NVIDIA's order, which is also this model's parameter order."""
+    import torch.distributed as dist
+
+    from se3nb.nvidia import load_nvidia_checkpoint, save_nvidia_checkpoint
+
+    fx = load(nvidia_dir, "qm9_partial")
+    model = nvidia_named(fx)
+    model.load_state_dict(fx["state_dict"])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.Adam(ddp.parameters(), lr=1e-3)
+        g = fx["graph"]
+        graph = nvidia_graph(g["src"], g["dst"], g["num_nodes"], fx["rel_pos"], g["batch_num_nodes"])
+        ddp(graph, fx["node_feats"], fx["edge_feats"]).sum().backward()
+        opt.step()
+    finally:
+        dist.destroy_process_group()
+    written = save_nvidia_checkpoint(model, tmp_path / "ckpt.pt", optimizer=opt, epoch=1)
+    assert list(written["state_dict"]) == list(fx["state_dict"])
+    assert written["optimizer_state_dict"]["state"][0]["exp_avg"].shape == next(iter(fx["state_dict"].values())).shape
+    back = load_nvidia_checkpoint(tmp_path / "ckpt.pt", fx["model"], fx["kwargs"])
+    resumed = nvidia_named(fx)
+    resumed.load_state_dict(back.model.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), model.parameters()))
+
+
+def test_nvidia_fiber_and_arguments():
+    from se3nb.nvidia import Fiber as NVFiber, SE3Transformer as NVSE3Transformer, SE3TransformerPooled as NVPooled
+
+    f = NVFiber({0: 8, 1: 3})
+    assert list(f) == [(1, 3), (0, 8)] and f.degrees == [0, 1] and f.channels == [8, 3] and f.num_features == 17
+    assert list(NVFiber([(1, 32), (0, 32)])) == [(1, 32), (0, 32)] and list(NVFiber.create(2, 4)) == [(0, 4), (1, 4)]
+    assert NVFiber.combine_max(f, NVFiber({1: 5, 2: 1})) == {0: 8, 1: 5, 2: 1}
+    assert NVFiber.from_features({"0": torch.zeros(2, 4, 1), "1": torch.zeros(2, 1, 3)}) == {0: 4, 1: 1}
+    with pytest.warns(
+        UserWarning, match=r"SE3Transformer ignores these arguments, as NVIDIA's does: \['num_degrees'\]"
+    ):
+        NVSE3Transformer(1, f, NVFiber.create(2, 8), f, 2, 2, num_degrees=2)
+    pooled = NVPooled(NVFiber({0: 6}), NVFiber({0: 8}), NVFiber({}), 2, 8, 1, num_layers=1, num_heads=2, pooling="avg")
+    assert pooled.core.transformer.pooling == "mean" and list(pooled.state_dict())[-1] == "mlp.2.bias"
+    with pytest.raises(RuntimeError, match="is part of|only names the parameters"):
+        pooled.transformer.graph_modules[0](None)
