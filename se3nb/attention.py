@@ -11,7 +11,6 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.profiler import record_function
 
 from .fiber import Fiber, degree_to_dim
 from .basis import Bases
@@ -57,12 +56,11 @@ class SE3Attention(nn.Module):
         edges_by_destination: bool = False,  # values, keys and envelope come in `graph.csr.edge_order`
     ) -> dict[int, Tensor]:  # {l: [N, C_v, 2l+1]}
         "Attention-weighted sum of the values of each node's incoming edges."
-        with record_function('se3nb.attention'):
-            if not edges_by_destination:  # the graph's edge order: sort once
-                order = graph.csr.edge_order
-                value, key = ({l: x.index_select(0, order) for l, x in d.items()} for d in (value, key))
-                envelope = None if envelope is None else envelope.index_select(0, order)
-            return self._attend(value, key, query, graph, envelope)
+        if not edges_by_destination:  # the graph's edge order: sort once
+            order = graph.csr.edge_order
+            value, key = ({l: x.index_select(0, order) for l, x in d.items()} for d in (value, key))
+            envelope = None if envelope is None else envelope.index_select(0, order)
+        return self._attend(value, key, query, graph, envelope)
 
     def _attend(self, value, key, query, graph, envelope):
         H = self.num_heads

@@ -12,7 +12,6 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.profiler import record_function
 
 from .fiber import Fiber, degree_to_dim
 from .basis import Bases, num_frequencies
@@ -62,7 +61,7 @@ class RadialProfile(nn.Module):
             -1, self.channels_out, self.channels_in * self.num_freq
         )  # [E, C_out, C_in*F]
 
-# %% ../nbs/04_conv.ipynb #b7d697b0
+# %% ../nbs/04_conv.ipynb #7fb27b941602401d91542211134fc71a
 def radial_kernel_product_reference(
     h: Tensor,  # [E, H] last hidden layer of the radial MLP
     weight: Tensor,  # [C_out * C_in*F, H] its last weight
@@ -76,7 +75,7 @@ def radial_kernel_product_reference(
 def _edge_chunk(E: int, width: int) -> int:
     return max(8, min(E, (1 << 19) // max(width, 1)))  # ~2 MB of radial weights per block (float32): stays in cache
 
-
+# %% ../nbs/04_conv.ipynb #acae54e37e7d407bbb7b55eff062a284
 class _RadialKernelProduct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, weight: Tensor, tmp_t: Tensor) -> Tensor:
@@ -115,7 +114,7 @@ class _RadialKernelProduct(torch.autograd.Function):
                     torch.mm(grad_R, weight, out=grad_h[s : s + step])
         return grad_h, None if grad_w is None else grad_w.to(weight.dtype), grad_t
 
-
+# %% ../nbs/04_conv.ipynb #9a63283cbaf04dbcab1f6479b197f3a8
 def radial_kernel_product(
     h: Tensor,  # [E, H] last hidden layer of the radial MLP
     weight: Tensor,  # [C_out * C_in*F, H] its last weight
@@ -171,7 +170,7 @@ def edge_invariants(
     r = rel_pos.norm(dim=-1, keepdim=True)  # [E, 1]
     return torch.cat([edge_feats[0][..., 0], r.to(edge_feats[0].dtype)], dim=-1) if 0 in edge_feats else r  # [E, C_0+1]
 
-# %% ../nbs/04_conv.ipynb #b3b263fb
+# %% ../nbs/04_conv.ipynb #8dd0d8092fe74a7c96281538738b07e2
 def _gather_inputs(
     node_feats: Mapping[int, Tensor], edge_feats: Mapping[int, Tensor], src: Tensor, degrees: tuple[int, ...]
 ) -> Tensor:  # [E, C_in, D_in]
@@ -184,10 +183,97 @@ def _gather_inputs(
     return torch.cat(xs, dim=-1)  # [E, C_in, D_in]
 
 
+def _radial_profiles(groups: dict, fiber_in: Fiber, fiber_out: Fiber, fiber_edge: Fiber, use_layer_norm: bool):
+    "One `RadialProfile` per kernel group; degree > 0 edge features add input channels."
+    channels_in = {l: c + fiber_edge[l] * (l > 0) for l, c in fiber_in.items()}
+    return nn.ModuleDict({
+        name: RadialProfile(
+            num_frequencies(ins, outs), channels_in[ins[0]], fiber_out[outs[0]], edge_dim=fiber_edge[0] + 1,
+            use_layer_norm=use_layer_norm,
+        )
+        for name, (ins, outs) in groups.items()
+    })  # fmt: skip
+
+
+def _basis_scales(groups: dict) -> dict[str, float]:
+    # NVIDIA's lone (0 -> 0) kernel skips its constant basis Y_0 Q = 1/sqrt(4 pi): rescale so its weights mean the same
+    return {
+        name: math.sqrt(4 * math.pi) if (ins, outs) == ((0,), (0,)) else 1.0 for name, (ins, outs) in groups.items()
+    }
+
+
+def _self_interaction_weights(fiber_in: Fiber, fiber_out: Fiber) -> nn.ParameterDict:  # {str(l): [C_out, C_in]}
+    return nn.ParameterDict({
+        str(l): nn.Parameter(torch.randn(c, fiber_in[l]) / math.sqrt(fiber_in[l]))
+        for l, c in fiber_out.items() if l in fiber_in
+    })  # fmt: skip
+
+# %% ../nbs/04_conv.ipynb #8edb47106e1a46a883d545849b8ab81b
+def _bases_geometry(
+    graph: Graph,
+    invariants: Tensor,  # [E, C_edge_0 + 1] (unused here; `SO2Conv` pairs edges by them)
+    max_degree: int,
+    groups: list[tuple[tuple[int, ...], tuple[int, ...]]],  # (in degrees, out degrees) of every kernel group
+) -> Bases:
+    "What the reference `messages` needs about the edges: the fused bases of every kernel group."
+    return Bases(graph.rel_pos, max_degree).precompute(groups)
+
+
+def _reference_messages(
+    self,  # a TFNConv (this function is its `messages` method)
+    node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
+    edge_feats: Mapping[int, Tensor],  # {l: [E, C_l, 2l+1]}
+    invariants: Tensor,  # [E, C_edge_0 + 1] from `edge_invariants`
+    graph: Graph,
+    geometry: Bases,
+    order: Tensor | None = None,  # [E] edge ids: the rows of the result (None: the graph's edge order)
+) -> dict[int, Tensor]:  # {l: [E, C_out_l, 2l+1]}
+    "Message of every edge by the definition: inputs contracted with the basis, then with the radial weights."
+    out: dict[int, Tensor] = {}
+    inputs: dict[tuple[int, ...], Tensor] = {}  # groups fused per output degree share their inputs
+    for name, (ins, outs) in self.groups.items():
+        if ins not in inputs:
+            inputs[ins] = _gather_inputs(node_feats, edge_feats, graph.src, ins)
+        x = inputs[ins]  # [E, C_in, D_in]
+        B = geometry.get(ins, outs) * self.basis_scale[name]  # [E, D_in, F, D_out]
+        h = self.radial[name].hidden(invariants)  # [E, mid]
+        E, C_in, D_in = x.shape
+        _, _, F, D_out = B.shape
+        tmp_t = (x @ B.reshape(E, D_in, F * D_out)).view(E, C_in, F, D_out)  # [E, C_in, F, D_out]
+        tmp_t = tmp_t.permute(0, 3, 1, 2).reshape(E, D_out, C_in * F)  # [E, D_out, C_in*F]
+        y = radial_kernel_product(h, self.radial[name].net[-1].weight, tmp_t).transpose(1, 2)  # [E, C_out, D_out]
+        for l, part in zip(outs, torch.split(y, [degree_to_dim(l) for l in outs], dim=-1)):
+            out[l] = out[l] + part if l in out else part  # [E, C_out, 2l+1]
+    return out if order is None else {l: y.index_select(0, order) for l, y in out.items()}
+
+
+def _add_self_interaction(
+    out: dict[int, Tensor],  # {l: [rows, C_out, 2l+1]} pooled (rows = nodes) or per edge in `csr` order
+    node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
+    weights: nn.ParameterDict,  # {str(l): [C_out, C_in]}
+    graph: Graph,
+    dst: Tensor,  # [E] destination of each unpooled row
+    edge_scale: Tensor | None,  # [E] in the rows' order (destination order when pooled)
+    pool: bool,
+) -> dict[int, Tensor]:
+    "Add the destination's own features mixed by `weights`, once per incoming edge."
+    for key, W in weights.items():
+        l = int(key)
+        x_dst = node_feats[l] if pool else node_feats[l].index_select(0, dst)  # [rows, C_in, 2l+1]
+        if pool:  # per-edge self-interaction summed over incoming edges = in-degree times the node term
+            csr = graph.csr
+            count = csr.in_degree.to(x_dst.dtype) if edge_scale is None else csr.sum(edge_scale.to(x_dst.dtype))  # [N]
+            x_dst = x_dst * count[:, None, None]
+        out[l] = out[l] + W.to(x_dst.dtype) @ x_dst  # [rows, C_out, 2l+1]
+    return out
+
+# %% ../nbs/04_conv.ipynb #8763a12b2bbd4a93a75aff182afb95dc
 class TFNConv(nn.Module):
     "Tensor Field Network convolution from `fiber_in` to `fiber_out` over the edges of a graph."
 
     geometry_type = Bases  # what `geometry` returns and `messages` reads
+    messages = _reference_messages  # the definition; `SO2Conv` (04a_so2) computes the same in edge frames
+    geometry = staticmethod(_bases_geometry)  # computed once per forward pass, for all layers
 
     def __init__(
         self,
@@ -205,72 +291,9 @@ class TFNConv(nn.Module):
         self.fiber_in, self.fiber_out, self.fiber_edge, self.pool = fiber_in, fiber_out, fiber_edge, pool
         max_degree = max(fiber_in.max_degree, fiber_out.max_degree) if max_degree is None else max_degree
         self.groups = kernel_groups(fiber_in, fiber_out, fiber_edge, max_degree, fuse_level)
-        channels_in = {l: c + fiber_edge[l] * (l > 0) for l, c in fiber_in.items()}
-        self.radial = nn.ModuleDict(
-            {
-                name: RadialProfile(
-                    num_frequencies(ins, outs),
-                    channels_in[ins[0]],
-                    fiber_out[outs[0]],
-                    edge_dim=fiber_edge[0] + 1,
-                    use_layer_norm=use_layer_norm,
-                )
-                for name, (ins, outs) in self.groups.items()
-            }
-        )
-        # NVIDIA's lone (0 -> 0) kernel skips its constant basis Y_0 Q = 1/sqrt(4 pi): rescale so its weights mean the same
-        self.basis_scale = {
-            name: math.sqrt(4 * math.pi) if (ins, outs) == ((0,), (0,)) else 1.0
-            for name, (ins, outs) in self.groups.items()
-        }
-        self.self_interaction = nn.ParameterDict(
-            {
-                str(l): nn.Parameter(torch.randn(c, fiber_in[l]) / math.sqrt(fiber_in[l]))
-                for l, c in fiber_out.items()
-                if self_interaction and l in fiber_in
-            }
-        )
-
-    @staticmethod
-    def geometry(
-        graph: Graph,
-        invariants: Tensor,
-        max_degree: int,
-        groups: list[tuple[tuple[int, ...], tuple[int, ...]]],  # (in degrees, out degrees) of every kernel group
-    ) -> Bases:
-        "What `messages` needs about the edges, computed once per forward pass for all layers: the fused bases."
-        return Bases(graph.rel_pos, max_degree).precompute(groups)
-
-    def messages(
-        self,
-        node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
-        edge_feats: Mapping[int, Tensor],  # {l: [E, C_l, 2l+1]}
-        invariants: Tensor,  # [E, C_edge_0 + 1] from `edge_invariants`
-        graph: Graph,
-        geometry: Bases,
-        order: Tensor | None = None,  # [E] edge ids: the rows of the result (None: the graph's edge order)
-    ) -> dict[int, Tensor]:  # {l: [E, C_out_l, 2l+1]}
-        "Message of every edge by the definition: inputs contracted with the basis, then with the radial weights."
-        out: dict[int, Tensor] = {}
-        inputs: dict[tuple[int, ...], Tensor] = {}  # groups fused per output degree share their inputs
-        for name, (ins, outs) in self.groups.items():
-            if ins not in inputs:
-                inputs[ins] = _gather_inputs(node_feats, edge_feats, graph.src, ins)
-            x = inputs[ins]  # [E, C_in, D_in]
-            with record_function('se3nb.bases'):
-                B = geometry.get(ins, outs) * self.basis_scale[name]  # [E, D_in, F, D_out]
-            radial = self.radial[name]
-            with record_function('se3nb.radial_mlp'):
-                h = radial.hidden(invariants)  # [E, mid]
-            with record_function('se3nb.kernel'):
-                E, C_in, D_in = x.shape
-                _, _, F, D_out = B.shape
-                tmp_t = (x @ B.reshape(E, D_in, F * D_out)).view(E, C_in, F, D_out)  # [E, C_in, F, D_out]
-                tmp_t = tmp_t.permute(0, 3, 1, 2).reshape(E, D_out, C_in * F)  # [E, D_out, C_in*F]
-                y = radial_kernel_product(h, radial.net[-1].weight, tmp_t).transpose(1, 2)  # [E, C_out, D_out]
-            for l, part in zip(outs, torch.split(y, [degree_to_dim(l) for l in outs], dim=-1)):
-                out[l] = out[l] + part if l in out else part  # [E, C_out, 2l+1]
-        return out if order is None else {l: y.index_select(0, order) for l, y in out.items()}
+        self.radial = _radial_profiles(self.groups, fiber_in, fiber_out, fiber_edge, use_layer_norm)
+        self.basis_scale = _basis_scales(self.groups)
+        self.self_interaction = _self_interaction_weights(fiber_in, fiber_out if self_interaction else Fiber({}))
 
     def forward(
         self,
@@ -284,29 +307,15 @@ class TFNConv(nn.Module):
         by_destination: bool = False,  # unpooled: rows in `graph.csr.edge_order` (sorted by destination)
     ) -> dict[int, Tensor]:  # {l: [N, C_l, 2l+1]} if pool else {l: [E, C_l, 2l+1]}
         "Messages of every edge, summed per destination node when `pool`."
-        csr = graph.csr if self.pool or by_destination else None  # pooling sums over edges sorted by destination
-        order = None if csr is None else csr.edge_order  # [E]
-        dst = graph.dst if csr is None else csr.dst  # [E] destination of each row
+        order = graph.csr.edge_order if self.pool or by_destination else None  # [E] sums run over destination order
         out = self.messages(node_feats, edge_feats, invariants, graph, geometry, order)  # {l: [E, C_out, 2l+1]}
-        if edge_scale is not None and order is not None:
-            edge_scale = edge_scale.index_select(0, order)
-        for l, y in out.items():
-            if edge_scale is not None:
-                y = y * edge_scale.to(y.dtype)[:, None, None]
-            if self.pool:
-                with record_function('se3nb.aggregation'):
-                    y = csr.sum(y)  # [N, C_out, 2l+1]
-            out[l] = y
-        for key, W in self.self_interaction.items():
-            l = int(key)
-            x_dst = node_feats[l] if self.pool else node_feats[l][dst]  # [rows, C_in, 2l+1]
-            if self.pool:  # per-edge self-interaction summed over incoming edges = in-degree times the node term
-                count = (
-                    csr.in_degree.to(x_dst.dtype) if edge_scale is None else csr.sum(edge_scale.to(x_dst.dtype))
-                )  # [N]
-                x_dst = x_dst * count[:, None, None]
-            out[l] = out[l] + W.to(x_dst.dtype) @ x_dst  # [rows, C_out, 2l+1]
-        return out
+        if edge_scale is not None:
+            edge_scale = edge_scale if order is None else edge_scale.index_select(0, order)  # [E] in the rows' order
+            out = {l: y * edge_scale.to(y.dtype)[:, None, None] for l, y in out.items()}
+        if self.pool:
+            out = {l: graph.csr.sum(y) for l, y in out.items()}  # [N, C_out, 2l+1]
+        dst = graph.dst if order is None else graph.csr.dst  # [E] destination of each unpooled row
+        return _add_self_interaction(out, node_feats, self.self_interaction, graph, dst, edge_scale, self.pool)
 
 # %% ../nbs/04_conv.ipynb #ad9f1c71
 class EquivariantLinear(nn.Module):

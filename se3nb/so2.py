@@ -11,7 +11,6 @@ from collections.abc import Mapping
 
 import torch
 from torch import Tensor
-from torch.profiler import record_function
 
 from .fiber import degree_to_dim
 from .basis import kernel_basis, spherical_harmonics, wigner_D
@@ -366,28 +365,24 @@ class SO2Conv(TFNConv):
             if l > 0 and l in edge_feats:
                 x = torch.cat([x, edge_feats[l].index_select(0, geometry.slot_edges)], 1)
             inputs[l] = x
-        with record_function('se3nb.radial_mlp'):
-            hidden = {
-                name: self.radial[name].hidden(invariants.index_select(0, geometry.first)) for name in self.groups
-            }  # [P, mid]
-            second = (
-                None  # gradients for the invariants themselves (edge features, positions) must reach each edge's own
-            )
-            if invariants.requires_grad:
-                second = {
-                    name: self.radial[name].hidden(invariants.index_select(0, geometry.slot_edges[1::2]))
-                    for name in self.groups
-                }
-        with record_function('se3nb.kernel'):
-            return so2_messages(
-                self.plans,
-                hidden,
-                {name: r.net[-1].weight for name, r in self.radial.items()},
-                inputs,
-                geometry,
-                second,
-                order,
-            )
+        hidden = {
+            name: self.radial[name].hidden(invariants.index_select(0, geometry.first)) for name in self.groups
+        }  # [P, mid]
+        second = None  # gradients for the invariants themselves (edge features, positions) must reach each edge's own
+        if invariants.requires_grad:
+            second = {
+                name: self.radial[name].hidden(invariants.index_select(0, geometry.slot_edges[1::2]))
+                for name in self.groups
+            }
+        return so2_messages(
+            self.plans,
+            hidden,
+            {name: r.net[-1].weight for name, r in self.radial.items()},
+            inputs,
+            geometry,
+            second,
+            order,
+        )
 
 # %% ../nbs/04a_so2.ipynb #e5270d48
 CONVOLUTIONS = {'so2': SO2Conv, 'reference': TFNConv}  # the backends of the op `conv` (`00a_backends`)
