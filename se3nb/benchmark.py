@@ -310,7 +310,7 @@ def _stage_of(stack: list[str]) -> str:
             return next((stage for key, stage in _BACKWARD_STAGES if key in node), 'other backward')
     return 'other'
 
-
+# %% ../nbs/10_benchmark.ipynb #5275ae01
 def profile_training_step(case: Case) -> dict[str, float]:
     "Milliseconds of self CPU time per stage in one training step (after one warm-up step)."
     from torch.profiler import profile, ProfilerActivity

@@ -35,7 +35,7 @@ def default_fixture() -> Path | None:
     folders = [os.environ.get('SE3NB_FIXTURES')] + [b / 'shared/fixtures/nvidia' for b in (here, *here.parents)]
     return next((Path(f) / 'qm9_batch64.pt' for f in folders if f and (Path(f) / 'qm9_batch64.pt').exists()), None)
 
-
+# %% ../nbs/10a_benchmark_suite.ipynb #2c157b04
 def _sweeps(base: dict, steps: int, smoke: bool, radius_atoms: tuple[int, ...]) -> list[tuple[str, Case]]:
     short = {**base, 'steps': max(2, steps // 2)}
     batch = 2 if smoke else 16
@@ -166,6 +166,20 @@ def _plot_stages(profiles: dict[str, dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 # %% ../nbs/10a_benchmark_suite.ipynb #b118ea5561624da68c537baed56e602f
+def _stage_profiles(base: dict, batch_size: int, compare_reference: bool) -> dict[str, dict[str, float]]:
+    "Stage profile of a training step with the chosen conv backend, and with the reference one to compare."
+    profiles = {base['conv']: profile_training_step(Case(batch_size=batch_size, **base))}
+    if compare_reference:
+        profiles['reference'] = profile_training_step(Case(batch_size=batch_size, **{**base, 'conv': 'reference'}))
+    return profiles
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + '.tmp')
+    tmp.write_text(text)
+    tmp.replace(path)  # atomic: a reader never sees half a file
+
+# %% ../nbs/10a_benchmark_suite.ipynb #15265015
 def run_suite(
     *,
     out_dir: str | Path,
@@ -202,11 +216,7 @@ def run_suite(
         r = run_case(case) if smoke else run_case_in_subprocess(case)  # smoke: in-process, memory not per case
         r['x'] = _sweep_x(kind, case, r)
         results.setdefault(kind, []).append(r)
-    profiles = {conv: profile_training_step(Case(batch_size=train_batches[-1], **base))}
-    if conv == 'so2' and not smoke:
-        profiles['reference'] = profile_training_step(
-            Case(batch_size=train_batches[-1], **{**base, 'conv': 'reference'})
-        )
+    profiles = _stage_profiles(base, train_batches[-1], compare_reference=conv == 'so2' and not smoke)
     machine = machine_info(device)
     report = {
         'se3nb': machine['se3nb'], 'torch': machine['torch'], 'e3nn': machine['e3nn'], 'device': device,
@@ -223,9 +233,7 @@ def run_suite(
         },
     }  # fmt: skip
     _plot_stages(profiles, out_dir / 'stage_profile.png')
-    tmp = out_dir / 'results.json.tmp'
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(out_dir / 'results.json')  # atomic: a reader never sees half a file
+    _write_atomic(out_dir / 'results.json', json.dumps(report, indent=1))
     return report
 
 # %% ../nbs/10a_benchmark_suite.ipynb #59bbdb311c014d738909a11f9e486628

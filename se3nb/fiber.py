@@ -20,8 +20,8 @@ def degree_to_dim(l: int) -> int:
     return 2 * l + 1
 
 # %% ../nbs/00_fiber.ipynb #65ca5ce8
-class Fiber(Mapping):
-    "Immutable map degree `l` -> number of channels `C_l`, iterated in ascending `l`."
+class _DegreeMap(Mapping):
+    "Immutable map degree `l` -> number of channels `C_l` (degrees with 0 channels dropped), iterated in ascending `l`."
 
     def __init__(
         self,
@@ -39,7 +39,7 @@ class Fiber(Mapping):
         self._structure = dict(sorted(items.items()))
 
     @classmethod
-    def create(cls, num_degrees: int, num_channels: int) -> "Fiber":
+    def create(cls, num_degrees: int, num_channels: int):
         "Fiber with `num_channels` channels for each degree `0..num_degrees-1`."
         return cls({l: num_channels for l in range(num_degrees)})
 
@@ -62,7 +62,15 @@ class Fiber(Mapping):
         return isinstance(other, Mapping) and dict(self.items()) == {int(k): int(v) for k, v in other.items() if v}
 
     def __repr__(self) -> str:
-        return f"Fiber({self._structure})"
+        return f"{type(self).__name__}({self._structure})"
+
+    def __add__(self, other: Mapping[int, int]):
+        "Channels added degree by degree: the fiber of concatenated features."
+        return type(self)({l: self[l] + int(other.get(l, 0)) for l in sorted(set(self) | {int(k) for k in other})})
+
+# %% ../nbs/00_fiber.ipynb #64191d5e
+class Fiber(_DegreeMap):
+    "Immutable map degree `l` -> number of channels `C_l`, iterated in ascending `l`."
 
     @property
     def degrees(self) -> list[int]:
@@ -84,10 +92,6 @@ class Fiber(Mapping):
     def num_features(self) -> int:
         return sum(c * degree_to_dim(l) for l, c in self._structure.items())
 
-    def __add__(self, other: Mapping[int, int]) -> "Fiber":
-        "Channels added degree by degree: the fiber of concatenated features."
-        return Fiber({l: self[l] + int(other.get(l, 0)) for l in sorted(set(self) | {int(k) for k in other})})
-
     def check(
         self,
         feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
@@ -96,33 +100,7 @@ class Fiber(Mapping):
         name: str = "features",  # what to call them in the error
     ) -> None:
         "Raise a `ValueError` naming the degree and the shapes unless `feats` matches this fiber exactly."
-        if not isinstance(feats, Mapping):
-            raise TypeError(f"{name} must be a dict {{degree: tensor}}, got {type(feats).__name__}")
-        bad = [l for l in feats if not isinstance(l, Integral)]
-        if bad:
-            raise TypeError(
-                f"{name}: degree keys must be int, got {bad[0]!r} ({type(bad[0]).__name__}); NVIDIA-style string keys "
-                "are read by se3nb.nvidia (its models take them)"
-            )
-        keys = {int(l) for l in feats}
-        if keys != set(self):
-            raise ValueError(
-                f"{name}: expected degrees {self.degrees} (fiber {dict(self.items())}), got {sorted(keys)}"
-            )
-        for l, c in self.items():
-            x = feats[l]
-            if not isinstance(x, Tensor):
-                raise TypeError(f"{name}[{l}] must be a Tensor, got {type(x).__name__}")
-            if (
-                x.dim() != 3
-                or x.shape[1] != c
-                or x.shape[2] != degree_to_dim(l)
-                or (num is not None and x.shape[0] != num)
-            ):
-                lead = num if num is not None else 'N'
-                raise ValueError(f"{name}[{l}]: expected shape [{lead}, {c}, {degree_to_dim(l)}], got {list(x.shape)}")
-            if num is None:
-                num = x.shape[0]
+        _check_features(self, feats, num, name)
 
     def to_irreps(self, parity: int = 0) -> o3.Irreps:
         "The e3nn `Irreps` of this fiber (`parity` 0: SO(3) only, written as e3nn's natural parity $(-1)^l$)."
@@ -135,3 +113,26 @@ class Fiber(Mapping):
         for mul, ir in o3.Irreps(irreps):
             out[ir.l] = out.get(ir.l, 0) + mul
         return cls(out)
+
+# %% ../nbs/00_fiber.ipynb #2a395dca
+def _check_features(fiber: Fiber, feats: Mapping[int, Tensor], num: int | None, name: str) -> None:
+    if not isinstance(feats, Mapping):
+        raise TypeError(f"{name} must be a dict {{degree: tensor}}, got {type(feats).__name__}")
+    bad = [l for l in feats if not isinstance(l, Integral)]
+    if bad:
+        raise TypeError(
+            f"{name}: degree keys must be int, got {bad[0]!r} ({type(bad[0]).__name__}); NVIDIA-style string keys "
+            "are read by se3nb.nvidia (its models take them)"
+        )
+    keys = {int(l) for l in feats}
+    if keys != set(fiber):
+        raise ValueError(f"{name}: expected degrees {fiber.degrees} (fiber {dict(fiber.items())}), got {sorted(keys)}")
+    for l, c in fiber.items():
+        x = feats[l]
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}[{l}] must be a Tensor, got {type(x).__name__}")
+        if x.dim() != 3 or x.shape[1] != c or x.shape[2] != degree_to_dim(l) or (num is not None and x.shape[0] != num):
+            lead = num if num is not None else 'N'
+            raise ValueError(f"{name}[{l}]: expected shape [{lead}, {c}, {degree_to_dim(l)}], got {list(x.shape)}")
+        if num is None:
+            num = x.shape[0]

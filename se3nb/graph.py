@@ -15,87 +15,33 @@ from torch import Tensor
 from .backends import choose, register
 
 # %% ../nbs/03_graph.ipynb #f61b518c
-class Graph:
-    "A batch of directed graphs as plain tensors; messages flow `src` -> `dst`."
+def _check_graph_arguments(
+    edge_index: Tensor, num_nodes: int, pos: Tensor | None, rel_pos: Tensor | None
+) -> None:  # shapes, dtypes and devices, before anything is stored
+    if not isinstance(edge_index, Tensor) or edge_index.dim() != 2 or edge_index.shape[0] != 2:
+        raise ValueError(f"edge_index must be a [2, E] tensor, got {getattr(edge_index, 'shape', type(edge_index))}")
+    if edge_index.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"edge_index must hold integers (int64), got {edge_index.dtype}")
+    if pos is None and rel_pos is None:
+        raise ValueError("a Graph needs pos [N, 3] or rel_pos [E, 3]")
+    for name, x, n in (('pos', pos, int(num_nodes)), ('rel_pos', rel_pos, edge_index.shape[1])):
+        if x is None:
+            continue
+        if x.shape != (n, 3):
+            raise ValueError(f"{name} must have shape [{n}, 3], got {list(x.shape)}")
+        if x.device != edge_index.device:
+            raise ValueError(
+                f"{name} is on {x.device} but edge_index is on {edge_index.device}: move both to one device"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {x.dtype}")
 
-    def __init__(
-        self,
-        edge_index: Tensor,  # [2, E] long: row 0 source j, row 1 destination i
-        num_nodes: int,  # N, all graphs of the batch together
-        *,
-        pos: Tensor | None = None,  # [N, 3] node positions
-        rel_pos: Tensor | None = None,  # [E, 3] = pos[dst] - pos[src]; computed from pos when omitted
-        batch_num_nodes: Tensor | None = None,  # [B] nodes per graph (sum N)
-        batch_num_edges: Tensor | None = None,  # [B] edges per graph (sum E)
-        validate: bool = True,  # check indices and positions (one host sync)
-    ):
-        if not isinstance(edge_index, Tensor) or edge_index.dim() != 2 or edge_index.shape[0] != 2:
-            raise ValueError(
-                f"edge_index must be a [2, E] tensor, got {getattr(edge_index, 'shape', type(edge_index))}"
-            )
-        if edge_index.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"edge_index must hold integers (int64), got {edge_index.dtype}")
-        self.edge_index, self.num_nodes = edge_index.long(), int(num_nodes)
-        device = edge_index.device
-        E = edge_index.shape[1]
-        if pos is None and rel_pos is None:
-            raise ValueError("a Graph needs pos [N, 3] or rel_pos [E, 3]")
-        for name, x, n in (('pos', pos, self.num_nodes), ('rel_pos', rel_pos, E)):
-            if x is None:
-                continue
-            if x.shape != (n, 3):
-                raise ValueError(f"{name} must have shape [{n}, 3], got {list(x.shape)}")
-            if x.device != device:
-                raise ValueError(f"{name} is on {x.device} but edge_index is on {device}: move both to one device")
-            if not x.is_floating_point():
-                raise TypeError(f"{name} must be floating point, got {x.dtype}")
-        self.pos, self.rel_pos = pos, rel_pos
-        if batch_num_nodes is None:
-            batch_num_nodes = torch.tensor([self.num_nodes], device=device)
-        if batch_num_edges is None:
-            batch_num_edges = torch.tensor([E], device=device)
-        self.batch_num_nodes, self.batch_num_edges = (
-            batch_num_nodes.to(device).long(),
-            batch_num_edges.to(device).long(),
-        )
-        if self.batch_num_nodes.shape != self.batch_num_edges.shape:
-            raise ValueError(
-                f"batch_num_nodes {list(self.batch_num_nodes.shape)} and batch_num_edges "
-                f"{list(self.batch_num_edges.shape)} must both have one entry per graph"
-            )
-        if validate:
-            self.validate()
-        if self.rel_pos is None:
-            self.rel_pos = pos[self.edge_index[1]] - pos[self.edge_index[0]]  # [E, 3]
-
-    def validate(self) -> None:
-        "Raise a `ValueError` for out-of-range edges, inconsistent counts or non-finite positions."
-        E = self.num_edges
-        if E and (self.edge_index.min() < 0 or self.edge_index.max() >= self.num_nodes):
-            bad = ((self.edge_index < 0) | (self.edge_index >= self.num_nodes)).any(0).nonzero()[0, 0].item()
-            raise ValueError(
-                f"edge {bad} = {self.edge_index[:, bad].tolist()} is out of range for {self.num_nodes} nodes "
-                f"(expected indices in [0, {self.num_nodes - 1}])"
-            )
-        if int(self.batch_num_nodes.sum()) != self.num_nodes or int(self.batch_num_edges.sum()) != E:
-            raise ValueError(
-                f"batch_num_nodes sums to {int(self.batch_num_nodes.sum())} (expected {self.num_nodes}) and "
-                f"batch_num_edges to {int(self.batch_num_edges.sum())} (expected {E})"
-            )
-        for name, x in (('pos', self.pos), ('rel_pos', self.rel_pos)):
-            if x is not None and not torch.isfinite(x).all():
-                row = (~torch.isfinite(x)).any(-1).nonzero()[0, 0].item()
-                raise ValueError(
-                    f"{name} has non-finite values (first at row {row}: {x[row].tolist()}): positions must be finite"
-                )
-        if self.num_graphs > 1 and E:  # each edge must stay inside its own graph
-            gs, gd = self.node_graph[self.src], self.node_graph[self.dst]
-            if not (torch.equal(gs, self.edge_graph) and torch.equal(gd, self.edge_graph)):
-                e = ((gs != self.edge_graph) | (gd != self.edge_graph)).nonzero()[0, 0].item()
-                raise ValueError(
-                    f"edge {e} joins nodes of graphs {gs[e].item()} and {gd[e].item()} but is listed in graph "
-                    f"{self.edge_graph[e].item()}: edges must be grouped by graph like batch_num_edges says"
-                )
+# %% ../nbs/03_graph.ipynb #5651f946
+class _GraphViews:
+    edge_index: Tensor  # [2, E]
+    num_nodes: int
+    batch_num_nodes: Tensor  # [B]
+    batch_num_edges: Tensor  # [B]
 
     @property
     def src(self) -> Tensor:
@@ -132,16 +78,48 @@ class Graph:
     def edge_graph(self) -> Tensor:  # [E] graph id of each edge
         return torch.repeat_interleave(torch.arange(self.num_graphs, device=self.device), self.batch_num_edges)
 
+    def __repr__(self) -> str:
+        sizes = f"num_graphs={self.num_graphs}, num_nodes={self.num_nodes}, num_edges={self.num_edges}"
+        return f"{type(self).__name__}({sizes}, device={self.device})"
+
+# %% ../nbs/03_graph.ipynb #0d459f4b
+class Graph(_GraphViews):
+    "A batch of directed graphs as plain tensors; messages flow `src` -> `dst`."
+
+    def __init__(
+        self,
+        edge_index: Tensor,  # [2, E] long: row 0 source j, row 1 destination i
+        num_nodes: int,  # N, all graphs of the batch together
+        *,
+        pos: Tensor | None = None,  # [N, 3] node positions
+        rel_pos: Tensor | None = None,  # [E, 3] = pos[dst] - pos[src]; computed from pos when omitted
+        batch_num_nodes: Tensor | None = None,  # [B] nodes per graph (sum N)
+        batch_num_edges: Tensor | None = None,  # [B] edges per graph (sum E)
+        validate: bool = True,  # check indices and positions (one host sync)
+    ):
+        _check_graph_arguments(edge_index, num_nodes, pos, rel_pos)
+        self.edge_index, self.num_nodes, self.pos, self.rel_pos = edge_index.long(), int(num_nodes), pos, rel_pos
+        one_graph = (self.num_nodes, edge_index.shape[1])
+        counts = [torch.tensor([n]) if c is None else c for c, n in zip((batch_num_nodes, batch_num_edges), one_graph)]
+        self.batch_num_nodes, self.batch_num_edges = (c.to(edge_index.device).long() for c in counts)
+        if self.batch_num_nodes.shape != self.batch_num_edges.shape:
+            raise ValueError(
+                f"batch_num_nodes {list(self.batch_num_nodes.shape)} and batch_num_edges "
+                f"{list(self.batch_num_edges.shape)} must both have one entry per graph"
+            )
+        if validate:
+            self.validate()
+        if self.rel_pos is None:
+            self.rel_pos = pos[self.edge_index[1]] - pos[self.edge_index[0]]  # [E, 3]
+
+    def validate(self) -> None:
+        "Raise a `ValueError` for out-of-range edges, inconsistent counts or non-finite positions."
+        _validate_graph(self)
+
     def with_positions(self, pos: Tensor) -> "Graph":
         "The same edges with new node positions (`rel_pos` recomputed)."
-        return Graph(
-            self.edge_index,
-            self.num_nodes,
-            pos=pos,
-            batch_num_nodes=self.batch_num_nodes,
-            batch_num_edges=self.batch_num_edges,
-            validate=False,
-        )
+        counts = dict(batch_num_nodes=self.batch_num_nodes, batch_num_edges=self.batch_num_edges)
+        return Graph(self.edge_index, self.num_nodes, pos=pos, **counts, validate=False)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Graph":
         "Move the graph to `device` and/or cast positions to `dtype`."
@@ -149,18 +127,44 @@ class Graph:
         def cast(x):
             return None if x is None else x.to(device=device, dtype=dtype)
 
+        counts = dict(batch_num_nodes=self.batch_num_nodes.to(device), batch_num_edges=self.batch_num_edges.to(device))
         return Graph(
             self.edge_index.to(device),
             self.num_nodes,
             pos=cast(self.pos),
             rel_pos=cast(self.rel_pos),
-            batch_num_nodes=self.batch_num_nodes.to(device),
-            batch_num_edges=self.batch_num_edges.to(device),
+            **counts,
             validate=False,
         )
 
-    def __repr__(self) -> str:
-        return f"Graph(num_graphs={self.num_graphs}, num_nodes={self.num_nodes}, num_edges={self.num_edges}, device={self.device})"
+# %% ../nbs/03_graph.ipynb #b0a7d2f2
+def _validate_graph(g: Graph) -> None:
+    E = g.num_edges
+    if E and (g.edge_index.min() < 0 or g.edge_index.max() >= g.num_nodes):
+        bad = ((g.edge_index < 0) | (g.edge_index >= g.num_nodes)).any(0).nonzero()[0, 0].item()
+        raise ValueError(
+            f"edge {bad} = {g.edge_index[:, bad].tolist()} is out of range for {g.num_nodes} nodes "
+            f"(expected indices in [0, {g.num_nodes - 1}])"
+        )
+    if int(g.batch_num_nodes.sum()) != g.num_nodes or int(g.batch_num_edges.sum()) != E:
+        raise ValueError(
+            f"batch_num_nodes sums to {int(g.batch_num_nodes.sum())} (expected {g.num_nodes}) and "
+            f"batch_num_edges to {int(g.batch_num_edges.sum())} (expected {E})"
+        )
+    for name, x in (('pos', g.pos), ('rel_pos', g.rel_pos)):
+        if x is not None and not torch.isfinite(x).all():
+            row = (~torch.isfinite(x)).any(-1).nonzero()[0, 0].item()
+            raise ValueError(
+                f"{name} has non-finite values (first at row {row}: {x[row].tolist()}): positions must be finite"
+            )
+    if g.num_graphs > 1 and E:  # each edge must stay inside its own graph
+        gs, gd = g.node_graph[g.src], g.node_graph[g.dst]
+        if not (torch.equal(gs, g.edge_graph) and torch.equal(gd, g.edge_graph)):
+            e = ((gs != g.edge_graph) | (gd != g.edge_graph)).nonzero()[0, 0].item()
+            raise ValueError(
+                f"edge {e} joins nodes of graphs {gs[e].item()} and {gd[e].item()} but is listed in graph "
+                f"{g.edge_graph[e].item()}: edges must be grouped by graph like batch_num_edges says"
+            )
 
 # %% ../nbs/03_graph.ipynb #71ae02f8
 def segment_sum(

@@ -72,6 +72,8 @@ def _blocks(
     conv: type[TFNConv],  # the convolution class (`SO2Conv` or `TFNConv`)
 ) -> nn.ModuleList:
     "The attention blocks (each followed by a norm nonlinearity when `norm`) and the last convolution."
+    if num_layers < 0:
+        raise ValueError(f"num_layers must be >= 0, got {num_layers}")
     conv_args = dict(use_layer_norm=use_layer_norm, max_degree=max_degree, fuse_level=fuse_level)
     layers, fin = [], fiber_in
     for _ in range(num_layers):
@@ -83,6 +85,11 @@ def _blocks(
         fin = fiber_hidden
     layers.append(conv(fin, fiber_out, fiber_edge, self_interaction=True, **conv_args))
     return nn.ModuleList(layers)
+
+
+def _basis_keys(graph_modules: nn.ModuleList) -> list:
+    "The kernel groups of every convolution in the blocks: what one forward pass's geometry must provide."
+    return sorted({k for m in graph_modules.modules() if isinstance(m, TFNConv) for k in m.groups.values()})
 
 # %% ../nbs/07_model.ipynb #c5e7a9b1
 def _run_block(module: nn.Module, x, edge_feats, invariants, graph, geometry, envelope) -> dict[int, Tensor]:
@@ -114,26 +121,26 @@ def _run_blocks(
 
 
 def _checked_geometry(
-    geometry: Bases | EdgeFrames,  # precomputed by the caller
+    model,  # the SE3Transformer: its last convolution's type decides the geometry type
     graph: Graph,
-    conv: TFNConv,  # the model's last convolution: its type decides the geometry type
-    max_degree: int,
-    basis_keys: list,
-    conv_backend: str,  # the model's conv backend, named in the error
+    invariants: Tensor,  # [E, C_edge_0 + 1]
+    geometry: Bases | EdgeFrames | None,  # precomputed by the caller, or None: computed here
 ) -> Bases | EdgeFrames:
-    "The caller's geometry, checked against the graph and the model."
-    kind = conv.geometry_type
+    "The caller's geometry checked against the graph and the model, or the model's own for this graph."
+    if geometry is None:
+        return model.geometry(graph, invariants)
+    kind = model.graph_modules[-1].geometry_type
     if not isinstance(geometry, kind):
         raise TypeError(
-            f"the model's conv backend {conv_backend!r} needs {kind.__name__} as `geometry` (what "
+            f"the model's conv backend {model.conv_backend!r} needs {kind.__name__} as `geometry` (what "
             f"model.geometry(graph, invariants) returns), got {type(geometry).__name__}"
         )
-    if geometry.num_edges != graph.num_edges or geometry.max_degree < max_degree:
+    if geometry.num_edges != graph.num_edges or geometry.max_degree < model.max_degree:
         raise ValueError(
             f"the geometry was built for {geometry.num_edges} edges and max_degree {geometry.max_degree}; "
-            f"this graph has {graph.num_edges} edges and the model needs max_degree {max_degree}"
+            f"this graph has {graph.num_edges} edges and the model needs max_degree {model.max_degree}"
         )
-    return geometry.precompute(basis_keys)
+    return geometry.precompute(model.basis_keys)
 
 # %% ../nbs/07_model.ipynb #0b388f77
 class SE3Transformer(nn.Module):
@@ -162,8 +169,6 @@ class SE3Transformer(nn.Module):
         self.fiber_in, self.fiber_hidden, self.fiber_out, self.fiber_edge = fibers
         if pooling is not None and return_type is None:
             raise ValueError("pooling needs return_type (the degree to pool)")
-        if num_layers < 0:
-            raise ValueError(f"num_layers must be >= 0, got {num_layers}")
         self.return_type, self.pooling, self.low_memory, self.cutoff = return_type, pooling, low_memory, cutoff
         self.max_degree = max(f.max_degree for f in fibers[:3])
         self.conv_backend = choose('conv')  # 'so2', or 'reference' on request (`00a_backends`); chosen once, here
@@ -171,8 +176,7 @@ class SE3Transformer(nn.Module):
         self.graph_modules = _blocks(  # same indices as NVIDIA's `graph_modules`
             num_layers, *fibers, num_heads, channels_div, norm, use_layer_norm, self.max_degree, fuse_level, conv
         )
-        convs = [m for m in self.graph_modules.modules() if isinstance(m, TFNConv)]
-        self.basis_keys = sorted({key for m in convs for key in m.groups.values()})
+        self.basis_keys = _basis_keys(self.graph_modules)
         self.pooling_module = GraphPooling(pooling, return_type) if pooling is not None else None
 
     def geometry(self, graph: Graph, invariants: Tensor) -> Bases | EdgeFrames:
@@ -192,11 +196,7 @@ class SE3Transformer(nn.Module):
         check_inputs(graph, node_feats, edge_feats, self.fiber_in, self.fiber_edge, param.dtype, param.device)
         invariants = edge_invariants(graph.rel_pos, edge_feats)  # [E, C_edge_0 + 1]
         # every layer's geometry now, outside the checkpointed blocks of low_memory mode (recomputation must see it)
-        if geometry is None:
-            geometry = self.geometry(graph, invariants)
-        else:
-            last, keys = self.graph_modules[-1], self.basis_keys
-            geometry = _checked_geometry(geometry, graph, last, self.max_degree, keys, self.conv_backend)
+        geometry = _checked_geometry(self, graph, invariants, geometry)
         envelope = None if self.cutoff is None else smooth_cutoff(invariants[:, -1], self.cutoff)  # [E]
         args = (edge_feats, invariants, graph, geometry, envelope, self.low_memory)
         x = _run_blocks(self.graph_modules, node_feats, *args)  # {l: [N, C_l, 2l+1]}
