@@ -17,7 +17,7 @@ from .basis import Bases
 from .graph import Graph
 from .segment_attention import segment_attention
 from .conv import EquivariantLinear
-from .so2 import EdgeFrames, conv_class
+from .so2 import EdgeFrames, SO2Conv, _block_csr, _destination_blocks, _fused_messages, _runs_in_blocks, conv_class
 
 # %% ../nbs/05_attention.ipynb #bac38a7f
 def _to_heads(
@@ -70,11 +70,65 @@ class SE3Attention(nn.Module):
         z = segment_attention(
             k, q, v, graph.csr, scale=1 / math.sqrt(self.key_fiber.num_features), envelope=envelope
         )  # [N, H, d_v]
-        sizes = [c // H * degree_to_dim(l) for l, c in self.value_fiber.items()]
+        return self.from_heads(z)
+
+    def from_heads(
+        self,
+        z: Tensor,  # [N, H, d_v] per head, degrees side by side
+    ) -> dict[int, Tensor]:  # {l: [N, C_v, 2l+1]}
+        "Attention outputs per degree."
+        sizes = [c // self.num_heads * degree_to_dim(l) for l, c in self.value_fiber.items()]
         return {
             l: part.reshape(-1, c, degree_to_dim(l))  # [N, C_v, 2l+1]
             for (l, c), part in zip(self.value_fiber.items(), torch.split(z, sizes, dim=-1))
         }
+
+# %% ../nbs/05_attention.ipynb #c828018b
+def _head_columns(
+    value_fiber: Fiber, key_fiber: Fiber, num_heads: int
+) -> tuple[dict[int, Tensor], int, int]:  # {l: [C_v + C_k]} first column of each channel, d_v, d_k
+    "Where each key/value channel goes in a row `[H, d_v + d_k]` (`_to_heads` layout: per head values, then keys)."
+    per_head = {name: {l: c // num_heads for l, c in f.items()} for name, f in (('v', value_fiber), ('k', key_fiber))}
+    d_v = sum(c * degree_to_dim(l) for l, c in per_head['v'].items())
+    d_k = sum(c * degree_to_dim(l) for l, c in per_head['k'].items())
+    columns = {}
+    for l in value_fiber.degrees:
+        parts = []
+        for name, base in (('v', 0), ('k', d_v)):
+            if l in per_head[name]:
+                start = base + sum(c * degree_to_dim(m) for m, c in per_head[name].items() if m < l)
+                c = torch.arange(per_head[name][l] * num_heads)
+                parts.append(c // per_head[name][l] * (d_v + d_k) + start + c % per_head[name][l] * degree_to_dim(l))
+        columns[l] = torch.cat(parts)
+    return columns, d_v, d_k
+
+
+def _attend_in_blocks(
+    block: nn.Module,  # an AttentionBlock with an SO2Conv
+    node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
+    edge_feats: Mapping[int, Tensor],
+    invariants: Tensor,  # [E, C_edge_0 + 1]
+    graph: Graph,
+    envelope: Tensor | None,  # [E] in graph order
+) -> dict[int, Tensor]:  # {l: [N, C_v, 2l+1]} attention outputs
+    "Keys, values and attention of one run of destination nodes at a time (no-grad inference)."
+    attention, csr = block.attention, graph.csr
+    H = attention.num_heads
+    query = _to_heads(block.to_query(node_feats), attention.key_fiber.degrees, H)  # [N, H, d_k]
+    columns, d_v, d_k = _head_columns(attention.value_fiber, attention.key_fiber, H)
+    z = query.new_empty(graph.num_nodes, H, d_v)  # [N, H, d_v]
+    for n0, n1, e0, e1 in _destination_blocks(csr):
+        edge_ids = csr.edge_order[e0:e1]
+        kv = _fused_messages(
+            block.to_key_value, node_feats, edge_feats, invariants, graph, edge_ids, columns, H * (d_v + d_k)
+        )
+        kv = kv.view(-1, H, d_v + d_k)  # [e, H, d_v + d_k]
+        u = None if envelope is None else envelope.index_select(0, edge_ids)  # [e]
+        scale = 1 / math.sqrt(attention.key_fiber.num_features)
+        z[n0:n1] = segment_attention(
+            kv[..., d_v:], query[n0:n1], kv[..., :d_v], _block_csr(csr, n0, n1), scale=scale, envelope=u
+        )
+    return attention.from_heads(z)
 
 # %% ../nbs/05_attention.ipynb #2b036113
 class AttentionBlock(nn.Module):
@@ -109,6 +163,7 @@ class AttentionBlock(nn.Module):
         self.to_query = EquivariantLinear(fiber_in, key_fiber)
         self.attention = SE3Attention(num_heads, key_fiber, value_fiber)
         self.project = EquivariantLinear(value_fiber + fiber_in, fiber_out)
+        self.blocks_possible = isinstance(self.to_key_value, SO2Conv)  # no-grad inference in blocks (`04a_so2`)
 
     def forward(
         self,
@@ -120,16 +175,18 @@ class AttentionBlock(nn.Module):
         envelope: Tensor | None = None,  # [E] smooth cutoff
     ) -> dict[int, Tensor]:  # {l: [N, C_out_l, 2l+1]}
         "One attention layer."
-        # edges come out sorted by destination (`Graph.csr`), so attention never permutes them
-        key_value = self.to_key_value(
-            node_feats, edge_feats, invariants, graph, geometry, by_destination=True
-        )  # {l: [E, C_v (+ C_k), 2l+1]}
-        value = {l: kv[:, : self.value_fiber[l]] for l, kv in key_value.items()}  # [E, C_v, 2l+1]
-        key = {l: key_value[l][:, self.value_fiber[l] :] for l in self.key_fiber}  # [E, C_k, 2l+1]
-        if envelope is not None:
-            envelope = envelope.index_select(0, graph.csr.edge_order)
-        z = self.attention(
-            value, key, self.to_query(node_feats), graph, envelope, edges_by_destination=True
-        )  # {l: [N, C_v, 2l+1]}
+        if self.blocks_possible and _runs_in_blocks(invariants):
+            z = _attend_in_blocks(self, node_feats, edge_feats, invariants, graph, envelope)  # {l: [N, C_v, 2l+1]}
+        else:  # edges come out sorted by destination (`Graph.csr`), so attention never permutes them
+            key_value = self.to_key_value(
+                node_feats, edge_feats, invariants, graph, geometry, by_destination=True
+            )  # {l: [E, C_v (+ C_k), 2l+1]}
+            value = {l: kv[:, : self.value_fiber[l]] for l, kv in key_value.items()}  # [E, C_v, 2l+1]
+            key = {l: key_value[l][:, self.value_fiber[l] :] for l in self.key_fiber}  # [E, C_k, 2l+1]
+            if envelope is not None:
+                envelope = envelope.index_select(0, graph.csr.edge_order)
+            z = self.attention(
+                value, key, self.to_query(node_feats), graph, envelope, edges_by_destination=True
+            )  # {l: [N, C_v, 2l+1]}
         z = {l: torch.cat([v, node_feats[l]], dim=1) if l in node_feats else v for l, v in z.items()}  # skip connection
         return self.project(z)

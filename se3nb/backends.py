@@ -27,11 +27,16 @@ OPS: dict[str, dict[str, str]] = {
     },
     'segment_attention': {
         'triton': "one fused Triton pass per node and head, forward and backward (`03a_segment_attention`)",
+        'native': "the same pass in C++ for CPUs, float32 and float64, forward and backward (`se3nb/csrc`)",
         'torch': "a composition of segment operations over `DestinationCSR`",
     },
     'segment_reduce': {
         'csr': "`torch.segment_reduce` over each node's run of edges (no atomics)",
         'index_add': "`index_add_` / `scatter_reduce` by destination node",
+    },
+    'so2_inference': {
+        'native': "no grad, float32, AVX-512 CPUs: blocks of destination nodes, one fused C++ pass each (`04a_so2`)",
+        'torch': "the differentiable SO(2) path: messages of every edge, then sums or attention",
     },
 }  # {op: {backend: what it is}}, each op's backends in the order of the automatic choice
 REGISTERED_BY = {
@@ -39,6 +44,7 @@ REGISTERED_BY = {
     'so2_product': 'se3nb.so2_product',
     'segment_attention': 'se3nb.segment_attention',
     'segment_reduce': 'se3nb.graph',
+    'so2_inference': 'se3nb.so2',
 }  # the module that registers each op's backends when it is imported
 ENV_VAR = 'SE3NB_BACKENDS'  # the documented override, e.g. 'torch' or 'so2_product=torch,conv=reference'
 

@@ -7,7 +7,14 @@ __all__ = ['segment_attention_weights', 'segment_attention_reference', 'segment_
 
 # %% ../nbs/03a_segment_attention.ipynb #b0967d07
 import functools
+import hashlib
+import importlib.util
 import os
+import re
+import shutil
+import sys
+import warnings
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -286,6 +293,70 @@ class _FusedSegmentAttention(torch.autograd.Function):
         grad_u = grad_u.sum(1).to(envelope.dtype) if envelope_grad else None
         return grad_k, grad_q, grad_v, grad_u, None, None
 
+# %% ../nbs/03a_segment_attention.ipynb #6df44b02
+@functools.cache
+def _load_cpu_extension(
+    stem: str,  # kernel name, e.g. 'segment_attention'
+    sources: tuple[str, ...],  # file names in se3nb/csrc
+    cflags: tuple[str, ...],
+    avx512: bool,  # the sources use AVX-512 intrinsics
+):  # (the compiled module, None), or (None, why it cannot run here)
+    "Compile (on first use) and load C++ CPU kernels of se3nb/csrc; one build per torch version and source content."
+    paths = [Path(importlib.util.find_spec('se3nb').origin).parent / 'csrc' / name for name in sources]
+    capability = torch.backends.cpu.get_cpu_capability()
+    compiler = os.environ.get('CXX', 'c++')
+    from torch.utils.cpp_extension import is_ninja_available, load
+
+    problem = (
+        f"no AVX-512 (torch reports CPU capability {capability})" if avx512 and not capability.startswith('AVX512')
+        else f"sources missing: {[str(p) for p in paths if not p.is_file()]} (reinstall se3nb)"
+        if not all(p.is_file() for p in paths)
+        else f"compiler missing: no {compiler} on PATH (install g++, or set CXX)" if shutil.which(compiler) is None
+        else None if is_ninja_available() else "ninja missing (`pip install ninja`)"
+    )  # fmt: skip
+    if problem is not None:
+        return None, problem
+    digest = hashlib.sha256(' '.join(cflags).encode())
+    for path in paths:
+        digest.update(path.read_bytes())
+    torch_tag = re.sub(r'\W', '_', torch.__version__)
+    name = f"se3nb_{stem}_torch{torch_tag}_{digest.hexdigest()[:12]}"
+    print(f"se3nb: loading the C++ kernels {stem} (compiled on first use, 30-60 s)", file=sys.stderr, flush=True)
+    try:
+        return load(name, [str(p) for p in paths], extra_cflags=list(cflags), extra_ldflags=['-fopenmp']), None
+    except Exception as error:  # a failed build: the torch path computes the same
+        warnings.warn(f"se3nb: the C++ kernels {stem} did not build, using torch ({error})")
+        return None, f"build failed: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+
+
+def _native_attention():  # (the kernels segment_attention_forward / _backward, None), or (None, why not)
+    return _load_cpu_extension('segment_attention', ('segment_attention.cpp',), ('-O3', '-fopenmp'), False)
+
+# %% ../nbs/03a_segment_attention.ipynb #ed7b8802
+class _NativeSegmentAttention(torch.autograd.Function):
+    "`segment_attention_reference` in one C++ pass per node (`se3nb/csrc/segment_attention.cpp`); backward too."
+
+    @staticmethod
+    def forward(ctx, key: Tensor, query: Tensor, value: Tensor, envelope: Tensor | None, offsets: Tensor, scale: float):
+        native = _native_attention()[0]
+        # key and value may be column slices of one tensor (rows strided, last dimension contiguous)
+        key, value = (t if t.stride(2) == 1 else t.contiguous() for t in (key, value))
+        query = query.contiguous()
+        envelope = None if envelope is None else envelope.contiguous()
+        z, M, S = native.segment_attention_forward(key, query, value, offsets, envelope, scale)  # [N, H, d_v]
+        ctx.save_for_backward(key, query, value, envelope, offsets, z, M, S)
+        ctx.scale = scale
+        return z
+
+    @staticmethod
+    def backward(ctx, grad_z: Tensor):
+        key, query, value, envelope, offsets, z, M, S = ctx.saved_tensors
+        envelope_grad = envelope is not None and ctx.needs_input_grad[3]
+        grad_k, grad_q, grad_v, grad_u = _native_attention()[0].segment_attention_backward(
+            key, query, value, offsets, envelope, ctx.scale, z, M, S, grad_z, envelope_grad
+        )
+        return grad_k, grad_q, grad_v, grad_u if envelope_grad else None, None, None
+
 # %% ../nbs/03a_segment_attention.ipynb #af079231
 def _triton_available() -> str | None:
     return None if _triton() is not None else "not installed: needs Triton 3 or newer (`pip install triton`)"
@@ -304,12 +375,27 @@ def _triton_automatic(device: str | None, dtype: torch.dtype | None) -> str | No
 register(
     'segment_attention', 'triton', available=_triton_available, accepts=_triton_accepts, automatic=_triton_automatic
 )
+
+
+def _native_accepts(device: str | None, dtype: torch.dtype | None) -> str | None:
+    ok = device in (None, 'cpu') and dtype in (None, torch.float32, torch.float64)
+    return None if ok else "float32 or float64 CPU tensors only"
+
+
+register('segment_attention', 'native', available=lambda: _native_attention()[1], accepts=_native_accepts)
 register('segment_attention', 'torch')
 
 # %% ../nbs/03a_segment_attention.ipynb #2384100b
 @torch.compiler.disable
 def _fused(key, query, value, csr, scale, envelope):
     return _FusedSegmentAttention.apply(key, query, value, envelope, csr.offsets, scale)
+
+
+@torch.compiler.disable
+def _native(key, query, value, csr, scale, envelope):
+    dtype = key.dtype
+    envelope = None if envelope is None else envelope.to(dtype)
+    return _NativeSegmentAttention.apply(key, query.to(dtype), value.to(dtype), envelope, csr.offsets, scale)
 
 
 def segment_attention(
@@ -338,6 +424,9 @@ def segment_attention(
             f"N = {csr.num_nodes}; got key {list(key.shape)}, query {list(query.shape)}, value {list(value.shape)}, "
             f"envelope {None if envelope is None else list(envelope.shape)}"
         )
-    if choose('segment_attention', device=key.device, dtype=key.dtype) == 'triton':
+    backend = choose('segment_attention', device=key.device, dtype=key.dtype)
+    if backend == 'triton':
         return _fused(key, query, value, csr, scale, envelope)
+    if backend == 'native':
+        return _native(key, query, value, csr, scale, envelope)
     return segment_attention_reference(key, query, value, csr, scale=scale, envelope=envelope)

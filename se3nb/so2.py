@@ -10,12 +10,13 @@ __all__ = ['CONVOLUTIONS', 'edge_rotations', 'SO2Plan', 'reverse_edge_pairs', 'E
 from collections.abc import Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .fiber import degree_to_dim
 from .basis import kernel_basis, spherical_harmonics, wigner_D
-from .graph import Graph
-from .conv import TFNConv
+from .graph import DestinationCSR, Graph
+from .segment_attention import _load_cpu_extension
+from .conv import TFNConv, _add_self_interaction
 from .backends import choose, register
 from .so2_product import so2_product
 
@@ -189,12 +190,27 @@ class EdgeFrames:
         graph: Graph,
         max_degree: int,
         invariants: Tensor,  # [E, C_edge_0 + 1]: a reverse edge with equal invariants shares radial weights
+        *,
+        deferred: bool = False,  # build slots and frames on first use (no-grad inference in blocks needs none)
     ):
         if invariants.shape[0] != graph.num_edges:
             raise ValueError(f"invariants have {invariants.shape[0]} rows, the graph {graph.num_edges} edges")
         self.max_degree, self.num_edges = max_degree, graph.num_edges
+        self._pending = (graph, invariants) if deferred else None
+        if not deferred:
+            self._build_now(graph, invariants)
+
+    def _build_now(self, graph: Graph, invariants: Tensor) -> None:
+        self._pending = None
         with torch.autocast(graph.rel_pos.device.type, enabled=False):  # frames stay in full precision under AMP
-            self._build(graph, max_degree, invariants)
+            self._build(graph, self.max_degree, invariants)
+
+    def __getattr__(self, name: str):  # reached only for attributes not set yet: a deferred layout is built now
+        pending = self.__dict__.get('_pending')
+        if pending is None or name.startswith('__'):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        self._build_now(*pending)
+        return getattr(self, name)
 
     def _build(self, graph: Graph, max_degree: int, invariants: Tensor) -> None:
         R, zero = edge_rotations(graph.rel_pos)  # [E, 3, 3], [E]
@@ -225,6 +241,8 @@ class EdgeFrames:
 
     def to(self, device: torch.device | str) -> "EdgeFrames":
         "Move every tensor to `device` (e.g. frames built in a data loader worker)."
+        if self._pending is not None:
+            self._build_now(*self._pending)
         for name, value in vars(self).items():
             if isinstance(value, Tensor):
                 setattr(self, name, value.to(device))
@@ -315,6 +333,115 @@ def so2_messages(
         out[l] = geometry.to_edges(y, order)  # [E, C, 2l+1]
     return out
 
+# %% ../nbs/04a_so2.ipynb #bc310091
+_BLOCK_EDGES = 4096  # edges per block (whole destination nodes): 0.25-1 MB of messages, cache-sized on 2 cores
+
+
+def _native_conv():  # (the kernel so2_conv_block, None), or (None, why not)
+    flags = ('-O3', '-mavx512f', '-mavx512dq', '-mfma', '-fopenmp')
+    return _load_cpu_extension('so2_conv_block', ('so2_conv_block.cpp',), flags, True)
+
+
+def _runs_in_blocks(
+    x: Tensor,  # a float tensor of the forward pass (its device and dtype decide)
+) -> bool:
+    "Whether this forward runs in blocks: gradients off, no autocast, and `choose('so2_inference')` gives `native`."
+    if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+        return False
+    return choose('so2_inference', device=x.device, dtype=x.dtype) == 'native'
+
+
+def _destination_blocks(
+    csr: DestinationCSR,
+) -> list[tuple[int, int, int, int]]:  # (n0, n1, e0, e1): nodes [n0, n1) own the sorted edges [e0, e1)
+    "Runs of whole destination nodes with about `_BLOCK_EDGES` incoming edges each (a node with more: its own block)."
+    N, E = csr.num_nodes, csr.num_edges
+    starts = torch.arange(0, E, _BLOCK_EDGES, dtype=csr.offsets.dtype, device=csr.offsets.device)
+    cuts = sorted({0, N} | set((torch.searchsorted(csr.offsets, starts, right=True) - 1).clamp(0, N).tolist()))
+    offsets = csr.offsets.tolist()
+    return [(a, b, offsets[a], offsets[b]) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+def _block_csr(csr: DestinationCSR, n0: int, n1: int) -> DestinationCSR:  # the block's nodes and edges, renumbered
+    degree = csr.in_degree[n0:n1]
+    return DestinationCSR(torch.repeat_interleave(torch.arange(n1 - n0, device=degree.device), degree), n1 - n0)
+
+# %% ../nbs/04a_so2.ipynb #b30ac55c
+def _radial_tensors(radial: nn.Module) -> tuple[list[Tensor], float]:  # W1, b1, g1, beta1, W2, b2, g2, beta2; eps
+    "The radial MLP up to its last layer as the kernel reads it (LayerNorm weights empty without LayerNorm)."
+    linears = [m for m in radial.net if isinstance(m, nn.Linear)]
+    norms = [m for m in radial.net if isinstance(m, nn.LayerNorm)]
+    empty = linears[0].weight.new_empty(0)
+    tensors = []
+    for i in range(2):
+        tensors += [linears[i].weight, linears[i].bias]
+        tensors += [norms[i].weight, norms[i].bias] if norms else [empty, empty]
+    return [t.contiguous() for t in tensors], norms[0].eps if norms else 1e-5
+
+
+def _fused_messages(
+    conv: TFNConv,  # an SO2Conv
+    node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]} float32
+    edge_feats: Mapping[int, Tensor],  # {l: [E, C_l, 2l+1]}
+    invariants: Tensor,  # [E, C_edge_0 + 1]
+    graph: Graph,
+    edge_ids: Tensor,  # [e] the block's edges
+    columns: Mapping[int, Tensor],  # {l: [C_out_l]} where channel c of degree l starts in a row
+    width: int,  # row length
+) -> Tensor:  # [e, width]: row i holds the message of edge_ids[i], degree l channel c at columns[l][c] + (0..2l)
+    "Messages of a block of edges from the fused C++ pass (float32, no autograd)."
+    fin, fout = conv.fiber_in, conv.fiber_out
+    empty = invariants.new_empty(0)
+    feats = [node_feats[l].contiguous() if l in fin.degrees else empty for l in range(fin.max_degree + 1)]
+    extra = [
+        edge_feats[l].contiguous() if l > 0 and l in edge_feats and l in fin.degrees else empty
+        for l in range(fin.max_degree + 1)
+    ]  # degree > 0 edge features: more input channels
+    channels = [fout[l] if l in fout.degrees else 0 for l in range(fout.max_degree + 1)]
+    cols = [columns[l] if l in fout.degrees else edge_ids[:0] for l in range(fout.max_degree + 1)]
+    layout, radial, theta, theta_zero = [], [], [], []
+    for name, (ins, outs) in conv.groups.items():
+        r, plan = conv.radial[name], conv.plans[name]
+        layout += [len(ins), *ins, len(outs), *outs, r.channels_in, r.channels_out]
+        tensors, eps = _radial_tensors(r)
+        radial += tensors
+        theta.append(plan.fold(r.net[-1].weight).contiguous())  # [num_weights, H], folded once per weight version
+        theta_zero.append(plan.fold(r.net[-1].weight, zero_length=True).contiguous())
+    L = max(fin.max_degree, fout.max_degree)
+    frames = []  # degrees <= 1: the kernel builds the frames itself
+    if L > 1:
+        R, _ = edge_rotations(graph.rel_pos.index_select(0, edge_ids))  # [e, 3, 3]
+        frames = [D.contiguous() for D in wigner_D(R, L)]  # [e, 2l+1, 2l+1] for l = 0..L
+    return _native_conv()[0].so2_conv_block(
+        feats, extra, invariants.contiguous(), graph.rel_pos.contiguous(), graph.src.contiguous(), edge_ids,
+        frames, radial, eps, theta, theta_zero, layout, channels, cols, width,
+    )  # fmt: skip
+
+
+def _pooled_in_blocks(
+    conv: TFNConv,  # a pooled SO2Conv
+    node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
+    edge_feats: Mapping[int, Tensor],
+    invariants: Tensor,  # [E, C_edge_0 + 1]
+    graph: Graph,
+    edge_scale: Tensor | None,  # [E] in graph order
+) -> dict[int, Tensor]:  # {l: [N, C_out_l, 2l+1]}
+    "`TFNConv.forward` with `pool=True`, block by block: messages scaled and summed into their nodes."
+    dims = [(l, c, degree_to_dim(l)) for l, c in conv.fiber_out.items()]
+    starts = torch.tensor([0] + [c * d for _, c, d in dims]).cumsum(0).tolist()
+    columns = {l: start + torch.arange(c) * d for (l, c, d), start in zip(dims, starts)}  # degrees side by side
+    csr = graph.csr
+    pooled = invariants.new_empty(graph.num_nodes, starts[-1])  # [N, sum C_l (2l+1)]
+    for n0, n1, e0, e1 in _destination_blocks(csr):
+        edge_ids = csr.edge_order[e0:e1]
+        y = _fused_messages(conv, node_feats, edge_feats, invariants, graph, edge_ids, columns, starts[-1])  # [e, W]
+        if edge_scale is not None:
+            y = y * edge_scale.index_select(0, edge_ids)[:, None]
+        pooled[n0:n1] = _block_csr(csr, n0, n1).sum(y)  # [n, W]
+    out = {l: pooled[:, s : s + c * d].reshape(-1, c, d) for (l, c, d), s in zip(dims, starts)}  # [N, C_l, 2l+1]
+    scale = None if edge_scale is None else edge_scale.index_select(0, csr.edge_order)  # [E] by destination
+    return _add_self_interaction(out, node_feats, conv.self_interaction, graph, csr.dst, scale, True)
+
 # %% ../nbs/04a_so2.ipynb #1499e5e1
 class SO2Conv(TFNConv):
     "`TFNConv` computed in edge frames (the fast path): identical function and parameters."
@@ -337,8 +464,26 @@ class SO2Conv(TFNConv):
         max_degree: int,
         groups: list[tuple[tuple[int, ...], tuple[int, ...]]],  # unused: every group works from the frames
     ) -> EdgeFrames:
-        "Edge frames and slots, computed once per forward pass for all layers."
-        return EdgeFrames(graph, max_degree, invariants)
+        "Edge frames and slots, once per forward pass for all layers (built on first use for inference in blocks)."
+        return EdgeFrames(graph, max_degree, invariants, deferred=_runs_in_blocks(invariants))
+
+    def forward(
+        self,
+        node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
+        edge_feats: Mapping[int, Tensor],  # {l: [E, C_l, 2l+1]}
+        invariants: Tensor,  # [E, C_edge_0 + 1] from `edge_invariants`
+        graph: Graph,
+        geometry: EdgeFrames,  # from `self.geometry`
+        edge_scale: Tensor | None = None,  # [E] per-message factor, e.g. a cutoff envelope
+        *,
+        by_destination: bool = False,  # unpooled: rows in `graph.csr.edge_order` (sorted by destination)
+    ) -> dict[int, Tensor]:  # {l: [N, C_l, 2l+1]} if pool else {l: [E, C_l, 2l+1]}
+        "`TFNConv.forward`; pooled no-grad inference runs in blocks of destination nodes (`so2_inference`)."
+        if self.pool and _runs_in_blocks(invariants):
+            return _pooled_in_blocks(self, node_feats, edge_feats, invariants, graph, edge_scale)
+        return super().forward(
+            node_feats, edge_feats, invariants, graph, geometry, edge_scale, by_destination=by_destination
+        )
 
     def messages(
         self,
@@ -388,6 +533,14 @@ class SO2Conv(TFNConv):
 CONVOLUTIONS = {'so2': SO2Conv, 'reference': TFNConv}  # the backends of the op `conv` (`00a_backends`)
 register('conv', 'so2')
 register('conv', 'reference')
+
+
+def _fused_accepts(device: str | None, dtype: torch.dtype | None) -> str | None:
+    return None if device in (None, 'cpu') and dtype in (None, torch.float32) else "float32 on CPU only"
+
+
+register('so2_inference', 'native', available=lambda: _native_conv()[1], accepts=_fused_accepts)
+register('so2_inference', 'torch')
 
 
 def conv_class() -> type[TFNConv]:

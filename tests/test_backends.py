@@ -36,7 +36,7 @@ def test_every_op_is_registered_by_the_module_named_for_it():
 
 def test_environment_variable(monkeypatch):
     assert parse_backends('') == {}
-    assert parse_backends('torch') == {'so2_product': 'torch', 'segment_attention': 'torch'}
+    assert parse_backends('torch') == {'so2_product': 'torch', 'segment_attention': 'torch', 'so2_inference': 'torch'}
     assert parse_backends('conv=reference, segment_reduce=csr') == {'conv': 'reference', 'segment_reduce': 'csr'}
     assert parse_backends('torch,so2_product=native')['so2_product'] == 'native'  # op=backend beats a bare name
     monkeypatch.setenv('SE3NB_BACKENDS', 'segment_reduce=csr')
@@ -163,7 +163,11 @@ def test_the_report_names_backends_and_reasons(monkeypatch, rules):
     assert "so2_product: last chose torch (cpu, float32)" in lines
     assert "  * cpu, float32: torch (requested by SE3NB_BACKENDS='so2_product=torch')" in lines
     assert "segment_attention: last chose torch (cuda, float16)" in lines
-    assert any("cuda, float16: torch (not triton: triton not installed; automatic choice)" in s for s in lines)
+    assert any(
+        "cuda, float16: torch (not triton: triton not installed; not native: float32 or float64 CPU tensors only; "
+        "automatic choice)" in s
+        for s in lines
+    )
     assert any(s.startswith("    triton     unavailable: triton not installed") for s in lines)
     assert any(s.startswith("    torch      available") or "torch      not checked yet" in s for s in lines)
 
