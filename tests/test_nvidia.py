@@ -414,3 +414,34 @@ def test_nvidia_fiber_and_arguments():
     assert pooled.core.transformer.pooling == "mean" and list(pooled.state_dict())[-1] == "mlp.2.bias"
     with pytest.raises(RuntimeError, match="is part of|only names the parameters"):
         pooled.transformer.graph_modules[0](None)
+
+
+# every public name of se3nb.nvidia before its split into nvidia_inputs, nvidia_modules and nvidia (users import them)
+NVIDIA_API = """MODEL_CLASSES nvidia_key_to_se3nb se3nb_key_to_nvidia int_keys nvidia_pooling is_dgl_graph from_dgl
+to_dgl as_graph nvidia_graph nvidia_inputs ConvertedSE3Transformer ConvertedSE3TransformerPooled nvidia_fuse_level
+build_from_nvidia_kwargs load_nvidia_state_dict from_nvidia to_nvidia_state_dict NVIDIACompatModel FiberEl Fiber
+VersatileConvSE3 ConvSE3 LinearSE3 NormSE3 AttentionBlockSE3 SE3Transformer SE3TransformerPooled
+nvidia_optimizer_state_to_se3nb se3nb_optimizer_state_to_nvidia NVIDIACheckpoint load_nvidia_checkpoint
+save_nvidia_checkpoint""".split()
+
+
+def test_se3nb_nvidia_is_the_one_import_of_its_parts():
+    """`se3nb.nvidia` exports the same names as before the split, as the objects of the modules that define them, and
+    its parts import in one direction: nvidia_inputs <- nvidia_modules <- nvidia (neither part imports se3nb.nvidia)."""
+    import subprocess
+    import sys
+
+    import se3nb.nvidia
+    import se3nb.nvidia_inputs
+    import se3nb.nvidia_modules
+
+    assert sorted(se3nb.nvidia.__all__) == sorted(NVIDIA_API)
+    for part in (se3nb.nvidia_inputs, se3nb.nvidia_modules):
+        assert part.__all__ and set(part.__all__) <= set(se3nb.nvidia.__all__)
+        for name in part.__all__:
+            assert getattr(se3nb.nvidia, name) is getattr(part, name), name
+    code = (
+        "import sys, se3nb.nvidia_modules; "
+        "assert 'se3nb.nvidia' not in sys.modules and 'dgl' not in sys.modules, sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
