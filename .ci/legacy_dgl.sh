@@ -47,7 +47,7 @@ PY
 
 echo "== pytest (DGL interop, checkpoints, core suite, NVIDIA fixtures) on the legacy stack"
 status=0
-python -m pytest -q -rs -p no:cacheprovider tests/test_dgl.py tests/test_nvidia_checkpoints.py tests/test_core.py \
+python -m pytest -q -rs -p no:cacheprovider tests/test_dgl.py tests/test_nvidia_checkpoints.py tests/test_model.py tests/test_conv.py \
   tests/test_nvidia.py tests/test_nvidia_deprecated.py tests/test_protein_design.py "$@" || status=$?
 echo "== legacy leg finished in $(( $(date +%s) - start )) s (pytest exit $status)"
 exit $status

@@ -179,6 +179,37 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.write_text(text)
     tmp.replace(path)  # atomic: a reader never sees half a file
 
+# %% ../nbs/10a_benchmark_suite.ipynb #a1b2c3d4
+def _run_cases(plan: list[tuple[str, Case]], in_process: bool, progress: bool) -> dict[str, list[dict]]:
+    "Each case of the plan, in a fresh process unless `in_process`; results grouped by sweep."
+    from tqdm.auto import tqdm
+
+    results: dict[str, list] = {}
+    for kind, case in tqdm(plan, desc='benchmark cases', disable=not progress):
+        r = run_case(case) if in_process else run_case_in_subprocess(case)
+        r['x'] = _sweep_x(kind, case, r)
+        results.setdefault(kind, []).append(r)
+    return results
+
+
+def _report(device, threads, smoke, conv, results, profiles, out_dir: Path) -> dict:
+    "The suite's JSON report: the machine, every result, the stage profiles and the scaling plots' slopes."
+    machine = machine_info(device)
+    return {
+        'se3nb': machine['se3nb'], 'torch': machine['torch'], 'e3nn': machine['e3nn'], 'device': device,
+        'device_name': machine.get('gpu', machine['cpu_model']), 'threads': threads or machine['threads'],
+        'machine': machine,
+        'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'), 'smoke': smoke, 'conv': conv, 'results': results,
+        'stage_profile_ms': profiles[conv],
+        'stage_profile_reference_ms': profiles.get('reference'),
+        'what_was_timed': WHAT_WAS_TIMED,
+        'nvidia_cpu_comparison': _nvidia_comparison(results.get('nvidia_cpu', [])),
+        'loglog_slopes': {
+            kind: _plot_scaling(results[kind], label, out_dir / f'{kind}.png')
+            for kind, label in SWEEP_LABELS.items() if kind in results
+        },
+    }  # fmt: skip
+
 # %% ../nbs/10a_benchmark_suite.ipynb #15265015
 def run_suite(
     *,
@@ -197,8 +228,6 @@ def run_suite(
     progress: bool = True,
 ) -> dict:
     "Run the benchmark suite (each case in a fresh process) and write `results.json` and plots to `out_dir`."
-    from tqdm.auto import tqdm
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if smoke:
@@ -211,27 +240,9 @@ def run_suite(
         base, train_batches=train_batches, inference_batches=inference_batches, precisions=precisions, steps=steps,
         smoke=smoke, fixture=fixture, scaling=scaling, radius_atoms=radius_atoms,
     )  # fmt: skip
-    results: dict[str, list] = {}
-    for kind, case in tqdm(plan, desc='benchmark cases', disable=not progress):
-        r = run_case(case) if smoke else run_case_in_subprocess(case)  # smoke: in-process, memory not per case
-        r['x'] = _sweep_x(kind, case, r)
-        results.setdefault(kind, []).append(r)
+    results = _run_cases(plan, in_process=smoke, progress=progress)  # smoke: in-process, memory not per case
     profiles = _stage_profiles(base, train_batches[-1], compare_reference=conv == 'so2' and not smoke)
-    machine = machine_info(device)
-    report = {
-        'se3nb': machine['se3nb'], 'torch': machine['torch'], 'e3nn': machine['e3nn'], 'device': device,
-        'device_name': machine.get('gpu', machine['cpu_model']), 'threads': threads or machine['threads'],
-        'machine': machine,
-        'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'), 'smoke': smoke, 'conv': conv, 'results': results,
-        'stage_profile_ms': profiles[conv],
-        'stage_profile_reference_ms': profiles.get('reference'),
-        'what_was_timed': WHAT_WAS_TIMED,
-        'nvidia_cpu_comparison': _nvidia_comparison(results.get('nvidia_cpu', [])),
-        'loglog_slopes': {
-            kind: _plot_scaling(results[kind], label, out_dir / f'{kind}.png')
-            for kind, label in SWEEP_LABELS.items() if kind in results
-        },
-    }  # fmt: skip
+    report = _report(device, threads, smoke, conv, results, profiles, out_dir)
     _plot_stages(profiles, out_dir / 'stage_profile.png')
     _write_atomic(out_dir / 'results.json', json.dumps(report, indent=1))
     return report

@@ -20,7 +20,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 
 from .conv import edge_invariants
 from .fiber import Fiber
-from .graph import Graph, batch_graphs, radius_graph
+from .graph import Graph, batch_graphs, fully_connected, radius_graph
 from .bonds import perceive_bonds
 from .qm9 import ATOMIC_NUMBERS, QM9_ELEMENTS, QM9_NUM_MOLECULES, QM9_TASKS, QM9FormatError, check_task, load_qm9
 
@@ -253,10 +253,8 @@ def xyz_sample(path: str | os.PathLike) -> GraphSample:
     elements, pos = read_xyz(path)
     bonds = torch.from_numpy(perceive_bonds(elements, pos).bonds)  # [m, 3]
     z = torch.tensor([ATOMIC_NUMBERS[e] for e in elements])  # [n]
-    counts = torch.tensor([len(z)]), torch.tensor([len(bonds)])
-    return molecule_sample(
-        molecule_batch(z, torch.from_numpy(pos).float(), bonds, *counts, torch.tensor([float('nan')]))
-    )
+    counts, no_target = (torch.tensor([len(z)]), torch.tensor([len(bonds)])), torch.tensor([float('nan')])
+    return molecule_sample(molecule_batch(z, torch.from_numpy(pos).float(), bonds, *counts, no_target))
 
 # %% ../nbs/08b_data.ipynb #67efec23
 QM9_SPLIT_SIZES = (100_000, 17_748, 13_083)  # NVIDIA's train / validation / test sizes
@@ -324,7 +322,7 @@ class _WithGeometry:
             batch.geometry = self.model.geometry(batch.graph, edge_invariants(batch.graph.rel_pos, batch.edge_feats))
         return batch
 
-
+# %% ../nbs/08b_data.ipynb #2e243cd4
 def _batch_loader(
     dataset: Dataset,
     sampler: Sampler,
@@ -410,24 +408,17 @@ class QM9DataModule(GraphDataModule):
     "QM9 with NVIDIA's features, split and target scaling, built from a `DataConfig`."
 
     def __init__(self, config: DataConfig = DataConfig()):
-        self.config = config
-        num = config.max_molecules or QM9_NUM_MOLECULES
-        train, val, test = qm9_split(num, config.split_seed)
-        train, val, test = train[: config.max_train], val[: config.max_val], test[: config.max_test]
+        self.config = c = config
+        num = c.max_molecules or QM9_NUM_MOLECULES
+        train, val, test = qm9_split(num, c.split_seed)
+        train, val, test = train[: c.max_train], val[: c.max_val], test[: c.max_test]
         subset = None if len(train) + len(val) + len(test) == num else sorted(train + val + test)
-        self.store = load_qm9(
-            config.data_dir,
-            config.max_molecules,
-            positions=subset,
-            cache_dir=config.cache_dir,
-            progress=config.progress,
-        )
+        self.store = load_qm9(c.data_dir, c.max_molecules, positions=subset, cache_dir=c.cache_dir, progress=c.progress)
         if subset is None and len(self.store['num_atoms']) != num:
             raise QM9FormatError(
                 f"expected {num} molecules, the data have {len(self.store['num_atoms'])}: "
                 "pass max_molecules for a shorter copy of QM9"
             )
-        c = config
         options = dict(task=c.task, edges=c.edges, cutoff=c.cutoff, max_neighbours=c.max_neighbours)
         super().__init__(
             *(QM9Dataset(self.store, part, **options) for part in (train, val, test)),
@@ -448,16 +439,12 @@ class PointCloudDataset(Dataset):
         g = torch.Generator().manual_seed(seed)
         self.pos = torch.randn(num_graphs, num_points, 3, generator=g)  # [G, n, 3]
         self.targets = (self.pos - self.pos.mean(1, keepdim=True)).norm(dim=-1).pow(2).mean(1).sqrt()  # [G]
-        n = num_points
-        dst, src = (~torch.eye(n, dtype=torch.bool)).nonzero(as_tuple=True)
-        self.edge_index = torch.stack([src, dst])  # [2, n(n-1)]
 
     def __len__(self) -> int:
         return len(self.pos)
 
     def __getitem__(self, i: int) -> GraphSample:
-        pos = self.pos[i]  # [n, 3]
-        dist = (pos[self.edge_index[1]] - pos[self.edge_index[0]]).norm(dim=-1)  # [e]
-        return GraphSample(
-            pos, self.edge_index, {0: torch.ones(len(pos), 1, 1)}, {0: dist[:, None, None]}, self.targets[i]
-        )
+        graph = fully_connected(self.pos[i])  # [2, n(n-1)] edges
+        dist = graph.rel_pos.norm(dim=-1)  # [n(n-1)]
+        ones = torch.ones(graph.num_nodes, 1, 1)
+        return GraphSample(graph.pos, graph.edge_index, {0: ones}, {0: dist[:, None, None]}, self.targets[i])

@@ -4,6 +4,7 @@ import importlib.util
 
 import pytest
 import torch
+from model_helpers import SMALL_MODEL
 
 from nvidia_fixtures import run_nvidia_fixture
 from se3nb.nvidia import from_nvidia, nvidia_graph, nvidia_key_to_se3nb, to_nvidia_state_dict
@@ -199,21 +200,11 @@ def test_per_degree_norm_is_equivariant():
 
 
 def small_converted_model(**kw):
-    """test_core's small model (degrees 0-3, uneven channels, degree-1 edge features), built the way from_nvidia builds
-    it."""
+    "The core tests' small model (`model_helpers.SMALL_MODEL`), built the way from_nvidia builds it."
     from se3nb.nvidia import ConvertedSE3Transformer
 
     torch.manual_seed(0)
-    args = dict(
-        num_layers=3,
-        fiber_in=Fiber({0: 3, 1: 2, 2: 1, 3: 1}),
-        fiber_hidden=Fiber({0: 8, 1: 4, 2: 12, 3: 4}),
-        fiber_out=Fiber({0: 2, 1: 2, 2: 1, 3: 1}),
-        num_heads=2,
-        channels_div=2,
-        fiber_edge=Fiber({0: 2, 1: 1}),
-    )
-    return ConvertedSE3Transformer(**args, **kw).double()
+    return ConvertedSE3Transformer(**SMALL_MODEL, **kw).double()
 
 
 def small_inputs(model, n=14, cutoff=2.5, seed=1):
@@ -224,7 +215,7 @@ def small_inputs(model, n=14, cutoff=2.5, seed=1):
 
 
 def test_string_keys_round_trip():
-    """Moved from test_core.py: NVIDIA's string keys give the same outputs, keyed by strings (now through
+    """Moved from the core's model tests: NVIDIA's string keys give the same outputs, keyed by strings (now through
     se3nb.nvidia)."""
     model = small_converted_model()
     graph, nf, ef = small_inputs(model)

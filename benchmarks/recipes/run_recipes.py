@@ -55,14 +55,10 @@ SMOKE = ['--max-train', '2000', '--max-test', '500', '--max-val', '200']  # --sm
 
 
 def cpu_model() -> str:
-    "The CPU's model name (`/proc/cpuinfo`), which every result records: another CPU shifts every figure."
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    "The CPU's model name, which every result records: another CPU shifts every figure."
+    from se3nb.benchmark import machine_info
+
+    return machine_info()['cpu_model']
 
 
 def git_commit() -> str | None:

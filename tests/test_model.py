@@ -1,54 +1,15 @@
-"""Properties of the se3nb core: equivariance, invariances, gradients, batching, degenerate graphs, bad input, precision."""
+"""se3nb.model: equivariance, invariances, batching, degenerate graphs, gradients, low memory, precision, bad input."""
 
 import pytest
 import torch
 
+from model_helpers import F64, random_inputs, small_model
 from se3nb.basis import Bases
-from se3nb.conv import (
-    FUSE_LEVELS,
-    edge_invariants,
-    radial_kernel_product,
-    radial_kernel_product_reference,
-    random_features,
-)
-from se3nb.attention import AttentionBlock
-from se3nb.so2 import conv_class
-from se3nb.backends import override
+from se3nb.conv import FUSE_LEVELS, random_features
 from se3nb.equivariance import equivariance_error, translation_error
 from se3nb.fiber import Fiber
 from se3nb.graph import Graph, batch_graphs, fully_connected, radius_graph, unbatch
 from se3nb.model import SE3Transformer, SE3TransformerPooled
-from se3nb.norm import NormNonlinearity
-
-F64 = torch.float64
-
-
-def small_model(dtype=F64, conv=None, **kw):
-    torch.manual_seed(0)
-    args = dict(
-        num_layers=3,
-        fiber_in=Fiber({0: 3, 1: 2, 2: 1, 3: 1}),
-        fiber_hidden=Fiber({0: 8, 1: 4, 2: 12, 3: 4}),
-        fiber_out=Fiber({0: 2, 1: 2, 2: 1, 3: 1}),
-        num_heads=2,
-        channels_div=2,
-        fiber_edge=Fiber({0: 2, 1: 1}),
-    )
-    args.update(kw)
-    with override(conv=conv):  # None: the registry's choice (`00a_backends`)
-        return SE3Transformer(**args).to(dtype)
-
-
-def random_inputs(model, n=14, cutoff=2.5, dtype=F64, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    pos = (torch.randn(n, 3, generator=g, dtype=F64) * 1.3).to(dtype)
-    graph = radius_graph(pos, cutoff)
-    return (
-        pos,
-        graph,
-        random_features(model.fiber_in, n, dtype=dtype, generator=g),
-        random_features(model.fiber_edge, graph.num_edges, dtype=dtype, generator=g),
-    )
 
 
 @pytest.mark.parametrize("conv", ["so2", "reference"])
@@ -162,54 +123,6 @@ def test_smooth_cutoff_is_continuous_and_default_is_not():
     assert smooth_steps < 1e-3
 
 
-@pytest.mark.parametrize("backend", ["so2", "reference"])
-def test_gradcheck_conv_attention_norm(backend):
-    torch.manual_seed(0)
-    fin, fout, fedge = Fiber({0: 2, 1: 2, 2: 1}), Fiber({0: 2, 1: 2, 2: 2}), Fiber({0: 1, 1: 1})
-    pos = torch.randn(5, 3, dtype=F64)
-    graph = fully_connected(pos)
-    ef = random_features(fedge, graph.num_edges, dtype=F64)
-    inv = edge_invariants(graph.rel_pos, ef)
-    with override(conv=backend):
-        conv = conv_class()(fin, fout, fedge, self_interaction=True).double()
-        block = AttentionBlock(fin, fout, fedge, num_heads=1).double()
-    bases = conv.geometry(graph, inv, 2, list(conv.groups.values()) + list(block.to_key_value.groups.values()))
-    norm = NormNonlinearity(Fiber({0: 2, 1: 3, 2: 2})).double()
-    x = random_features(fin, 5, dtype=F64)
-
-    def as_fn(module_call, feats):
-        keys = sorted(feats)
-
-        def f(*xs):
-            out = module_call(dict(zip(keys, xs)))
-            return tuple(out[l] for l in sorted(out))
-
-        return f, tuple(feats[l].clone().requires_grad_() for l in keys)
-
-    for call, feats in (
-        (lambda f: conv(f, ef, inv, graph, bases), x),
-        (lambda f: block(f, ef, inv, graph, bases), x),
-        (norm, random_features(norm.fiber, 5, dtype=F64)),
-    ):
-        f, inputs = as_fn(call, feats)
-        assert torch.autograd.gradcheck(f, inputs)
-
-
-def test_fast_radial_product_matches_reference():
-    g = torch.Generator().manual_seed(0)
-    h, w, t = (
-        torch.randn(300, 7, dtype=F64, generator=g),
-        torch.randn(4 * 30, 7, dtype=F64, generator=g),
-        torch.randn(300, 5, 30, dtype=F64, generator=g),
-    )
-    args = [a.requires_grad_() for a in (h, w, t)]
-    y, y_ref = radial_kernel_product(*args), radial_kernel_product_reference(*args)
-    assert (y - y_ref).abs().max() < 1e-10
-    gy = torch.randn_like(y)
-    for a, b in zip(torch.autograd.grad(y, args, gy), torch.autograd.grad(y_ref, args, gy)):
-        assert (a - b).abs().max() < 1e-10
-
-
 def test_low_memory_gradients_equal_default():
     model = small_model()
     lm = small_model(low_memory=True)
@@ -279,73 +192,3 @@ def test_bad_inputs_give_clear_errors():
         small_model(conv='reference')(graph, nf, ef, Bases(graph.rel_pos[:5], 3))
     with pytest.raises(ValueError, match="unknown conv backend 'fast'; the conv backends are so2, reference"):
         small_model(conv='fast')
-
-
-def _random_multigraph(num_nodes=9, num_edges=40, seed=0):
-    "Random directed edges with duplicates, self loops and nodes without incoming edges (node 0 never receives)."
-    g = torch.Generator().manual_seed(seed)
-    src = torch.randint(0, num_nodes, (num_edges,), generator=g)
-    dst = torch.randint(1, num_nodes, (num_edges,), generator=g)
-    return Graph(torch.stack([src, dst]), num_nodes, pos=torch.randn(num_nodes, 3, dtype=torch.float64, generator=g))
-
-
-def test_destination_csr_matches_scatter_segment_operations():
-    from se3nb.graph import DestinationCSR, segment_max, segment_sum
-
-    graph = _random_multigraph()
-    csr = graph.csr
-    order, dst, N = csr.edge_order, graph.dst, graph.num_nodes
-    assert torch.equal(torch.sort(order).values, torch.arange(graph.num_edges))  # a permutation
-    assert torch.equal(csr.dst, dst[order]) and (csr.dst[1:] >= csr.dst[:-1]).all()
-    x = torch.randn(graph.num_edges, 3, 2, dtype=torch.float64, requires_grad=True)
-    s = (torch.randn(graph.num_edges, 4, dtype=torch.float64) * 30).requires_grad_()
-    u = torch.rand(graph.num_edges, dtype=torch.float64)
-    torch.testing.assert_close(csr.sum(x[order]), segment_sum(x, dst, N), atol=1e-12, rtol=0)
-    assert (csr.sum(x[order])[0] == 0).all()  # no incoming edges
-    plain = torch.exp(s - segment_max(s, dst, N)[dst])  # the softmax by its definition, in the graph's edge order
-    torch.testing.assert_close(
-        csr.softmax(s[order]), (plain / segment_sum(plain, dst, N)[dst])[order], atol=1e-12, rtol=0
-    )
-    e = u[:, None] * torch.exp(s - segment_max(s, dst, N)[dst])
-    enveloped = u[:, None] * e / (segment_sum(e, dst, N)[dst] + 1e-12)  # the formula of 05_attention, shifted per node
-    torch.testing.assert_close(csr.softmax(s[order], u[order]), enveloped[order], atol=1e-12, rtol=1e-10)
-    assert torch.autograd.gradcheck(lambda s: csr.softmax(s, u[order]), (s[order].detach().requires_grad_(),))
-    assert torch.autograd.gradcheck(csr.sum, (x[order].detach().requires_grad_(),))
-    # the GPU branch (segment_reduce, no atomics) computes the same on CPU tensors
-    from se3nb.graph import _csr_reduce
-
-    torch.testing.assert_close(_csr_reduce(x[order], csr.in_degree, 'sum'), segment_sum(x, dst, N), atol=1e-12, rtol=0)
-    torch.testing.assert_close(_csr_reduce(s[order], csr.in_degree, 'max'), segment_max(s, dst, N), atol=0, rtol=0)
-    assert torch.autograd.gradcheck(
-        lambda x: _csr_reduce(x, csr.in_degree, 'sum'), (x[order].detach().requires_grad_(),)
-    )
-    empty = DestinationCSR(torch.zeros(0, dtype=torch.long), 3)
-    assert empty.sum(torch.zeros(0, 2)).shape == (3, 2) and empty.softmax(torch.zeros(0, 2)).shape == (0, 2)
-
-
-@pytest.mark.parametrize("backend", ['so2', 'reference'])
-def test_messages_by_destination_are_the_graph_order_permuted(backend):
-    from se3nb.attention import SE3Attention
-
-    torch.manual_seed(0)
-    graph = _random_multigraph()
-    fin, fout, fedge = Fiber({0: 3, 1: 2}), Fiber({0: 4, 1: 4}), Fiber({0: 2})
-    with override(conv=backend):
-        conv = conv_class()(fin, fout, fedge, pool=False, self_interaction=True).double()
-    x, e = (
-        random_features(fin, graph.num_nodes, dtype=torch.float64),
-        random_features(fedge, graph.num_edges, dtype=torch.float64),
-    )
-    inv = edge_invariants(graph.rel_pos, e)
-    geometry = conv.geometry(graph, inv, 1, list(conv.groups.values()))
-    order = graph.csr.edge_order
-    plain, sorted_ = conv(x, e, inv, graph, geometry), conv(x, e, inv, graph, geometry, by_destination=True)
-    for l in fout.degrees:
-        torch.testing.assert_close(sorted_[l], plain[l][order], atol=1e-12, rtol=0)
-    attention = SE3Attention(2, fout, fout)
-    u = torch.rand(graph.num_edges, dtype=torch.float64)
-    q = random_features(fout, graph.num_nodes, dtype=torch.float64)
-    a = attention(plain, plain, q, graph, u)
-    b = attention(sorted_, sorted_, q, graph, u[order], edges_by_destination=True)
-    for l in fout.degrees:
-        torch.testing.assert_close(a[l], b[l], atol=1e-12, rtol=0)

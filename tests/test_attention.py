@@ -1,0 +1,34 @@
+"""se3nb.attention: attention weights form a distribution over each node's incoming edges; heads split channels."""
+
+import pytest
+import torch
+
+from se3nb.attention import SE3Attention
+from se3nb.conv import random_features
+from se3nb.fiber import Fiber
+from se3nb.graph import Graph
+
+F64 = torch.float64
+
+
+def test_attention_averages_values_with_weights_that_sum_to_one():
+    torch.manual_seed(0)
+    edge_index = torch.tensor([[1, 2, 3, 0, 0], [0, 0, 0, 1, 2]])  # node 3 receives nothing
+    graph = Graph(edge_index, 4, pos=torch.randn(4, 3, dtype=F64))
+    fv, fk = Fiber({0: 4, 1: 2}), Fiber({0: 4, 1: 2})
+    attention = SE3Attention(2, fk, fv)
+    keys = random_features(fk, graph.num_edges, dtype=F64)
+    query = random_features(fk, graph.num_nodes, dtype=F64)
+    same = random_features(fv, graph.num_nodes, dtype=F64)  # every incoming edge of a node carries its node's value
+    values = {l: x[graph.dst] for l, x in same.items()}
+    out = attention(values, keys, query, graph)
+    for l in fv.degrees:  # a convex combination of equal values is that value
+        torch.testing.assert_close(out[l][:3], same[l][:3], atol=1e-12, rtol=0)
+        assert (out[l][3] == 0).all()  # no incoming edges: nothing
+    scaled = attention({l: 2 * x for l, x in values.items()}, keys, query, graph)
+    torch.testing.assert_close(scaled[0], 2 * out[0], atol=1e-12, rtol=0)  # linear in the values
+
+
+def test_heads_must_divide_the_channels():
+    with pytest.raises(ValueError, match=r"key channels \{0: 3\} must be divisible by num_heads=2 \(degrees \[0\]"):
+        SE3Attention(2, Fiber({0: 3}), Fiber({0: 2}))
