@@ -222,22 +222,19 @@ class EdgeFrames:
         lone[b] = False
         ids = torch.arange(self.num_edges, device=zero.device)
         singles, zeros = ids[lone & ~zero], ids[zero]
-        first, second = torch.cat([a, singles, zeros]), torch.cat([b, singles, zeros])  # [P], [P]
-        self.num_slots, self.num_zero = first.shape[0], zeros.shape[0]  # zero-length slots come last
-        self.first = first  # [P] the edge whose invariants feed the radial MLP
-        self.slot_edges = torch.stack([first, second], 1).flatten()  # [2P]
-        position = torch.empty_like(ids)
-        rows = 2 * torch.arange(self.num_slots, device=ids.device)  # [P]
-        position[second] = rows + 1
-        position[first] = rows  # a lone edge keeps its first row
-        self.position = position  # [E] slot row of each edge
-        self.src = graph.src[self.slot_edges]  # [2P]
-        Ds = wigner_D(R[self.slot_edges], max_degree)  # [2P, 2l+1, 2l+1] per degree
+        self.num_pairs, self.num_zero = a.shape[0], zeros.shape[0]  # pair slots first, zero-length slots last
+        self.first = torch.cat([a, singles, zeros])  # [P] the edge whose invariants feed the radial MLP
+        self.num_slots = self.first.shape[0]
+        self.second = b  # [P_pairs] the partner of each pair
+        self.slot_edges = torch.cat([torch.stack([a, b], 1).flatten(), singles, zeros])  # [E] the edge of each row
+        self.position = torch.empty_like(ids).index_copy_(0, self.slot_edges, ids)  # [E] row of each edge
+        self.src = graph.src[self.slot_edges]  # [E]
+        Ds = wigner_D(R[self.slot_edges], max_degree)  # [E, 2l+1, 2l+1] per degree, in row order
         self.D_in, self.D_out = [], []
         for l, D in enumerate(Ds):
             by_m, extended, signs = _m_rows(l)
-            self.D_in.append(D[:, extended] * D.new_tensor(signs)[:, None])  # [2P, 4l+1, 2l+1]
-            self.D_out.append(D[:, by_m].contiguous())  # [2P, 2l+1, 2l+1]
+            self.D_in.append(D[:, extended] * D.new_tensor(signs)[:, None])  # [E, 4l+1, 2l+1]
+            self.D_out.append(D[:, by_m].contiguous())  # [E, 2l+1, 2l+1]
 
     def to(self, device: torch.device | str) -> "EdgeFrames":
         "Move every tensor to `device` (e.g. frames built in a data loader worker)."
@@ -255,81 +252,84 @@ class EdgeFrames:
 
     def to_edges(
         self,
-        rows: Tensor,  # [2P, ...] values per slot row
+        rows: Tensor,  # [E, ...] values per row (pairs, lone edges, zero-length edges)
         order: Tensor | None = None,  # [E] edge ids to return, e.g. sorted by destination; None: all, in graph order
     ) -> Tensor:  # [E, ...]
         "Back from the slot layout to edges (one gather, so any order costs the same)."
         return rows.index_select(0, self.position if order is None else self.position[order])
 
     def __repr__(self) -> str:
-        return f"EdgeFrames({self.num_edges} edges in {self.num_slots} slots, {self.num_zero} of length 0, max_degree={self.max_degree})"
+        slots = f"{self.num_slots} slots ({self.num_pairs} pairs, {self.num_zero} of length 0)"
+        return f"EdgeFrames({self.num_edges} edges in {slots}, max_degree={self.max_degree})"
 
 # %% ../nbs/04a_so2.ipynb #a4a49ce6
+def _slot_groups(
+    geometry: EdgeFrames,
+) -> list[tuple[int, int, int, bool]]:  # (first slot, slots, rows per slot, zero length) of pairs, lone, zero-length
+    pairs, zeros = geometry.num_pairs, geometry.num_zero
+    lone = geometry.num_slots - pairs - zeros
+    groups = [(0, pairs, 2, False), (pairs, lone, 1, False), (pairs + lone, zeros, 1, True)]
+    return [g for g in groups if g[1]] or groups[1:2]  # no edges: one empty group, so every output degree exists
+
+
 def so2_messages(
     plans: Mapping[str, SO2Plan],  # per kernel group
     hidden: Mapping[str, Tensor],  # per group: [P, H] last hidden layer of the radial MLP per slot
     weights: Mapping[str, Tensor],  # per group: [C_out*C_in*F, H] last radial layer
-    inputs: Mapping[int, Tensor],  # {l: [2P, C_l, 2l+1]} input features per slot row (global frame)
+    inputs: Mapping[int, Tensor],  # {l: [E, C_l, 2l+1]} input features per row (`geometry.slot_edges`, global frame)
     geometry: EdgeFrames,
-    hidden_second: Mapping[str, Tensor] | None = None,  # per group: [P, H] from the second edges' invariants
+    hidden_second: Mapping[str, Tensor] | None = None,  # per group: [P_pairs, H] from the partners' invariants
     order: Tensor | None = None,  # [E] edge ids: the rows of the result (None: the graph's edge order)
 ) -> dict[int, Tensor]:  # {l: [E, C_out, 2l+1]} messages per edge (global frame)
-    """TFN messages computed in the edge frames, where each kernel is one small SO(2) map per order m. Pass `hidden_second`
-    when gradients with respect to the invariants are needed: values are shared, gradients then reach each edge's own."""
-    P, nz = geometry.num_slots, geometry.num_zero
-    # rows of each order m: [1] for m = 0, [+m, -m | -(-m), +m] after; `split` (not slicing) so backward is one `cat`, not a zero fill per m
+    """TFN messages computed in the edge frames, where each kernel is one small SO(2) map per order m. Pass
+    `hidden_second` when gradients with respect to the invariants are needed: values are shared, gradients then reach
+    each edge's own."""
+    E, groups = geometry.num_edges, _slot_groups(geometry)
+    # rows of each order m: [1] for m = 0, [+m, -m | -(-m), +m] after; `split` (not slicing): backward is one `cat`
     x_frame = {
         l: torch.split(geometry.D_in[l].to(x.dtype) @ x.transpose(1, 2), [1] + [4] * l, dim=1)
         for l, x in inputs.items()
-    }  # {l: per m [2P, 1 or 4, C_l]}
-    x_blocks: dict[tuple, Tensor] = {}  # per (m, input degrees): [P, 2s, sI]; shared by groups with the same inputs
-    by_degree: dict[int, dict[int, Tensor]] = {}  # {l_out: {m: [P, 2, s, C_out]}}
+    }  # {l: per m [E, 1 or 4, C_l]}
+    x_blocks: dict[tuple, Tensor] = {}  # per (m, input degrees): [E, s, sI]; shared by groups with the same inputs
+    by_degree: dict[int, dict[int, Tensor]] = {}  # {l_out: {m: [E, s, C_out]}}
     for name, plan in plans.items():
         xs = []
         for m, s, los, lis, O, I in plan.blocks:
             if (m, tuple(lis)) not in x_blocks:
                 parts = torch.cat(
-                    [x_frame[l][m].view(2 * P, s, s, inputs[l].shape[1]) for l in lis], -1
-                )  # [2P, part, comp, (l, c)]
-                x_blocks[m, tuple(lis)] = (
-                    parts.view(P, 2, s, s, I // s).transpose(2, 3).reshape(P, 2 * s, I)
-                )  # [P, 2s, sI]
+                    [x_frame[l][m].view(E, s, s, inputs[l].shape[1]) for l in lis], -1
+                )  # [E, part, comp, (l, c)]
+                x_blocks[m, tuple(lis)] = parts.transpose(1, 2).reshape(E, s, I)  # [E, comp, (part, l, c)]
             xs.append(x_blocks[m, tuple(lis)])
         dtype = xs[0].dtype  # under autocast: the low-precision dtype of the rotated inputs
         h, W = hidden[name].to(dtype), weights[name]
         h2 = None if hidden_second is None else hidden_second[name].to(dtype)
-
+        ys_groups, row = [], 0
         with torch.autocast(h.device.type, enabled=False):
-            if nz:  # zero-length slots (last) have their own fold
-                main, zero = zip(
-                    *[torch.split(t, [P - nz, nz]) if t is not None else (None, None) for t in (h, h2, *xs)]
-                )
-                ys = [
-                    torch.cat(pair)
-                    for pair in zip(
-                        so2_product(main[0], plan.fold(W), main[2:], sizes=plan.block_sizes, h_second=main[1]),
-                        so2_product(
-                            zero[0], plan.fold(W, zero_length=True), zero[2:], sizes=plan.block_sizes, h_second=zero[1]
-                        ),
-                    )
-                ]  # [P, 2s, O]
-            else:
-                ys = so2_product(h, plan.fold(W), xs, sizes=plan.block_sizes, h_second=h2)  # [P, 2s, O]
+            for slot0, slots, rows, zero_length in groups:  # pairs: 2 rows per slot; lone, zero-length: 1
+                x_slots = [x[row : row + rows * slots].reshape(slots, rows * x.shape[1], x.shape[2]) for x in xs]
+                ys = so2_product(
+                    h[slot0 : slot0 + slots],
+                    plan.fold(W, zero_length=zero_length),
+                    x_slots,
+                    sizes=plan.block_sizes,
+                    h_second=h2 if rows == 2 else None,
+                )  # per m-block [slots, rows * s, O]
+                ys_groups.append([y.view(rows * slots, y.shape[1] // rows, y.shape[2]) for y in ys])  # [rows, s, O]
+                row += rows * slots
+        ys = [torch.cat(group) if len(group) > 1 else group[0] for group in zip(*ys_groups)]  # per m-block [E, s, O]
         C = plan.channels_out
         for (m, s, los, lis, O, I), y in zip(plan.blocks, ys):
-            for l, part in zip(los, torch.split(y, C, dim=2)):
-                part = part.view(P, 2, s, C)  # [P, slot row, component, C_out]
+            for l, part in zip(los, torch.split(y, C, dim=2)):  # [E, s, C_out]
                 acc = by_degree.setdefault(l, {})
                 acc[m] = acc[m] + part if m in acc else part
     out = {}
     for l, parts in by_degree.items():
         C = parts[0].shape[-1]
         y = torch.cat(
-            [parts[m] if m in parts else parts[0].new_zeros(P, 2, 2, C) for m in range(l + 1)], 2
-        )  # [P, 2, 2l+1, C]
-        y = y.view(2 * P, degree_to_dim(l), C).transpose(1, 2) @ geometry.D_out[l].to(
-            y.dtype
-        )  # [2P, C, 2l+1] global frame
+            [parts[m] if m in parts else parts[0].new_zeros(E, 2, C) for m in range(l + 1)], 1
+        )  # [E, 2l+1, C]
+        y = y.transpose(1, 2) @ geometry.D_out[l].to(y.dtype)  # [E, C, 2l+1] global frame
         out[l] = geometry.to_edges(y, order)  # [E, C, 2l+1]
     return out
 
@@ -506,7 +506,7 @@ class SO2Conv(TFNConv):
             )
         inputs = {}
         for l in self.fiber_in.degrees:
-            x = node_feats[l].index_select(0, geometry.src)  # [2P, C_l, 2l+1]
+            x = node_feats[l].index_select(0, geometry.src)  # [E, C_l, 2l+1] in row order
             if l > 0 and l in edge_feats:
                 x = torch.cat([x, edge_feats[l].index_select(0, geometry.slot_edges)], 1)
             inputs[l] = x
@@ -516,8 +516,7 @@ class SO2Conv(TFNConv):
         second = None  # gradients for the invariants themselves (edge features, positions) must reach each edge's own
         if invariants.requires_grad:
             second = {
-                name: self.radial[name].hidden(invariants.index_select(0, geometry.slot_edges[1::2]))
-                for name in self.groups
+                name: self.radial[name].hidden(invariants.index_select(0, geometry.second)) for name in self.groups
             }
         return so2_messages(
             self.plans,
