@@ -24,6 +24,7 @@ from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import se3nb
+from .backends import backend_report
 from .data import DataConfig, GraphDataModule, QM9DataModule
 from .model import ModelConfig, SE3TransformerPooled
 from .qm9 import atomic_torch_save
@@ -177,6 +178,7 @@ def _start_run(
 ) -> _Run:
     "Seed, build the model, its optimization and the loader, and resume from the checkpoint if asked."
     seed_everything(config.seed)
+    backend_report(check=True)  # builds the C++ kernels now if this machine has not yet: before the training clock runs
     net = (model if model is not None else SE3TransformerPooled.from_config(model_config)).to(runtime.device)
     data.use_geometry_of(net)  # what the loader precomputes must fit this model
     ddp = net
