@@ -6,22 +6,13 @@
 __all__ = ['so2_product']
 
 # %% ../nbs/03b_so2_product.ipynb #121b4a9a
-import hashlib
-import importlib.util
-import re
-import shutil
-import os
-import sys
 import threading
-import warnings
 from collections.abc import Sequence
-from functools import lru_cache
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .backends import choose, register
+from .backends import choose, load_extension, register
 
 # %% ../nbs/03b_so2_product.ipynb #54434cf0
 _WORKSPACE = threading.local()  # per thread, so concurrent products never share a buffer
@@ -108,55 +99,9 @@ def _backward_torch(h, w, x, gy, grad_hs, grad_w, *, split: bool, low: bool) -> 
                 grad_w.addmm_(g.T, hc, beta=0 if first else 1)
     return gx
 
-# %% ../nbs/03b_so2_product.ipynb #09fa2d38
-_CFLAGS = ['-O3', '-mavx512f', '-mavx512dq', '-mfma', '-fopenmp']
-_SOURCES = ('so2_product.cpp',)  # in se3nb/csrc
-
-
-def _source_paths() -> list[Path]:  # the kernels' C++ files inside the installed package
-    package = Path(importlib.util.find_spec('se3nb').origin).parent
-    return [package / 'csrc' / name for name in _SOURCES]
-
-
-def _extension_name(paths: Sequence[Path]) -> str:
-    "One build per torch version (the C++ ABI) and per content of the sources and flags: stale builds are never loaded."
-    digest = hashlib.sha256(' '.join(_CFLAGS).encode())
-    for path in paths:
-        digest.update(path.read_bytes())
-    torch_tag = re.sub(r'\W', '_', torch.__version__)
-    return f"se3nb_so2_product_torch{torch_tag}_{digest.hexdigest()[:12]}"
-
 # %% ../nbs/03b_so2_product.ipynb #0dbf2693
-def _build_problem(paths: Sequence[Path]) -> str | None:  # why the kernels cannot be built here, or None
-    capability = torch.backends.cpu.get_cpu_capability()
-    if not capability.startswith('AVX512'):
-        return f"no AVX-512 (torch reports CPU capability {capability})"
-    missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
-        return f"sources missing: {missing} (reinstall se3nb)"
-    compiler = os.environ.get('CXX', 'c++')
-    if shutil.which(compiler) is None:
-        return f"compiler missing: no {compiler} on PATH (install g++, or set CXX)"
-    from torch.utils.cpp_extension import is_ninja_available
-
-    return None if is_ninja_available() else "ninja missing (`pip install ninja`)"
-
-
-@lru_cache(maxsize=None)
 def _native_so2():  # (the kernels so2_forward, so2_grad_x, so2_grad_theta, so2_grad_h, None), or (None, why not)
-    paths = _source_paths()
-    problem = _build_problem(paths)
-    if problem is not None:
-        return None, problem
-    from torch.utils.cpp_extension import load
-
-    print("se3nb: loading the fused SO(2) CPU kernels (compiled on first use, 30-60 s)", file=sys.stderr, flush=True)
-    try:
-        module = load(_extension_name(paths), [str(p) for p in paths], extra_cflags=_CFLAGS, extra_ldflags=['-fopenmp'])
-        return module, None
-    except Exception as error:  # a failed build: the torch products compute the same
-        warnings.warn(f"se3nb: the fused SO(2) CPU kernels did not build, using torch's products ({error})")
-        return None, f"build failed: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
+    return load_extension('so2_product.cpp', 'avx512')  # cached: compiled once, loaded once per process
 
 # %% ../nbs/03b_so2_product.ipynb #1c66255b
 def _native_accepts(device: str | None, dtype: torch.dtype | None) -> str | None:

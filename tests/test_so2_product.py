@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import se3nb.so2_product as sp
-from se3nb.backends import choose, override
+from se3nb.backends import choose, extension_name, override
 from se3nb.benchmark import random_molecule_batch
 from se3nb.conv import edge_invariants, random_features
 from se3nb.fiber import Fiber
@@ -164,40 +164,19 @@ def test_fused_cpu_kernels_can_be_switched_off(monkeypatch):
         choose('so2_product', device='cpu', dtype=F64)
 
 
-def test_extension_name_follows_torch_and_the_sources(tmp_path):
-    source = tmp_path / 'so2_product.cpp'
-    source.write_bytes(sp._source_paths()[0].read_bytes())
-    name = sp._extension_name([source])
-    assert name.startswith('se3nb_so2_product_torch' + torch.__version__.replace('.', '_').replace('+', '_'))
-    assert name == sp._extension_name([source])  # the same sources: the same build
-    source.write_text(source.read_text() + '\n// a changed kernel\n')
-    assert sp._extension_name([source]) != name  # never a stale binary
-
-
-def test_build_problems_are_reported(monkeypatch, tmp_path):
-    paths = sp._source_paths()
-    assert all(p.is_file() for p in paths), paths
-    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX2')
-    assert sp._build_problem(paths) == "no AVX-512 (torch reports CPU capability AVX2)"
-    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX512')
-    assert sp._build_problem([tmp_path / 'gone.cpp']).startswith("sources missing: ")
-    monkeypatch.setenv('CXX', 'no-such-compiler-xyz')
-    assert sp._build_problem(paths) == "compiler missing: no no-such-compiler-xyz on PATH (install g++, or set CXX)"
-
-
 @pytest.mark.slow
 def test_kernels_build_from_the_package_sources_in_an_empty_extension_dir(tmp_path):
     "A fresh clone or install: nothing cached, the kernels compile from se3nb/csrc and load (a minute on 2 cores)."
     _native_kernels()  # skips where they cannot build
     code = (
-        "import se3nb.so2_product as sp; m, why = sp._native_so2(); assert m is not None, why; "
-        "print(m.__file__); print(sp._source_paths()[0])"
+        "import se3nb.so2_product as sp, se3nb.backends as b; m, why = sp._native_so2(); assert m is not None, why; "
+        "print(m.__file__); print(b._source_path('so2_product.cpp'))"
     )
     env = {**os.environ, 'TORCH_EXTENSIONS_DIR': str(tmp_path)}
     out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     built, source = (Path(line) for line in out.stdout.split())
-    assert built.is_relative_to(tmp_path) and built.name.startswith(sp._extension_name([source]))
+    assert built.is_relative_to(tmp_path) and built.name.startswith(extension_name(source, 'avx512'))
     assert source == REPO / 'se3nb' / 'csrc' / 'so2_product.cpp' or source.parent.name == 'csrc'
 
 
@@ -221,7 +200,7 @@ def test_the_wheel_ships_the_kernel_sources(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     (wheel,) = tmp_path.glob('se3nb-*.whl')
     names = zipfile.ZipFile(wheel).namelist()
-    assert {f'se3nb/csrc/{name}' for name in sp._SOURCES} <= set(names), [n for n in names if 'csrc' in n]
+    assert 'se3nb/csrc/so2_product.cpp' in names, [n for n in names if 'csrc' in n]
 
 
 def test_so2_product_checks_its_inputs():
