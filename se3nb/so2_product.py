@@ -6,13 +6,15 @@
 __all__ = ['so2_product']
 
 # %% ../nbs/03b_so2_product.ipynb #121b4a9a
+import sys
 import threading
+import time
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from .backends import choose, load_extension, register
+from .backends import choose, cpu_id, cpu_isa, load_extension, read_tuning, record_tuning, register
 
 # %% ../nbs/03b_so2_product.ipynb #54434cf0
 _WORKSPACE = threading.local()  # per thread, so concurrent products never share a buffer
@@ -100,8 +102,97 @@ def _backward_torch(h, w, x, gy, grad_hs, grad_w, *, split: bool, low: bool) -> 
     return gx
 
 # %% ../nbs/03b_so2_product.ipynb #0dbf2693
-def _native_so2():  # (the kernels so2_forward, so2_grad_x, so2_grad_theta, so2_grad_h, None), or (None, why not)
-    return load_extension('so2_product.cpp', 'avx512')  # cached: compiled once, loaded once per process
+_VECTOR_WIDTH = {'avx512': 16, 'avx2': 8}  # floats per register of each instruction set of CPU_ISAS
+
+
+def _native_so2():  # (the kernels for this CPU's instruction set, None), or (None, why not)
+    return load_extension('so2_product.cpp', cpu_isa() or 'avx2')  # cached: compiled once, loaded once per process
+
+
+def _native_shape_ok(
+    rows: int, I: int, H: int
+) -> bool:  # at most 4 rows, I and H multiples of the vector width, H <= 8 of it
+    width = _VECTOR_WIDTH.get(cpu_isa(), 16)
+    return rows <= 4 and I % width == 0 and H % width == 0 and H <= 8 * width
+
+
+def _theta(w: Tensor, O: int, I: int) -> Tensor:  # [O, H, I] one m-block of the folded weights, i contiguous
+    return w.view(O, I, -1).transpose(1, 2).contiguous()
+
+# %% ../nbs/03b_so2_product.ipynb #6dc1ecf3
+_TUNE_SLOTS = 512  # slots of the synthetic m-block the candidates are timed on
+
+
+def _seconds(run, repeats: int = 3) -> float:  # the best of `repeats` timed calls, after one untimed call
+    run()
+    best = float('inf')
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _fastest(candidates: dict) -> tuple:  # (the key of the fastest call, its seconds)
+    times = {key: _seconds(run) for key, run in candidates.items()}
+    best = min(times, key=times.get)
+    return best, times[best]
+
+# %% ../nbs/03b_so2_product.ipynb #33eb343f
+def _tune(native, R: int, O: int, I: int, H: int, split: bool) -> dict:  # the fastest parameters, and native vs torch
+    g, P = torch.Generator().manual_seed(0), _TUNE_SLOTS
+    h, x = torch.rand(P, H, generator=g), torch.randn(P, R, I, generator=g)  # [P, H], [P, R, I]
+    w, gy = torch.randn(O * I, H, generator=g) / H**0.5, torch.randn(P, R, O, generator=g)  # [O*I, H], [P, R, O]
+    theta, w3, variants = _theta(w, O, I), w.view(O, I, H), range(native.variants())  # [O, H, I], [O, I, H]
+    fwd, fwd_s = _fastest(
+        {(v, t): lambda v=v, t=t: native.so2_forward(h, theta, x, v, t, 64) for v in variants for t in {1, 4, O}}
+    )
+    gx, gx_s = _fastest(
+        {(v, t): lambda v=v, t=t: native.so2_grad_x(h, theta, gy, v, t, 64) for v in variants for t in {8, 16, O}}
+    )
+    gw, gw_s = _fastest({c: lambda c=c: native.so2_grad_w(h, x, gy, c) for c in (16, 64, 256)})
+    gh, gh_s = _fastest({b: lambda b=b: native.so2_grad_h(w3, x, gy, split, b) for b in {2, 8, O}})
+    torch_fwd = _seconds(lambda: _forward_torch(h, w, x, O))
+    grad_hs, grad_w = [torch.zeros(P, H) for _ in range(1 + split)], torch.empty_like(w)
+    torch_bwd = _seconds(lambda: _backward_torch(h, w, x, gy, grad_hs, grad_w, split=split, low=False))
+    return {
+        'forward': list(fwd),
+        'grad_x': list(gx),
+        'grad_w': gw,
+        'grad_h': gh,  # (variant, tile) or block sizes
+        'ms': {'forward': [fwd_s * 1e3, torch_fwd * 1e3], 'backward': [(gx_s + gw_s + gh_s) * 1e3, torch_bwd * 1e3]},
+    }  # ms: [native, torch] on the synthetic block
+
+# %% ../nbs/03b_so2_product.ipynb #2ee1e77c
+_PLANS: dict[str, dict] = {}  # tuning key -> plan, in this process
+
+
+def _plan(native, R: int, O: int, I: int, H: int, split: bool) -> dict:  # the measured plan of one block shape
+    key = f"{native.isa()} threads={torch.get_num_threads()} R={R} O={O} I={I} H={H} split={int(split)}"
+    plan = _PLANS.get(key) or read_tuning(native).get(key)
+    if plan is None:
+        shape = f"R={R} O={O} I={I} H={H}"
+        print(f"se3nb: timing the SO(2) kernels against torch for {shape} (once per CPU)", file=sys.stderr, flush=True)
+        plan = _tune(native, R, O, I, H, split)
+        record_tuning(native, {key: plan})
+    _PLANS[key] = plan
+    return plan
+
+
+def _faster(plan: dict) -> tuple[bool, bool]:  # (forward, backward): the kernels measured faster than torch
+    return tuple(native < other for native, other in (plan['ms']['forward'], plan['ms']['backward']))
+
+
+def _tuning_lines() -> list[str]:  # for backend_report: the ISA and what was measured in this process
+    native = _native_so2()[0]
+    lines = [f"compiled for {native.isa()} ({native.vector_width()} floats per register); tuned on {cpu_id()}"]
+    for key, plan in sorted(_PLANS.items()):
+        (nf, tf), (nb, tb) = plan['ms']['forward'], plan['ms']['backward']
+        lines.append(
+            f"{key}: forward {nf:.2f} ms (variant, tile {plan['forward']}) vs torch {tf:.2f}; backward {nb:.2f} ms "
+            f"(grad_x {plan['grad_x']}, grad_w {plan['grad_w']}, grad_h {plan['grad_h']}) vs torch {tb:.2f}"
+        )
+    return lines
 
 # %% ../nbs/03b_so2_product.ipynb #1c66255b
 def _native_accepts(device: str | None, dtype: torch.dtype | None) -> str | None:
@@ -113,39 +204,39 @@ register(
     'native',
     available=lambda: _native_so2()[1],
     accepts=_native_accepts,
-    shape_limits="at most 4 rows per slot, 16 | I, 16 | H <= 128",
+    shape_limits="at most 4 rows per slot, I and H multiples of 16 (AVX-512) or 8 (AVX2), H at most 8 times that",
+    autotuned=True,
+    details=_tuning_lines,
 )
 register('so2_product', 'torch')
 
 
-def _native_shape_ok(rows: int, I: int, H: int) -> bool:  # the kernels' limits: at most 4 rows, 16 | I, 16 | H <= 128
-    return rows <= 4 and I % 16 == 0 and H % 16 == 0 and H <= 128
-
-
-def _choose_products(h: Tensor, xs: Sequence[Tensor]) -> tuple[str, ...]:  # the so2_product backend of each m-block
-    H = h.shape[1]
-    return tuple(
-        choose('so2_product', device=h.device, dtype=h.dtype, shape_ok=_native_shape_ok(x.shape[1], x.shape[2], H))
-        for x in xs
-    )
-
-
-def _theta(w: Tensor, O: int, I: int) -> Tensor:  # [O, H, I] one m-block of the folded weights, i contiguous
-    return w.view(O, I, -1).transpose(1, 2).contiguous()
+def _choose_products(h: Tensor, xs: Sequence[Tensor], sizes: Sequence[int], split: bool) -> tuple[tuple, ...]:
+    "Per m-block: (forward backend, backward backend, the measured plan or None)."
+    H, choices = h.shape[1], []
+    for x, n in zip(xs, sizes):
+        R, I = x.shape[1], x.shape[2]
+        where = dict(device=h.device, dtype=h.dtype, shape_ok=_native_shape_ok(R, I, H))
+        if choose('so2_product', **where) != 'native':
+            choices.append(('torch', 'torch', None))
+            continue
+        plan = _plan(_native_so2()[0], R, n // I, I, H, split)
+        choices.append((*(choose('so2_product', **where, faster=f) for f in _faster(plan)), plan))
+    return tuple(choices)
 
 # %% ../nbs/03b_so2_product.ipynb #0bf21dcb
-def _backward_native(native, h, w, x, gy, grad_hs, grad_w, *, split: bool) -> Tensor:  # [P, R, I] the input gradient
+def _backward_native(native, plan, h, w, x, gy, grad_hs, grad_w, *, split: bool) -> Tensor:  # [P, R, I] input gradient
     "One m-block with the C++ kernels: returns dx, adds dh to `grad_hs`, writes dTheta into `grad_w`."
     P, H, (O, I) = h.shape[0], h.shape[1], (gy.shape[2], x.shape[2])
     theta, hc, xc = _theta(w, O, I), h.contiguous(), x.contiguous()  # [O, H, I]
-    gx = native.so2_grad_x(hc, theta, gy)  # [P, R, I]
+    gx = native.so2_grad_x(hc, theta, gy, *plan['grad_x'], 64)  # [P, R, I]
     if any(g is not None for g in grad_hs):
-        gh = native.so2_grad_h(theta, xc, gy, split).view(P, 1 + split, H)  # [P, 1 or 2, H] per slot or edge
+        gh = native.so2_grad_h(w.view(O, I, H), xc, gy, split, plan['grad_h']).view(P, 1 + split, H)  # [P, 1 or 2, H]
         for e, grad_h in enumerate(grad_hs):
             if grad_h is not None:
                 grad_h += gh[:, e]
     if grad_w is not None:
-        grad_w.view(O, I, -1).copy_(native.so2_grad_theta(hc, xc, gy).transpose(1, 2))
+        grad_w.copy_(native.so2_grad_w(hc, xc, gy, plan['grad_w']).view(O * I, H))  # [O*I, H]: the weight's own layout
     return gx
 
 # %% ../nbs/03b_so2_product.ipynb #16cb4e20
@@ -155,12 +246,13 @@ class _SO2Product(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, h_second, weight_full, sizes, backends, *xs):
         weight = weight_full.to(h.dtype)  # [n, H] the folded weight in h's dtype
-        native = _native_so2()[0] if 'native' in backends else None
+        native = _native_so2()[0] if any('native' in c[:2] for c in backends) else None
         ys = []
-        for x, (off, n), backend in zip(xs, _blocks(sizes), backends):  # one m-block at a time
+        for x, (off, n), (backend, _, plan) in zip(xs, _blocks(sizes), backends):  # one m-block at a time
             w, O = weight[off : off + n], n // x.shape[2]  # [O*I, H]
             if backend == 'native':  # W(h) in registers only
-                ys.append(native.so2_forward(h.contiguous(), _theta(w, O, x.shape[2]), x.contiguous()))  # [P, R, O]
+                theta = _theta(w, O, x.shape[2])  # [O, H, I]
+                ys.append(native.so2_forward(h.contiguous(), theta, x.contiguous(), *plan['forward'], 64))  # [P, R, O]
             else:
                 ys.append(_forward_torch(h, w, x, O))  # [P, R, O]
         ctx.save_for_backward(h, weight, *xs)
@@ -176,12 +268,12 @@ class _SO2Product(torch.autograd.Function):
         needs = (need_h, need_h2) if ctx.split else (need_h,)
         grad_hs = [torch.zeros_like(h, dtype=acc) if need else None for need in needs]  # [P, H] each
         grad_w = torch.empty_like(weight, dtype=acc) if need_w else None  # [n, H]
-        native = _native_so2()[0] if 'native' in ctx.backends else None
+        native = _native_so2()[0] if any('native' in c[:2] for c in ctx.backends) else None
         grad_xs = []
-        for x, gy, (off, n), backend in zip(xs, grad_ys, _blocks(ctx.sizes), ctx.backends):
+        for x, gy, (off, n), (_, backend, plan) in zip(xs, grad_ys, _blocks(ctx.sizes), ctx.backends):
             gy, w, gw = gy.contiguous(), weight[off : off + n], None if grad_w is None else grad_w[off : off + n]
             if backend == 'native':  # the same sums, W(h) and its gradient in registers only
-                grad_xs.append(_backward_native(native, h, w, x, gy, grad_hs, gw, split=ctx.split))
+                grad_xs.append(_backward_native(native, plan, h, w, x, gy, grad_hs, gw, split=ctx.split))
             else:
                 grad_xs.append(_backward_torch(h, w, x, gy, grad_hs, gw, split=ctx.split, low=acc != weight.dtype))
         if grad_w is not None and h.shape[0] == 0:
@@ -204,4 +296,5 @@ def so2_product(
             f"expected one input [P, R, I] per block of `sizes` {list(sizes)} (summing to weight's {weight.shape[0]} "
             f"rows) with P = {h.shape[0]}; got inputs {[list(x.shape) for x in xs]}"
         )
-    return _SO2Product.apply(h, h_second, weight, tuple(sizes), _choose_products(h, xs), *xs)
+    backends = _choose_products(h, xs, sizes, h_second is not None)  # (forward, backward, plan) per m-block
+    return _SO2Product.apply(h, h_second, weight, tuple(sizes), backends, *xs)

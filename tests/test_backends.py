@@ -184,6 +184,21 @@ def test_report_check_evaluates_every_backend():
             assert any(line.strip().startswith(f"{name} ") for line in report.splitlines()), (op, name)
 
 
+def test_autotuned_kernels_measured_slower_are_skipped_unless_requested(rules):
+    details = lambda: ["compiled for avx512", "R=2 O=4: forward 2.00 ms vs torch 1.00"]  # noqa: E731
+    register('so2_product', 'native', autotuned=True, details=details)
+    register('so2_product', 'torch')
+    assert choose('so2_product', device='cpu', dtype=F32) == 'native'
+    assert choose('so2_product', device='cpu', dtype=F32, faster=False) == 'torch'
+    report = backend_report()
+    assert "cpu, float32, kernel measured slower: torch (not native: measured slower than torch" in report
+    assert "               R=2 O=4: forward 2.00 ms vs torch 1.00" in report.splitlines()  # details of an available one
+    with override(so2_product='native'):
+        assert choose('so2_product', device='cpu', dtype=F32, faster=False) == 'native'
+    register('segment_reduce', 'csr')  # not autotuned: `faster` does not apply
+    assert choose('segment_reduce', device='cpu', dtype=F32, faster=False) == 'csr'
+
+
 def test_decisions_are_cached_until_something_changes(rules):
     calls = []
     register('segment_reduce', 'csr', available=lambda: calls.append(1))  # None: available

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import se3nb.backends as backends
 import se3nb.so2_product as sp
-from se3nb.backends import choose, extension_name, override
+from se3nb.backends import backend_report, choose, cpu_isa, extension_name, override
 from se3nb.benchmark import random_molecule_batch
 from se3nb.conv import edge_invariants, random_features
 from se3nb.fiber import Fiber
@@ -64,22 +65,37 @@ def _native_kernels():
     native, why_not = sp._native_so2()
     if native is None:
         can_build = (
-            torch.backends.cpu.get_cpu_capability().startswith('AVX512')
-            and is_ninja_available()
-            and shutil.which(os.environ.get('CXX', 'c++')) is not None
+            cpu_isa() is not None and is_ninja_available() and shutil.which(os.environ.get('CXX', 'c++')) is not None
         )
         if can_build:
             pytest.fail(
-                f"the fused SO(2) CPU kernels did not build on an AVX-512 machine with a compiler and ninja: {why_not}"
+                f"the fused SO(2) CPU kernels did not build on an x86 machine with a compiler and ninja: {why_not}"
             )
-        pytest.skip(f"fused SO(2) CPU kernels need AVX-512, a C++ compiler and ninja ({why_not})")
+        pytest.skip(f"fused SO(2) CPU kernels need AVX2 or AVX-512, a C++ compiler and ninja ({why_not})")
     return native
+
+
+@pytest.fixture(params=['avx512', 'avx2'])
+def isa(request, monkeypatch):
+    "Each instruction set of the kernels this CPU runs (an AVX-512 CPU runs both builds), as the one `cpu_isa` reports."
+    capability = {'avx512': 'AVX512', 'avx2': 'AVX2'}[request.param]
+    if request.param == 'avx512' and cpu_isa() != 'avx512':
+        pytest.skip(f"this CPU does not run AVX-512 code (torch reports {torch.backends.cpu.get_cpu_capability()})")
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: capability)
+    backends._clear()
+    native = _native_kernels()
+    assert native.isa() == request.param and native.vector_width() == {'avx512': 16, 'avx2': 8}[request.param]
+    yield request.param
+    backends._clear()
+
+
+def _backends(h, xs, split=False):  # (forward, backward) backend of each block, for blocks with 4 outputs
+    return [c[:2] for c in sp._choose_products(h, xs, [4 * x.shape[2] for x in xs], split)]
 
 
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("P", [0, 1, 7, 130])
-def test_fused_cpu_kernels_equal_the_torch_products(P, split):
-    _native_kernels()
+def test_fused_cpu_kernels_equal_the_torch_products(P, split, isa):
     torch.manual_seed(P)
     H = 32
     blocks = [
@@ -121,8 +137,7 @@ def test_fused_cpu_kernels_equal_the_torch_products(P, split):
         assert (fused - torch_f32).abs().max() / scale < 1e-5
 
 
-def test_fused_cpu_kernels_in_a_float32_model():
-    _native_kernels()
+def test_fused_cpu_kernels_in_a_float32_model(isa):
     torch.manual_seed(0)
     kw = dict(
         num_layers=2,
@@ -152,14 +167,14 @@ def test_fused_cpu_kernels_in_a_float32_model():
 def test_fused_cpu_kernels_can_be_switched_off(monkeypatch):
     monkeypatch.setenv('SE3NB_BACKENDS', 'so2_product=torch')
     h, xs = torch.zeros(1, 32), (torch.zeros(1, 4, 32),)  # a block within the kernels' limits
-    assert sp._choose_products(h, xs) == ('torch',)
+    assert _backends(h, xs) == [('torch', 'torch')]
     monkeypatch.setenv('SE3NB_BACKENDS', 'torch')  # torch for every op that has it
-    assert sp._choose_products(h, xs) == ('torch',)
+    assert _backends(h, xs) == [('torch', 'torch')]
     monkeypatch.delenv('SE3NB_BACKENDS')
     # float64 and bfloat16 always run the torch products, and so do blocks outside the kernels' limits
-    assert sp._choose_products(h.double(), tuple(x.double() for x in xs)) == ('torch',)
-    assert sp._choose_products(h.bfloat16(), tuple(x.bfloat16() for x in xs)) == ('torch',)
-    assert sp._choose_products(h, (torch.zeros(1, 4, 24),)) == ('torch',)
+    assert _backends(h.double(), tuple(x.double() for x in xs)) == [('torch', 'torch')]
+    assert _backends(h.bfloat16(), tuple(x.bfloat16() for x in xs)) == [('torch', 'torch')]
+    assert _backends(h, (torch.zeros(1, 4, 20),)) == [('torch', 'torch')]
     with override(so2_product='native'), pytest.raises(RuntimeError, match="float32 on CPU only"):
         choose('so2_product', device='cpu', dtype=F64)
 
@@ -211,3 +226,40 @@ def test_so2_product_checks_its_inputs():
         sp.so2_product(h, w, [torch.zeros(3, 2, 16)], sizes=[32, 4])
     with pytest.raises(ValueError, match="P = 3"):
         sp.so2_product(h, w, [torch.zeros(3, 2, 16), torch.zeros(4, 2, 2)], sizes=[32, 4])
+
+
+def test_the_automatic_choice_follows_the_measurements_per_shape_and_requests_do_not(isa):
+    "Where torch's products measured faster for a block shape, they run it, unless the kernels are asked for."
+    h, x = torch.zeros(3, 32), torch.zeros(3, 2, 64)  # R=2, O=4, I=64, H=32
+    plan = sp._plan(sp._native_so2()[0], 2, 4, 64, 32, False)  # measured (or read from the record)
+    assert set(plan) == {'forward', 'grad_x', 'grad_w', 'grad_h', 'ms'} and plan['forward'][0] in range(3)
+    assert all(ms > 0 for pair in plan['ms'].values() for ms in pair)
+    key = next(k for k, v in sp._PLANS.items() if v is plan)
+    assert key.startswith(f"{isa} threads={torch.get_num_threads()} R=2 O=4 I=64 H=32 split=0")
+    try:
+        sp._PLANS[key] = {**plan, 'ms': {'forward': [2.0, 1.0], 'backward': [1.0, 2.0]}}  # torch wins forward only
+        assert _backends(h, [x]) == [('torch', 'native')]
+        report = backend_report()
+        assert 'cpu, float32, kernel measured slower: torch (not native: measured slower than torch' in report
+        assert f"compiled for {isa}" in report and key in report
+        with override(so2_product='native'):  # a request gets the kernels
+            assert _backends(h, [x]) == [('native', 'native')]
+    finally:
+        sp._PLANS[key] = plan
+        backends._clear()
+
+
+def test_measured_parameters_are_recorded_beside_the_extension(tmp_path, isa):
+    native = sp._native_so2()[0]
+    stored = backends.read_tuning(native)
+    assert any(key.startswith(f"{isa} threads=") for key in stored)  # the plans the tests above measured
+    fake = type(sys)('fake_extension')
+    fake.__file__ = str(tmp_path / 'fake_extension.so')
+    assert backends.read_tuning(fake) == {}
+    path = backends.record_tuning(fake, {'a': 1})
+    assert path.parent == tmp_path and backends.record_tuning(fake, {'b': [2, 3]}) == path
+    assert backends.read_tuning(fake) == {'a': 1, 'b': [2, 3]} and list(tmp_path.glob('*.tmp')) == []
+    path.write_text(path.read_text().replace(backends.cpu_id(), 'another CPU'))
+    assert backends.read_tuning(fake) == {}  # measured on another CPU: not used
+    path.write_text('{"cpu": "torn')
+    assert backends.read_tuning(fake) == {}

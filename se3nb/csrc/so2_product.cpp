@@ -1,93 +1,111 @@
 // Fused float32 CPU kernels for the SO(2) products of se3nb (nbs/03b_so2_product.ipynb, se3nb/so2_product.py).
 //
 // One m-block of one SO(2) convolution is, for every slot p (a pair of reverse edges sharing radial weights):
-//   y[p, r, o] = sum_i x[p, r, i] W_p[o, i]        with   W_p[o, i] = sum_k h[p, k] theta[o, k, i]
-// h [P, K]: the last hidden layer of the radial MLP per slot; theta [O, K, I]: the m-block of the folded last radial
-// layer, i contiguous; x [P, R, I] and y [P, R, O]: R <= 4 rows per slot. W_p (O x I per slot, 45,056 weights per edge
-// in NVIDIA's QM9 layers) is never written to memory: each kernel builds 16 consecutive i of it in one AVX-512 register
-// and uses them at once. The four products of autograd:
-//   so2_forward     y        = x W^T
-//   so2_grad_x      dx       = dy W
-//   so2_grad_theta  dtheta_k = sum_p h[p, k] G_p,           G_p[o, i] = sum_r dy[p, r, o] x[p, r, i]
-//   so2_grad_h      dh[p, k] = sum_o,i theta[o, k, i] G_p[o, i]   (per slot, or per edge of the slot with `split`)
-// Limits, checked here and by the caller (`_native_shape_ok`): float32, contiguous, I % 16 == 0, 1 <= R <= 4, and for
-// the weight gradients K % 16 == 0 (grad_h also K <= 128). Compiled with -mavx512f -mavx512dq -mfma -fopenmp.
+//   y[p, r, o] = sum_i x[p, r, i] W_p[o, i]        with   W_p[o, i] = sum_k h[p, k] w[o, i, k]
+// h [P, K]: the last hidden layer of the radial MLP per slot; w [O, I, K]: the m-block of the folded last radial layer
+// (theta [O, K, I] is the same numbers with i contiguous); x [P, R, I] and y [P, R, O]: R <= 4 rows per slot. W_p
+// (45,056 weights per edge in NVIDIA's QM9 layers) is never written to memory. The four products of autograd:
+//   so2_forward  y         = x W^T     W built in registers, VW consecutive i of it at a time, used at once
+//   so2_grad_x   dx        = dy W      the same, VW consecutive i of W for one or more o
+//   so2_grad_w   dw[o,i,k] = sum_p G_p[o, i] h[p, k],      G_p = dy_p^T x_p (rebuilt per block of slots, never stored)
+//   so2_grad_h   dh[u, k]  = sum_o,i G_u[o, i] w[o, i, k]  per slot, or per edge of the slot (`split`)
+//
+// Vector ISA: the file compiles for AVX-512 (-mavx512f: 16 floats per register, 32 registers) or AVX2 + FMA (-mavx2
+// -mfma: 8 floats, 16 registers), see `load_extension` (00a_backends); `isa()` says which. Why the register tiles look
+// as they do: an FMA has a latency of about 4 cycles and server cores issue one 512-bit FMA per cycle (AMD Zen 4) or two
+// (Intel Xeon with two FMA ports: Skylake-SP to Emerald Rapids), so a loop needs 4 (Zen 4) to 8 (Xeon) independent
+// accumulators to keep the FMA units busy; and each vector of theta loaded must feed several slots, or the loads (from
+// L1, or L2 when theta outgrows L1) become the limit. The tile shapes are compiled variants (A slots x N vectors: A*N
+// independent accumulators); which variant, and the block sizes, are measured per CPU and block shape by the caller
+// (`se3nb/so2_product.py`: a short autotune at first use, cached beside the compiled extension).
+//
+// Limits, checked here and by the caller: float32, contiguous, I % VW == 0, 1 <= R <= 4; for the weight gradients
+// also K % VW == 0 and K <= 8 VW.
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <torch/extension.h>
 
-constexpr int64_t kSlots = 4;       // slots that share every load of theta in forward and grad_x
-constexpr int64_t kSlotChunk = 64;  // slots per parallel task
+#include <algorithm>
+#include <vector>
 
-// Calls f with std::integral_constant<int, R> for R = 1..4: the row count of a product becomes a compile-time constant.
+#if defined(__AVX512F__)
+using vec = __m512;
+constexpr int VW = 16, NREG = 32;
+static const char* kIsa = "avx512";
+static inline vec vzero() { return _mm512_setzero_ps(); }
+static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
+static inline vec vset1(float x) { return _mm512_set1_ps(x); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+#define IN_REGISTER(v) asm("" : "+v"(v))  // a loaded vector stays in a register (no reload for each use)
+#elif defined(__AVX2__) && defined(__FMA__)
+using vec = __m256;
+constexpr int VW = 8, NREG = 16;
+static const char* kIsa = "avx2";
+static inline vec vzero() { return _mm256_setzero_ps(); }
+static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
+static inline vec vset1(float x) { return _mm256_set1_ps(x); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline float vsum(vec v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#define IN_REGISTER(v) asm("" : "+x"(v))
+#else
+#error "se3nb's SO(2) kernels need AVX-512F, or AVX2 and FMA"
+#endif
+
+// The register tiles (A slots, N vectors) compiled for forward and grad_x; `variant` indexes this table.
+constexpr int kVariants = 3;
+constexpr int kTileA[kVariants] = {4, 8, 2};
+constexpr int kTileN[kVariants] = {2, 1, 4};
+
 template <typename F>
-static void with_rows(int64_t R, F&& f) {
-  switch (R) {
+static void with_variant(int64_t v, F&& f) {
+  switch (v) {
+    case 0: f(std::integral_constant<int, 0>{}); break;
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    default: f(std::integral_constant<int, 2>{});
+  }
+}
+
+template <typename F>
+static void with_kv(int64_t KV, F&& f) {  // K / VW as a compile-time constant (1..8)
+  switch (KV) {
     case 1: f(std::integral_constant<int, 1>{}); break;
     case 2: f(std::integral_constant<int, 2>{}); break;
     case 3: f(std::integral_constant<int, 3>{}); break;
-    default: f(std::integral_constant<int, 4>{});
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{});
   }
 }
 
-// ---------------------------------------------------------------------------------------------------------------------
-// Forward and input gradient: W(h) in registers
-
-// w[a] = sum_k h[s + a, k] t[k, 0..16] for the ns <= 4 slots from s: 16 weights of W(h) per slot, in registers.
-static inline void build_weights(const float* h, const float* t, int64_t K, int64_t I, int64_t s, int64_t ns,
-                                 __m512* w) {
-  for (int a = 0; a < kSlots; ++a) w[a] = _mm512_setzero_ps();
+// w[a][j] = sum_k h[a, k] t[k * ks + j * js + 0..VW) for A slots (rows of h from `h`) and N vectors of theta:
+// A*N independent accumulators, each loaded vector of theta used by all A slots.
+template <int A, int N>
+__attribute__((always_inline)) static inline void build_weights(const float* h, const float* t, int64_t K, int64_t ks,
+                                                                int64_t js, vec (&w)[A][N]) {
+  for (int a = 0; a < A; ++a)
+    for (int j = 0; j < N; ++j) w[a][j] = vzero();
   for (int64_t k = 0; k < K; ++k) {
-    const __m512 tk = _mm512_loadu_ps(t + k * I);
-    for (int a = 0; a < kSlots; ++a)
-      if (a < ns) w[a] = _mm512_fmadd_ps(_mm512_set1_ps(h[(s + a) * K + k]), tk, w[a]);
-  }
-}
-
-// y[p, r, o] for slots p0..p1 and outputs o0..o1.
-template <int R>
-static void forward_tile(const float* h, const float* theta, const float* x, float* y, int64_t K, int64_t O,
-                         int64_t I, int64_t o0, int64_t o1, int64_t p0, int64_t p1) {
-  for (int64_t s = p0; s < p1; s += kSlots) {
-    const int64_t ns = std::min(kSlots, p1 - s);
-    for (int64_t o = o0; o < o1; ++o) {
-      __m512 acc[kSlots][R];
-      for (int a = 0; a < kSlots; ++a)
-        for (int r = 0; r < R; ++r) acc[a][r] = _mm512_setzero_ps();
-      for (int64_t i = 0; i < I; i += 16) {
-        __m512 w[kSlots];
-        build_weights(h, theta + o * K * I + i, K, I, s, ns, w);
-        for (int a = 0; a < kSlots; ++a)
-          if (a < ns)
-            for (int r = 0; r < R; ++r)
-              acc[a][r] = _mm512_fmadd_ps(_mm512_loadu_ps(x + ((s + a) * R + r) * I + i), w[a], acc[a][r]);
-      }
-      for (int a = 0; a < ns; ++a)
-        for (int r = 0; r < R; ++r) y[((s + a) * R + r) * O + o] = _mm512_reduce_add_ps(acc[a][r]);
+    vec tk[N];
+    for (int j = 0; j < N; ++j) {
+      tk[j] = vload(t + k * ks + j * js);
+      if (N == 1) IN_REGISTER(tk[j]);  // else compilers fold the load into each of the A FMAs
     }
-  }
-}
-
-// gx[p, r, i..i+16] for slots p0..p1.
-template <int R>
-static void grad_x_tile(const float* h, const float* theta, const float* gy, float* gx, int64_t K, int64_t O,
-                        int64_t I, int64_t i, int64_t p0, int64_t p1) {
-  for (int64_t s = p0; s < p1; s += kSlots) {
-    const int64_t ns = std::min(kSlots, p1 - s);
-    __m512 acc[kSlots][R];
-    for (int a = 0; a < kSlots; ++a)
-      for (int r = 0; r < R; ++r) acc[a][r] = _mm512_setzero_ps();
-    for (int64_t o = 0; o < O; ++o) {
-      __m512 w[kSlots];
-      build_weights(h, theta + o * K * I + i, K, I, s, ns, w);
-      for (int a = 0; a < kSlots; ++a)
-        if (a < ns)
-          for (int r = 0; r < R; ++r)
-            acc[a][r] = _mm512_fmadd_ps(_mm512_set1_ps(gy[((s + a) * R + r) * O + o]), w[a], acc[a][r]);
+    for (int a = 0; a < A; ++a) {
+      const vec hk = vset1(h[a * K + k]);
+      for (int j = 0; j < N; ++j) w[a][j] = vfma(hk, tk[j], w[a][j]);
     }
-    for (int a = 0; a < ns; ++a)
-      for (int r = 0; r < R; ++r) _mm512_storeu_ps(gx + ((s + a) * R + r) * I + i, acc[a][r]);
   }
 }
 
@@ -98,70 +116,166 @@ static void check(const torch::Tensor& h, const torch::Tensor& theta, const torc
               "float32 only");
   TORCH_CHECK(h.is_contiguous() && theta.is_contiguous() && rows.is_contiguous(), "contiguous tensors only");
   TORCH_CHECK(theta.size(1) == h.size(1) && rows.size(0) == h.size(0) && rows.size(2) == width, "shapes do not match");
-  TORCH_CHECK(theta.size(2) % 16 == 0 && rows.size(1) >= 1 && rows.size(1) <= 4, "needs I % 16 == 0 and 1 <= R <= 4");
+  TORCH_CHECK(theta.size(2) % VW == 0 && rows.size(1) >= 1 && rows.size(1) <= 4,
+              "needs I % ", VW, " == 0 and 1 <= R <= 4");
 }
 
-torch::Tensor so2_forward(torch::Tensor h, torch::Tensor theta, torch::Tensor x) {
+// ---------------------------------------------------------------------------------------------------------------------
+// Forward: y = x W^T. Per slot tile and output o: W_p[o, i..i+N VW) for A slots in registers, applied to their rows
+// (partial sums over i in acc, a small L1 buffer: its size depends on R, not on the registers), then summed.
+
+template <int A, int N>
+static void forward_tile(const float* h, const float* theta, const float* x, float* y, int64_t K, int64_t O, int64_t I,
+                         int64_t R, int64_t o, int64_t s) {
+  vec acc[A * 4];
+  for (int64_t q = 0; q < A * R; ++q) acc[q] = vzero();
+  const float* t = theta + o * K * I;
+  auto step = [&](int64_t i, auto n) {
+    constexpr int NN = decltype(n)::value;
+    vec w[A][NN];
+    build_weights<A, NN>(h + s * K, t + i, K, I, VW, w);
+    for (int a = 0; a < A; ++a)
+      for (int64_t r = 0; r < R; ++r)
+        for (int j = 0; j < NN; ++j)
+          acc[a * R + r] = vfma(vload(x + ((s + a) * R + r) * I + i + j * VW), w[a][j], acc[a * R + r]);
+  };
+  int64_t i = 0;
+  for (; i + N * VW <= I; i += N * VW) step(i, std::integral_constant<int, N>{});
+  for (; i < I; i += VW) step(i, std::integral_constant<int, 1>{});
+  for (int a = 0; a < A; ++a)
+    for (int64_t r = 0; r < R; ++r) y[((s + a) * R + r) * O + o] = vsum(acc[a * R + r]);
+}
+
+torch::Tensor so2_forward(torch::Tensor h, torch::Tensor theta, torch::Tensor x, int64_t variant, int64_t o_tile,
+                          int64_t slot_chunk) {
   check(h, theta, x, theta.size(2));
+  TORCH_CHECK(o_tile >= 1 && slot_chunk >= 1, "o_tile and slot_chunk must be positive");
   const int64_t P = h.size(0), K = h.size(1), O = theta.size(0), I = theta.size(2), R = x.size(1);
   auto y = torch::empty({P, R, O}, x.options());
   const float *hp = h.data_ptr<float>(), *tp = theta.data_ptr<float>(), *xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  const int64_t o_tiles = (O + 3) / 4, chunks = (P + kSlotChunk - 1) / kSlotChunk;
-  // tasks: (4 outputs: theta rows that stay in L2) x (64 slots)
-  at::parallel_for(0, o_tiles * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t o0 = (task / chunks) * 4, o1 = std::min(O, o0 + 4);
-      const int64_t p0 = (task % chunks) * kSlotChunk, p1 = std::min(P, p0 + kSlotChunk);
-      with_rows(R, [&](auto rows) { forward_tile<decltype(rows)::value>(hp, tp, xp, yp, K, O, I, o0, o1, p0, p1); });
-    }
+  const int64_t o_tiles = (O + o_tile - 1) / o_tile, chunks = (P + slot_chunk - 1) / slot_chunk;
+  with_variant(variant, [&](auto v) {
+    constexpr int A = kTileA[decltype(v)::value], N = kTileN[decltype(v)::value];
+    // tasks: (o_tile outputs) x (slot_chunk slots); theta of one o (K x I) stays in L1 while a task's slots pass
+    at::parallel_for(0, o_tiles * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t o0 = (task / chunks) * o_tile, o1 = std::min(O, o0 + o_tile);
+        const int64_t p0 = (task % chunks) * slot_chunk, p1 = std::min(P, p0 + slot_chunk);
+        for (int64_t o = o0; o < o1; ++o) {
+          int64_t s = p0;
+          for (; s + A <= p1; s += A) forward_tile<A, N>(hp, tp, xp, yp, K, O, I, R, o, s);
+          for (; s < p1; ++s) forward_tile<1, N>(hp, tp, xp, yp, K, O, I, R, o, s);
+        }
+      }
+    });
   });
   return y;
 }
 
-torch::Tensor so2_grad_x(torch::Tensor h, torch::Tensor theta, torch::Tensor gy) {
+// ---------------------------------------------------------------------------------------------------------------------
+// Input gradient: dx = dy W. Per slot tile and VW inputs i: W_p[o..o+N, i] for A slots in registers, times dy.
+
+template <int A, int N>
+static void grad_x_tile(const float* h, const float* theta, const float* gy, float* gx, int64_t K, int64_t O,
+                        int64_t I, int64_t R, int64_t i, int64_t o0, int64_t o1, int64_t s) {
+  vec acc[A * 4];
+  for (int a = 0; a < A; ++a)
+    for (int64_t r = 0; r < R; ++r)
+      acc[a * R + r] = o0 == 0 ? vzero() : vload(gx + ((s + a) * R + r) * I + i);
+  auto step = [&](int64_t o, auto n) {
+    constexpr int NN = decltype(n)::value;
+    vec w[A][NN];
+    build_weights<A, NN>(h + s * K, theta + o * K * I + i, K, I, K * I, w);
+    for (int a = 0; a < A; ++a)
+      for (int64_t r = 0; r < R; ++r)
+        for (int j = 0; j < NN; ++j)
+          acc[a * R + r] = vfma(vset1(gy[((s + a) * R + r) * O + o + j]), w[a][j], acc[a * R + r]);
+  };
+  int64_t o = o0;
+  for (; o + N <= o1; o += N) step(o, std::integral_constant<int, N>{});
+  for (; o < o1; ++o) step(o, std::integral_constant<int, 1>{});
+  for (int a = 0; a < A; ++a)
+    for (int64_t r = 0; r < R; ++r) vstore(gx + ((s + a) * R + r) * I + i, acc[a * R + r]);
+}
+
+torch::Tensor so2_grad_x(torch::Tensor h, torch::Tensor theta, torch::Tensor gy, int64_t variant, int64_t o_tile,
+                         int64_t slot_chunk) {
   check(h, theta, gy, theta.size(0));
+  TORCH_CHECK(o_tile >= 1 && slot_chunk >= 1, "o_tile and slot_chunk must be positive");
   const int64_t P = h.size(0), K = h.size(1), O = theta.size(0), I = theta.size(2), R = gy.size(1);
   auto gx = torch::empty({P, R, I}, gy.options());
   const float *hp = h.data_ptr<float>(), *tp = theta.data_ptr<float>(), *gp = gy.data_ptr<float>();
   float* xp = gx.data_ptr<float>();
-  const int64_t i_tiles = I / 16, chunks = (P + kSlotChunk - 1) / kSlotChunk;
-  // tasks: (16 inputs: a column of theta, O x K x 16 floats, stays in L2) x (64 slots)
-  at::parallel_for(0, i_tiles * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t i = (task / chunks) * 16, p0 = (task % chunks) * kSlotChunk, p1 = std::min(P, p0 + kSlotChunk);
-      with_rows(R, [&](auto rows) { grad_x_tile<decltype(rows)::value>(hp, tp, gp, xp, K, O, I, i, p0, p1); });
-    }
+  const int64_t i_tiles = I / VW, chunks = (P + slot_chunk - 1) / slot_chunk;
+  with_variant(variant, [&](auto v) {
+    constexpr int A = kTileA[decltype(v)::value], N = kTileN[decltype(v)::value];
+    // tasks: (VW inputs) x (slot_chunk slots); o_tile x K vectors of theta stay in L1 while the task's slots pass
+    at::parallel_for(0, i_tiles * chunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t i = (task / chunks) * VW;
+        const int64_t p0 = (task % chunks) * slot_chunk, p1 = std::min(P, p0 + slot_chunk);
+        for (int64_t o0 = 0; o0 < O; o0 += o_tile) {
+          const int64_t o1 = std::min(O, o0 + o_tile);
+          int64_t s = p0;
+          for (; s + A <= p1; s += A) grad_x_tile<A, N>(hp, tp, gp, xp, K, O, I, R, i, o0, o1, s);
+          for (; s < p1; ++s) grad_x_tile<1, N>(hp, tp, gp, xp, K, O, I, R, i, o0, o1, s);
+        }
+      }
+    });
   });
   return gx;
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
-// Weight gradient: G_p is rebuilt per tile, never stored
+// Weight gradients, vectorized over k (w's own layout [O, I, K]: no transposed copy of the result)
 
-// grad_theta[o, k, i] = sum_p h[p, k] G_p[o, i],  G_p[o, i] = sum_r gy[p, r, o] x[p, r, i]   (K % 16 == 0).
-// 16 k of one (o, 16 i) tile accumulate in registers over a chunk of slots whose x stays in L2.
-template <int R>
-static void grad_theta_tile(const float* h, const float* x, const float* gy, float* gt, int64_t K, int64_t O,
-                            int64_t I, int64_t o0, int64_t o1, int64_t p0, int64_t p1) {
-  for (int64_t o = o0; o < o1; ++o)
-    for (int64_t i = 0; i < I; i += 16)
-      for (int64_t k0 = 0; k0 < K; k0 += 16) {
-        float* out = gt + (o * K + k0) * I + i;
-        __m512 acc[16];
-        for (int j = 0; j < 16; ++j) acc[j] = _mm512_loadu_ps(out + j * I);
-        for (int64_t p = p0; p < p1; ++p) {
-          __m512 g = _mm512_setzero_ps();
-          for (int r = 0; r < R; ++r)
-            g = _mm512_fmadd_ps(_mm512_set1_ps(gy[(p * R + r) * O + o]), _mm512_loadu_ps(x + (p * R + r) * I + i), g);
-          const float* hp = h + p * K + k0;
-          for (int j = 0; j < 16; ++j) acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(hp[j]), g, acc[j]);
-        }
-        for (int j = 0; j < 16; ++j) _mm512_storeu_ps(out + j * I, acc[j]);
-      }
+// Rows of a register tile with KV vectors per row: as many as the registers allow, and a multiple of 4 (tails in 4s).
+constexpr int tile_rows(int KV) {
+  const int budget = (NREG - KV - 3) / KV;
+  return budget >= 16 ? 16 : budget >= 12 ? 12 : budget >= 8 ? 8 : budget >= 4 ? 4 : budget >= 2 ? 2 : 1;
 }
 
-torch::Tensor so2_grad_theta(torch::Tensor h, torch::Tensor x, torch::Tensor gy) {
+// G_p[o, i..] = sum_{r0 <= r < r1} dy[p, r, o] x[p, r, i..] for one o, all I inputs, into g
+static inline void gradient_of_W(const float* x, const float* gy, int64_t R, int64_t O, int64_t I, int64_t p,
+                                 int64_t o, int64_t r0, int64_t r1, float* g) {
+  for (int64_t i = 0; i < I; i += VW) {
+    vec acc = vzero();
+    for (int64_t r = r0; r < r1; ++r) acc = vfma(vset1(gy[(p * R + r) * O + o]), vload(x + (p * R + r) * I + i), acc);
+    vstore(g + i, acc);
+  }
+}
+
+// dw[o, i, :] += sum_p G_p[o, i] h[p, :] over slots p0..p1, G_p[o, i] at G[(p - p0) * g_stride + i]: IB values of i x
+// KV vectors of k accumulate in registers, each G value broadcast once.
+template <int KV>
+static void grad_w_rows(const float* h, const float* G, int64_t g_stride, float* out, int64_t K, int64_t I, int64_t p0,
+                        int64_t p1, bool first) {
+  constexpr int IB = tile_rows(KV);
+  auto block = [&](int64_t i0, auto nb) {
+    constexpr int B = decltype(nb)::value;
+    vec acc[B][KV];
+    for (int b = 0; b < B; ++b)
+      for (int v = 0; v < KV; ++v) acc[b][v] = first ? vzero() : vload(out + (i0 + b) * K + v * VW);
+    for (int64_t p = p0; p < p1; ++p) {
+      vec hv[KV];
+      for (int v = 0; v < KV; ++v) hv[v] = vload(h + p * K + v * VW);
+      const float* g = G + (p - p0) * g_stride + i0;
+      for (int b = 0; b < B; ++b) {
+        const vec gb = vset1(g[b]);
+        for (int v = 0; v < KV; ++v) acc[b][v] = vfma(gb, hv[v], acc[b][v]);
+      }
+    }
+    for (int b = 0; b < B; ++b)
+      for (int v = 0; v < KV; ++v) vstore(out + (i0 + b) * K + v * VW, acc[b][v]);
+  };
+  int64_t i0 = 0;
+  for (; i0 + IB <= I; i0 += IB) block(i0, std::integral_constant<int, IB>{});
+  for (; i0 + 4 <= I; i0 += 4) block(i0, std::integral_constant<int, 4>{});
+  for (; i0 < I; ++i0) block(i0, std::integral_constant<int, 1>{});
+}
+
+torch::Tensor so2_grad_w(torch::Tensor h, torch::Tensor x, torch::Tensor gy, int64_t slot_chunk) {
   TORCH_CHECK(h.dim() == 2 && x.dim() == 3 && gy.dim() == 3 && x.size(0) == h.size(0) && gy.size(0) == h.size(0) &&
                   gy.size(1) == x.size(1),
               "expected h [P, K], x [P, R, I], gy [P, R, O]");
@@ -169,99 +283,128 @@ torch::Tensor so2_grad_theta(torch::Tensor h, torch::Tensor x, torch::Tensor gy)
               "float32 only");
   TORCH_CHECK(h.is_contiguous() && x.is_contiguous() && gy.is_contiguous(), "contiguous tensors only");
   const int64_t P = h.size(0), K = h.size(1), O = gy.size(2), I = x.size(2), R = x.size(1);
-  TORCH_CHECK(K % 16 == 0 && I % 16 == 0 && R >= 1 && R <= 4, "needs K % 16 == 0, I % 16 == 0 and 1 <= R <= 4");
-  auto gt = torch::zeros({O, K, I}, x.options());
+  TORCH_CHECK(K % VW == 0 && K <= 8 * VW && I % VW == 0 && R >= 1 && R <= 4,
+              "needs K % ", VW, " == 0, K <= ", 8 * VW, ", I % ", VW, " == 0 and 1 <= R <= 4");
+  TORCH_CHECK(slot_chunk >= 1, "slot_chunk must be positive");
+  auto gw = torch::empty({O, I, K}, x.options());
   const float *hp = h.data_ptr<float>(), *xp = x.data_ptr<float>(), *gp = gy.data_ptr<float>();
-  float* tp = gt.data_ptr<float>();
-  const int64_t chunk = std::max<int64_t>(16, (256 << 10) / (4 * R * I));  // slots whose x fills ~256 KB of L2
-  // each thread owns rows o of the result: no reduction across threads
-  at::parallel_for(0, O, 1, [&](int64_t o0, int64_t o1) {
-    for (int64_t p0 = 0; p0 < P; p0 += chunk) {
-      const int64_t p1 = std::min(P, p0 + chunk);
-      with_rows(R, [&](auto rows) { grad_theta_tile<decltype(rows)::value>(hp, xp, gp, tp, K, O, I, o0, o1, p0, p1); });
-    }
-  });
-  return gt;
-}
-
-// ---------------------------------------------------------------------------------------------------------------------
-// Hidden-unit gradient
-
-// grad_h[u, k] = sum_o sum_i theta[o, k, i] G_u[o, i] for units u: slots (rows 0..R), or with `split` (slot, edge)
-// pairs (rows of edge e: e R/2 .. (e+1) R/2). Two units share every load of theta; G of 8 tiles of 16 i per unit in
-// registers. Adds the sums over outputs o0..o1 to out[0..2K].
-static void grad_h_pair(const float* theta, const float* x, const float* gy, float* out, int64_t K, int64_t O,
-                        int64_t I, int64_t R, int64_t o0, int64_t o1, const int64_t slot[2], const int64_t r0[2],
-                        const int64_t r1[2]) {
-  alignas(64) float acc[2][128 * 16];
-  for (int u = 0; u < 2; ++u)
-    for (int64_t j = 0; j < K * 16; ++j) acc[u][j] = 0.f;
-  for (int64_t o = o0; o < o1; ++o)
-    for (int64_t i0 = 0; i0 < I; i0 += 128) {
-      const int nt = (int)std::min<int64_t>(8, (I - i0) / 16);
-      __m512 G[2][8];
-      for (int u = 0; u < 2; ++u)
-        for (int t = 0; t < 8; ++t)
-          if (t < nt) {
-            __m512 g = _mm512_setzero_ps();
-            for (int64_t r = r0[u]; r < r1[u]; ++r)
-              g = _mm512_fmadd_ps(_mm512_set1_ps(gy[(slot[u] * R + r) * O + o]),
-                                  _mm512_loadu_ps(x + (slot[u] * R + r) * I + i0 + 16 * t), g);
-            G[u][t] = g;
-          }
-      const float* th = theta + o * K * I + i0;
-      for (int64_t k = 0; k < K; ++k) {
-        __m512 a0 = _mm512_load_ps(acc[0] + k * 16), a1 = _mm512_load_ps(acc[1] + k * 16);
-        for (int t = 0; t < 8; ++t)
-          if (t < nt) {
-            const __m512 tk = _mm512_loadu_ps(th + k * I + 16 * t);
-            a0 = _mm512_fmadd_ps(tk, G[0][t], a0);
-            a1 = _mm512_fmadd_ps(tk, G[1][t], a1);
-          }
-        _mm512_store_ps(acc[0] + k * 16, a0);
-        _mm512_store_ps(acc[1] + k * 16, a1);
+  float* wp = gw.data_ptr<float>();
+  if (P == 0) return gw.zero_();
+  with_kv(K / VW, [&](auto kv) {
+    constexpr int KV = decltype(kv)::value;
+    // each thread owns outputs o0..o1 (no reduction across threads). Per chunk of slots, G of all its outputs
+    // (slot_chunk x (o1 - o0) x I, sized for L2) is built first, each slot's rows of x read once, then summed into w.
+    at::parallel_for(0, O, 1, [&](int64_t o0, int64_t o1) {
+      const int64_t no = o1 - o0;
+      std::vector<float> G(std::min(slot_chunk, P) * no * I);
+      for (int64_t p0 = 0; p0 < P; p0 += slot_chunk) {
+        const int64_t p1 = std::min(P, p0 + slot_chunk);
+        for (int64_t p = p0; p < p1; ++p)
+          for (int64_t o = o0; o < o1; ++o)
+            gradient_of_W(xp, gp, R, O, I, p, o, 0, R, G.data() + ((p - p0) * no + (o - o0)) * I);
+        for (int64_t o = o0; o < o1; ++o)
+          grad_w_rows<KV>(hp, G.data() + (o - o0) * I, no * I, wp + o * I * K, K, I, p0, p1, p0 == 0);
       }
-    }
-  for (int u = 0; u < 2; ++u)
-    for (int64_t k = 0; k < K; ++k) out[u * K + k] += _mm512_reduce_add_ps(_mm512_load_ps(acc[u] + k * 16));
+    });
+  });
+  return gw;
 }
 
-torch::Tensor so2_grad_h(torch::Tensor theta, torch::Tensor x, torch::Tensor gy, bool split) {
-  TORCH_CHECK(theta.dim() == 3 && x.dim() == 3 && gy.dim() == 3 && x.size(0) == gy.size(0) &&
-                  x.size(1) == gy.size(1) && theta.size(0) == gy.size(2) && theta.size(2) == x.size(2),
-              "expected theta [O, K, I], x [P, R, I], gy [P, R, O]");
-  TORCH_CHECK(theta.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && gy.scalar_type() == at::kFloat,
-              "float32 only");
-  TORCH_CHECK(theta.is_contiguous() && x.is_contiguous() && gy.is_contiguous(), "contiguous tensors only");
-  const int64_t P = x.size(0), R = x.size(1), I = x.size(2), O = theta.size(0), K = theta.size(1);
-  TORCH_CHECK(K % 16 == 0 && K <= 128 && I % 16 == 0 && R >= 1 && R <= 4 && (!split || R % 2 == 0),
-              "needs K % 16 == 0, K <= 128, I % 16 == 0, 1 <= R <= 4 (even with split)");
-  const int64_t U = split ? 2 * P : P, pairs = (U + 1) / 2;
-  // an odd last unit is paired with itself; its copy lands in a spare row
-  auto gh = torch::zeros({2 * pairs, K}, x.options());
-  const float *tp = theta.data_ptr<float>(), *xp = x.data_ptr<float>(), *gp = gy.data_ptr<float>();
-  float* hp = gh.data_ptr<float>();
-  // theta is read in blocks of outputs of ~256 KB that stay in L2 while all of a thread's units pass
-  const int64_t o_block = std::max<int64_t>(1, (256 << 10) / (4 * K * I));
-  at::parallel_for(0, pairs, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t o0 = 0; o0 < O; o0 += o_block)
-      for (int64_t pair = begin; pair < end; ++pair) {
-        int64_t slot[2], r0[2], r1[2];
-        for (int u = 0; u < 2; ++u) {
-          const int64_t unit = std::min(2 * pair + u, U - 1);
-          slot[u] = split ? unit / 2 : unit;
-          r0[u] = split ? (unit % 2) * (R / 2) : 0;
-          r1[u] = split ? r0[u] + R / 2 : R;
+// dh[u, :] (+)= sum_{o0 <= o < o1} sum_i G_u[o, i] w[o, i, :] for UA units (a slot, or one edge's rows of a slot):
+// UA x KV accumulators; each vector of w loaded once for all UA units. The sum over i of one o is added to dh before
+// the next o (a sum of I terms, then of O partial sums: float32 rounding as small as torch's products have it).
+template <int KV, int UA>
+static void grad_h_units(const float* w, const float* x, const float* gy, float* dh, int64_t R, int64_t K, int64_t O,
+                         int64_t I, int64_t o0, int64_t o1, const int64_t* slot, const int64_t* r0, const int64_t* r1,
+                         bool first) {
+  alignas(64) float g[UA][VW];  // G_u[o, i..i+VW) of each unit, read back one value at a time
+  for (int64_t o = o0; o < o1; ++o) {
+    vec acc[UA][KV];
+    for (int u = 0; u < UA; ++u)
+      for (int v = 0; v < KV; ++v) acc[u][v] = vzero();
+    for (int64_t i = 0; i < I; i += VW) {
+      for (int u = 0; u < UA; ++u) {
+        vec a = vzero();
+        for (int64_t r = r0[u]; r < r1[u]; ++r)
+          a = vfma(vset1(gy[(slot[u] * R + r) * O + o]), vload(x + (slot[u] * R + r) * I + i), a);
+        vstore(g[u], a);
+      }
+      const float* wo = w + (o * I + i) * K;
+      for (int j = 0; j < VW; ++j) {
+        vec wv[KV];
+        for (int v = 0; v < KV; ++v) wv[v] = vload(wo + j * K + v * VW);
+        for (int u = 0; u < UA; ++u) {
+          const vec gu = vset1(g[u][j]);
+          for (int v = 0; v < KV; ++v) acc[u][v] = vfma(gu, wv[v], acc[u][v]);
         }
-        grad_h_pair(tp, xp, gp, hp + 2 * pair * K, K, O, I, R, o0, std::min(O, o0 + o_block), slot, r0, r1);
       }
-  });
-  return gh.narrow(0, 0, U);
+    }
+    const bool fresh = first && o == o0;
+    for (int u = 0; u < UA; ++u)
+      for (int v = 0; v < KV; ++v) {
+        float* d = dh + u * K + v * VW;
+        vstore(d, fresh ? acc[u][v] : vadd(vload(d), acc[u][v]));
+      }
+  }
+  if (o0 >= o1 && first)
+    for (int u = 0; u < UA; ++u)
+      for (int v = 0; v < KV; ++v) vstore(dh + u * K + v * VW, vzero());
 }
+
+torch::Tensor so2_grad_h(torch::Tensor w, torch::Tensor x, torch::Tensor gy, bool split, int64_t o_block) {
+  TORCH_CHECK(w.dim() == 3 && x.dim() == 3 && gy.dim() == 3 && x.size(0) == gy.size(0) && x.size(1) == gy.size(1) &&
+                  w.size(0) == gy.size(2) && w.size(1) == x.size(2),
+              "expected w [O, I, K], x [P, R, I], gy [P, R, O]");
+  TORCH_CHECK(w.scalar_type() == at::kFloat && x.scalar_type() == at::kFloat && gy.scalar_type() == at::kFloat,
+              "float32 only");
+  TORCH_CHECK(w.is_contiguous() && x.is_contiguous() && gy.is_contiguous(), "contiguous tensors only");
+  const int64_t P = x.size(0), R = x.size(1), I = x.size(2), O = w.size(0), K = w.size(2);
+  TORCH_CHECK(K % VW == 0 && K <= 8 * VW && I % VW == 0 && R >= 1 && R <= 4 && (!split || R % 2 == 0),
+              "needs K % ", VW, " == 0, K <= ", 8 * VW, ", I % ", VW, " == 0, 1 <= R <= 4 (even with split)");
+  TORCH_CHECK(o_block >= 1, "o_block must be positive");
+  const int64_t U = split ? 2 * P : P;  // units: slots, or (slot, edge) pairs
+  auto gh = torch::empty({U, K}, x.options());
+  const float *wp = w.data_ptr<float>(), *xp = x.data_ptr<float>(), *gp = gy.data_ptr<float>();
+  float* hp = gh.data_ptr<float>();
+  with_kv(K / VW, [&](auto kv) {
+    constexpr int KV = decltype(kv)::value;
+    constexpr int UA = tile_rows(KV);
+    const int64_t groups = (U + UA - 1) / UA;
+    // o_block outputs of w (o_block x I x K) stay in L2 while all of a thread's units pass
+    at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t ob = 0; ob < O; ob += o_block)
+        for (int64_t group = begin; group < end; ++group) {
+          const int64_t u0 = group * UA, n = std::min<int64_t>(UA, U - u0), o1 = std::min(O, ob + o_block);
+          int64_t slot[UA], r0[UA], r1[UA];
+          for (int u = 0; u < UA; ++u) {
+            const int64_t unit = std::min(u0 + u, U - 1);
+            slot[u] = split ? unit / 2 : unit;
+            r0[u] = split ? (unit % 2) * (R / 2) : 0;
+            r1[u] = split ? r0[u] + R / 2 : R;
+          }
+          if (n == UA) {
+            grad_h_units<KV, UA>(wp, xp, gp, hp + u0 * K, R, K, O, I, ob, o1, slot, r0, r1, ob == 0);
+          } else {
+            for (int64_t u = 0; u < n; ++u)
+              grad_h_units<KV, 1>(wp, xp, gp, hp + (u0 + u) * K, R, K, O, I, ob, o1, slot + u, r0 + u, r1 + u, ob == 0);
+          }
+        }
+    });
+  });
+  return gh;
+}
+
+std::string isa() { return kIsa; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("so2_forward", &so2_forward, "y = x W(h)^T per slot (h [P, K], theta [O, K, I], x [P, R, I]) -> [P, R, O]");
-  m.def("so2_grad_x", &so2_grad_x, "dx = dy W(h) per slot (h [P, K], theta [O, K, I], gy [P, R, O]) -> [P, R, I]");
-  m.def("so2_grad_theta", &so2_grad_theta, "dtheta (h [P, K], x [P, R, I], gy [P, R, O]) -> [O, K, I]");
-  m.def("so2_grad_h", &so2_grad_h, "dh per slot, or per edge with split (theta, x, gy, split) -> [P or 2P, K]");
+  m.def("isa", &isa, "the vector ISA this build uses: 'avx512' or 'avx2'");
+  m.def("vector_width", []() { return VW; }, "floats per vector register");
+  m.def("variants", []() { return kVariants; }, "register tiles compiled for forward and grad_x");
+  m.def("so2_forward", &so2_forward,
+        "y = x W(h)^T per slot (h [P, K], theta [O, K, I], x [P, R, I], variant, o_tile, slot_chunk) -> [P, R, O]");
+  m.def("so2_grad_x", &so2_grad_x,
+        "dx = dy W(h) per slot (h [P, K], theta [O, K, I], gy [P, R, O], variant, o_tile, slot_chunk) -> [P, R, I]");
+  m.def("so2_grad_w", &so2_grad_w, "dw (h [P, K], x [P, R, I], gy [P, R, O], slot_chunk) -> [O, I, K]");
+  m.def("so2_grad_h", &so2_grad_h,
+        "dh per slot, or per edge with split (w [O, I, K], x [P, R, I], gy [P, R, O], split, o_block) -> [P or 2P, K]");
 }
