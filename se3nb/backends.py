@@ -309,10 +309,10 @@ def cpu_isa() -> str | None:  # 'avx512', 'avx2', or None (ARM, x86 without AVX2
 _BASE_FLAGS = ('-O3', '-fopenmp')  # at::parallel_for runs on torch's OpenMP threads
 
 
-def _flags(isa: str) -> list[str]:
-    if isa not in CPU_ISAS:
-        raise ValueError(f"unknown instruction set {isa!r}; expected one of {', '.join(CPU_ISAS)}")
-    return [*_BASE_FLAGS, *CPU_ISAS[isa], f'-DSE3NB_{isa.upper()}']
+def _flags(isa: str | None) -> list[str]:  # None: portable C++, no vector instruction set
+    if isa is not None and isa not in CPU_ISAS:
+        raise ValueError(f"unknown instruction set {isa!r}; expected one of {', '.join(CPU_ISAS)}, or None (portable)")
+    return [*_BASE_FLAGS] if isa is None else [*_BASE_FLAGS, *CPU_ISAS[isa], f'-DSE3NB_{isa.upper()}']
 
 
 def _source_path(source: str | Path) -> Path:  # a file name in the package's se3nb/csrc, or a path as it is
@@ -329,20 +329,20 @@ def _extensions_root() -> Path:  # where torch builds extensions (TORCH_EXTENSIO
 # %% ../nbs/00a_backends.ipynb #8304a942
 def extension_name(
     source: str | Path,  # a C++ file of se3nb/csrc ('so2_product.cpp'), or the path of one
-    isa: str,  # one of `CPU_ISAS`
+    isa: str | None,  # one of `CPU_ISAS`, or None for portable C++
 ) -> str:  # e.g. 'se3nb_so2_product_avx512_py312_torch2_13_0_cpu_<hash>', also the build directory's name
     "One build per source content, instruction set and flags, Python and torch version: a stale binary is never loaded."
     path = _source_path(source)
     digest = hashlib.sha256(' '.join(_flags(isa)).encode() + b'\0' + path.read_bytes()).hexdigest()[:12]
     versions = re.sub(r'\W', '_', f"py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__}")
-    return f"se3nb_{path.stem}_{isa}_{versions}_{digest}"
+    return f"se3nb_{path.stem}_{isa or 'portable'}_{versions}_{digest}"
 
 # %% ../nbs/00a_backends.ipynb #6ce20ca0
-def _build_problem(path: Path, isa: str) -> str | None:  # why `path` cannot be built for `isa` here, or None
+def _build_problem(path: Path, isa: str | None) -> str | None:  # why `path` cannot be built for `isa` here, or None
     best, capability = cpu_isa(), torch.backends.cpu.get_cpu_capability()
-    if best is None:
+    if isa is not None and best is None:
         return f"no AVX2 or AVX-512 (torch reports CPU capability {capability}); the C++ kernels are for x86 CPUs"
-    if list(CPU_ISAS).index(isa) < list(CPU_ISAS).index(best):
+    if isa is not None and list(CPU_ISAS).index(isa) < list(CPU_ISAS).index(best):
         return f"this CPU does not run {isa} code (torch reports CPU capability {capability})"
     if not path.is_file():
         return f"source missing: {path} (reinstall se3nb)"
@@ -375,7 +375,7 @@ def _build_lock(directory: Path) -> Iterator[None]:
 @lru_cache(maxsize=None)
 def load_extension(
     source: str | Path,  # a C++ file of se3nb/csrc ('so2_product.cpp'), or the path of one
-    isa: str,  # one of `CPU_ISAS`: the instruction set it is compiled for
+    isa: str | None,  # one of `CPU_ISAS`: the instruction set it is compiled for; None: portable C++ (any CPU)
 ) -> tuple[ModuleType | None, str | None]:  # (the module, None), or (None, why it cannot run here)
     "Compile (on first use, then cached) and load a C++ extension; a build left behind by a killed process is redone."
     path, flags = _source_path(source), _flags(isa)  # _flags: a ValueError for an unknown isa

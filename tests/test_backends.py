@@ -125,7 +125,7 @@ def test_models_are_built_with_the_chosen_convolution(monkeypatch):
 def test_a_request_that_cannot_run_is_an_error(rules):
     register('segment_reduce', 'csr', available=lambda: "no such kernel on this machine")
     assert choose('segment_reduce', device='cuda', dtype=F32) == 'index_add'  # automatic: skipped, with the reason
-    assert "not csr: no such kernel on this machine" in backends._seen['segment_reduce'][('cuda', F32, True)][1]
+    assert "not csr: no such kernel on this machine" in backends._seen['segment_reduce'][('cuda', F32, True, True)][1]
     with override(segment_reduce='csr'), pytest.raises(RuntimeError) as error:
         DestinationCSR(torch.tensor([0, 1, 1]), 2).sum(torch.ones(3, 2))
     assert str(error.value) == (
@@ -250,6 +250,7 @@ def test_build_problems_are_reasons(monkeypatch, tmp_path):
     assert so2.is_file() and so2.parent.name == 'csrc'
     monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'DEFAULT')  # e.g. ARM
     assert backends.cpu_isa() is None
+    assert backends._build_problem(so2, None) is None  # portable C++ builds on any CPU
     assert backends._build_problem(so2, 'avx2') == (
         "no AVX2 or AVX-512 (torch reports CPU capability DEFAULT); the C++ kernels are for x86 CPUs"
     )
@@ -269,7 +270,9 @@ def test_build_problems_are_reasons(monkeypatch, tmp_path):
         backends._build_problem(so2, 'avx2')
         == "compiler missing: no no-such-compiler-xyz on PATH (install g++, or set CXX)"
     )
-    with pytest.raises(ValueError, match="unknown instruction set 'sse'; expected one of avx512, avx2"):
+    with pytest.raises(
+        ValueError, match=r"unknown instruction set 'sse'; expected one of avx512, avx2, or None \(portable\)"
+    ):
         backends.load_extension(so2, 'sse')
 
 
