@@ -19,7 +19,8 @@ something on a machine as fast as theirs.
 Each case runs in a fresh process (3 warm-ups, median of the timed steps, peak RSS of that process); the rounds
 alternate current and baseline. Backends follow se3nb's registry (`nbs/00a_backends.ipynb`): `SE3NB_BACKENDS=torch`
 times the torch products everywhere (the baseline gets `SE3NB_NATIVE=0` to match). The JSON names the CPU (model,
-ISA, caches).
+ISA, caches), and each current case records `backend_report()` after its steps: the backends that ran, the instruction
+set of the C++ kernels and the parameters they measured on this CPU.
 """
 
 import argparse
@@ -118,7 +119,14 @@ def run_case(a: argparse.Namespace, mode: str) -> dict:
         step()
         times.append(time.perf_counter() - t0)
     median = statistics.median(times[a.warmup :])
+    try:  # what ran, and the kernels' ISA and measured parameters (se3nb at 9afe565 has no registry)
+        from se3nb.backends import backend_report
+
+        backends = backend_report()
+    except ImportError:
+        backends = None
     return {
+        'backends': backends,
         'mode': mode, 'median_s': median, 'molecules_per_s': graph.num_graphs / median,
         'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,  # KiB on Linux
         'molecules': graph.num_graphs, 'atoms': graph.num_nodes, 'edges': graph.num_edges,

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -123,13 +124,13 @@ def _theta(w: Tensor, O: int, I: int) -> Tensor:  # [O, H, I] one m-block of the
 _TUNE_SLOTS = 512  # slots of the synthetic m-block the candidates are timed on
 
 
-def _seconds(run, repeats: int = 3) -> float:  # the best of `repeats` timed calls, after one untimed call
+def _seconds(run, repeats: int = 3) -> float:  # CPU seconds of this thread: the best of `repeats` calls, after one
     run()
     best = float('inf')
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.thread_time()
         run()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, time.thread_time() - start)
     return best
 
 
@@ -137,6 +138,16 @@ def _fastest(candidates: dict) -> tuple:  # (the key of the fastest call, its se
     times = {key: _seconds(run) for key, run in candidates.items()}
     best = min(times, key=times.get)
     return best, times[best]
+
+
+@contextmanager
+def _one_thread():  # the measurements run on one core: CPU time of one thread, blind to other processes' load
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 # %% ../nbs/03b_so2_product.ipynb #33eb343f
 def _tune(native, R: int, O: int, I: int, H: int, split: bool) -> dict:  # the fastest parameters, and native vs torch
@@ -168,12 +179,13 @@ _PLANS: dict[str, dict] = {}  # tuning key -> plan, in this process
 
 
 def _plan(native, R: int, O: int, I: int, H: int, split: bool) -> dict:  # the measured plan of one block shape
-    key = f"{native.isa()} threads={torch.get_num_threads()} R={R} O={O} I={I} H={H} split={int(split)}"
+    key = f"{native.isa()} R={R} O={O} I={I} H={H} split={int(split)}"
     plan = _PLANS.get(key) or read_tuning(native).get(key)
     if plan is None:
         shape = f"R={R} O={O} I={I} H={H}"
         print(f"se3nb: timing the SO(2) kernels against torch for {shape} (once per CPU)", file=sys.stderr, flush=True)
-        plan = _tune(native, R, O, I, H, split)
+        with _one_thread():
+            plan = _tune(native, R, O, I, H, split)
         record_tuning(native, {key: plan})
     _PLANS[key] = plan
     return plan
