@@ -121,7 +121,7 @@ def _theta(w: Tensor, O: int, I: int) -> Tensor:  # [O, H, I] one m-block of the
     return w.view(O, I, -1).transpose(1, 2).contiguous()
 
 # %% ../nbs/03b_so2_product.ipynb #6dc1ecf3
-_TUNE_SLOTS = 512  # slots of the synthetic m-block the candidates are timed on
+_TUNE_SLOTS = 256  # slots of the synthetic m-block the candidates are timed on
 
 
 def _seconds(run, repeats: int = 3) -> float:  # CPU seconds of this thread: the best of `repeats` calls, after one
