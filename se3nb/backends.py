@@ -394,9 +394,14 @@ def load_extension(
                 stale.unlink()
             if not any(directory.glob(f'{name}*.so')):
                 print(f"se3nb: compiling {path.name} for {isa} (first use, 30-60 s)", file=sys.stderr, flush=True)
+            copy = directory / path.name  # builds from two checkouts of one source share this copy, not rebuild in turn
+            if not copy.is_file() or copy.read_bytes() != path.read_bytes():
+                copy.with_suffix('.tmp').write_bytes(path.read_bytes())
+                os.replace(copy.with_suffix('.tmp'), copy)
             module = load(
-                name, [str(path)], extra_cflags=flags, extra_ldflags=['-fopenmp'], build_directory=str(directory)
-            )
+                name, [str(copy)], extra_cflags=flags, extra_ldflags=['-fopenmp'], build_directory=str(directory),
+                extra_include_paths=[str(path.parent)],
+            )  # fmt: skip
         return module, None
     except Exception as error:  # a failed build: the caller's torch backend computes the same
         warnings.warn(f"se3nb: {path.name} did not build for {isa}, the torch backend runs instead ({error})")
