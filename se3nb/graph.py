@@ -214,9 +214,7 @@ class DestinationCSR:
         self.edge_order = torch.argsort(dst, stable=True)  # [E] edges by destination, each node's edges in graph order
         self.dst = dst[self.edge_order]  # [E] sorted destinations
         self.in_degree = torch.bincount(dst, minlength=num_nodes)  # [N] segment lengths
-        self.offsets = torch.cat(
-            [self.in_degree.new_zeros(1), self.in_degree.cumsum(0)]
-        )  # [N+1] start of each node's run (CSR row pointer)
+        self.offsets = torch.cat([self.in_degree.new_zeros(1), self.in_degree.cumsum(0)])  # [N+1] CSR row pointer
 
     def sum(
         self,
@@ -248,7 +246,7 @@ class DestinationCSR:
         scores: Tensor,  # [E, H] per edge, in `edge_order`
         envelope: Tensor | None = None,  # [E] smooth cutoff u in [0, 1], in `edge_order`
     ) -> Tensor:  # [E, H]
-        "Softmax over each node's incoming edges, shifted by each node's maximum; with an envelope $u\\,u e^s / \\sum u e^s$ (`05_attention`)."
+        "Softmax over each node's incoming edges (shifted by its maximum); with an envelope $u\\,u e^s / \\sum u e^s$."
         e = torch.exp(scores - self.to_edges(self.max(scores.detach())))  # [E, H]; the shift is a constant per node
         if envelope is None:
             return e / self.to_edges(self.sum(e))
@@ -257,7 +255,8 @@ class DestinationCSR:
         return u * e / (self.to_edges(self.sum(e)) + 1e-12)
 
     def __repr__(self) -> str:
-        return f"DestinationCSR({self.num_edges} edges into {self.num_nodes} nodes, max in-degree {int(self.in_degree.max()) if self.num_nodes else 0})"
+        most = int(self.in_degree.max()) if self.num_nodes else 0
+        return f"DestinationCSR({self.num_edges} edges into {self.num_nodes} nodes, max in-degree {most})"
 
 # %% ../nbs/03_graph.ipynb #0c717378
 def graph_max_pool(
