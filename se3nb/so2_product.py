@@ -9,6 +9,7 @@ __all__ = ['so2_product']
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 
@@ -186,7 +187,10 @@ def _plan(native, R: int, O: int, I: int, H: int, split: bool) -> dict:  # the m
         print(f"se3nb: timing the SO(2) kernels against torch for {shape} (once per CPU)", file=sys.stderr, flush=True)
         with _one_thread():
             plan = _tune(native, R, O, I, H, split)
-        record_tuning(native, {key: plan})
+        try:
+            record_tuning(native, {key: plan})
+        except OSError as error:  # e.g. a read-only extension cache: the next process measures again
+            warnings.warn(f"se3nb: could not record the SO(2) kernel measurements ({error})")
     _PLANS[key] = plan
     return plan
 

@@ -263,3 +263,21 @@ def test_measured_parameters_are_recorded_beside_the_extension(tmp_path, isa):
     assert backends.read_tuning(fake) == {}  # measured on another CPU: not used
     path.write_text('{"cpu": "torn')
     assert backends.read_tuning(fake) == {}
+
+
+def test_a_read_only_extension_cache_does_not_stop_the_product(isa, monkeypatch):
+    def refuse(module, entries):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(sp, 'record_tuning', refuse)
+    monkeypatch.setattr(sp, 'read_tuning', lambda module: {})
+    key = f"{isa} R=2 O=4 I=32 H=16 split=0"
+    saved = sp._PLANS.pop(key, None)
+    try:
+        with pytest.warns(UserWarning, match="could not record the SO\\(2\\) kernel measurements .*read-only"):
+            plan = sp._plan(sp._native_so2()[0], 2, 4, 32, 16, False)  # measured, used, not recorded
+        assert sp._PLANS[key] is plan and plan['ms']['forward'][0] > 0
+    finally:
+        sp._PLANS.pop(key, None)
+        if saved is not None:
+            sp._PLANS[key] = saved
