@@ -16,7 +16,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from .backends import choose, cpu_id, cpu_isa, load_extension, read_tuning, record_tuning, register
+from .backends import choose, register
+from .extensions import cpu_id, cpu_isa, load_extension, read_tuning, record_tuning
 
 # %% ../nbs/03b_so2_product.ipynb #54434cf0
 _WORKSPACE = threading.local()  # per thread, so concurrent products never share a buffer

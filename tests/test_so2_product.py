@@ -22,8 +22,10 @@ import pytest
 import torch
 
 import se3nb.backends as backends
+import se3nb.extensions as extensions
 import se3nb.so2_product as sp
-from se3nb.backends import backend_report, choose, cpu_isa, extension_name, override
+from se3nb.backends import backend_report, choose, override
+from se3nb.extensions import cpu_isa, extension_name
 from se3nb.benchmark import random_molecule_batch
 from se3nb.conv import edge_invariants, random_features
 from se3nb.fiber import Fiber
@@ -184,7 +186,7 @@ def test_kernels_build_from_the_package_sources_in_an_empty_extension_dir(tmp_pa
     "A fresh clone or install: nothing cached, the kernels compile from se3nb/csrc and load (a minute on 2 cores)."
     _native_kernels()  # skips where they cannot build
     code = (
-        "import se3nb.so2_product as sp, se3nb.backends as b; m, why = sp._native_so2(); assert m is not None, why; "
+        "import se3nb.so2_product as sp, se3nb.extensions as b; m, why = sp._native_so2(); assert m is not None, why; "
         "print(m.__file__); print(b._source_path('so2_product.cpp'))"
     )
     env = {**os.environ, 'TORCH_EXTENSIONS_DIR': str(tmp_path)}
@@ -251,18 +253,18 @@ def test_the_automatic_choice_follows_the_measurements_per_shape_and_requests_do
 
 def test_measured_parameters_are_recorded_beside_the_extension(tmp_path, isa):
     native = sp._native_so2()[0]
-    stored = backends.read_tuning(native)
+    stored = extensions.read_tuning(native)
     assert any(key.startswith(f"{isa} R=") for key in stored)  # the plans the tests above measured
     fake = type(sys)('fake_extension')
     fake.__file__ = str(tmp_path / 'fake_extension.so')
-    assert backends.read_tuning(fake) == {}
-    path = backends.record_tuning(fake, {'a': 1})
-    assert path.parent == tmp_path and backends.record_tuning(fake, {'b': [2, 3]}) == path
-    assert backends.read_tuning(fake) == {'a': 1, 'b': [2, 3]} and list(tmp_path.glob('*.tmp')) == []
-    path.write_text(path.read_text().replace(backends.cpu_id(), 'another CPU'))
-    assert backends.read_tuning(fake) == {}  # measured on another CPU: not used
+    assert extensions.read_tuning(fake) == {}
+    path = extensions.record_tuning(fake, {'a': 1})
+    assert path.parent == tmp_path and extensions.record_tuning(fake, {'b': [2, 3]}) == path
+    assert extensions.read_tuning(fake) == {'a': 1, 'b': [2, 3]} and list(tmp_path.glob('*.tmp')) == []
+    path.write_text(path.read_text().replace(extensions.cpu_id(), 'another CPU'))
+    assert extensions.read_tuning(fake) == {}  # measured on another CPU: not used
     path.write_text('{"cpu": "torn')
-    assert backends.read_tuning(fake) == {}
+    assert extensions.read_tuning(fake) == {}
 
 
 def test_a_read_only_extension_cache_does_not_stop_the_product(isa, monkeypatch):

@@ -1,0 +1,108 @@
+"""se3nb.extensions: build names, reasons a kernel cannot build, and recovery from a build killed half way."""
+
+import select
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import se3nb.extensions as extensions
+
+
+def test_extension_names_follow_the_source_the_isa_and_the_versions(tmp_path):
+    source = tmp_path / 'kernel.cpp'
+    source.write_text('int f() { return 1; }\n')
+    name = extensions.extension_name(source, 'avx512')
+    tag = f"py{sys.version_info[0]}{sys.version_info[1]}_torch{torch.__version__}".replace('.', '_').replace('+', '_')
+    assert name.startswith(f'se3nb_kernel_avx512_{tag}_') and name == extensions.extension_name(source, 'avx512')
+    assert extensions.extension_name(source, 'avx2') != name  # another instruction set: another build
+    source.write_text('int f() { return 2; }\n')
+    assert extensions.extension_name(source, 'avx512') != name  # an edited kernel: never the stale binary
+
+
+def test_build_problems_are_reasons(monkeypatch, tmp_path):
+    so2 = extensions._source_path('so2_product.cpp')
+    assert so2.is_file() and so2.parent.name == 'csrc'
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'DEFAULT')  # e.g. ARM
+    assert extensions.cpu_isa() is None
+    assert extensions._build_problem(so2, None) is None  # portable C++ builds on any CPU
+    assert extensions._build_problem(so2, 'avx2') == (
+        "no AVX2 or AVX-512 (torch reports CPU capability DEFAULT); the C++ kernels are for x86 CPUs"
+    )
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX2')
+    assert extensions.cpu_isa() == 'avx2'
+    assert extensions._build_problem(so2, 'avx512') == (
+        "this CPU does not run avx512 code (torch reports CPU capability AVX2)"
+    )
+    assert (
+        extensions._build_problem(tmp_path / 'gone.cpp', 'avx2')
+        == f"source missing: {tmp_path / 'gone.cpp'} (reinstall se3nb)"
+    )
+    monkeypatch.setattr(torch.backends.cpu, 'get_cpu_capability', lambda: 'AVX512_BF16')
+    assert (
+        extensions.cpu_isa() == 'avx512' and extensions._build_problem(so2, 'avx2') is None
+    )  # AVX-512 CPUs run AVX2 code
+    monkeypatch.setenv('CXX', 'no-such-compiler-xyz')
+    assert (
+        extensions._build_problem(so2, 'avx2')
+        == "compiler missing: no no-such-compiler-xyz on PATH (install g++, or set CXX)"
+    )
+    with pytest.raises(
+        ValueError, match=r"unknown instruction set 'sse'; expected one of avx512, avx2, or None \(portable\)"
+    ):
+        extensions.load_extension(so2, 'sse')
+
+
+_HOLD_BUILD = """
+import sys, time
+from pathlib import Path
+from se3nb.extensions import _build_lock
+directory = Path(sys.argv[1])
+with _build_lock(directory):
+    (directory / 'lock').touch()  # torch's lock of a build in progress
+    print('building', flush=True)
+    time.sleep(600)
+"""
+
+_LOAD = """
+import sys
+from se3nb.extensions import load_extension
+module, why = load_extension('so2_product.cpp', sys.argv[1])
+assert module is not None, why
+print(module.__file__)
+"""
+
+
+def _line_within(stream, seconds: float) -> str:  # the next line a child process writes, or '' after `seconds`
+    ready, _, _ = select.select([stream], [], [], seconds)
+    return stream.readline() if ready else ''
+
+
+def test_a_build_killed_half_way_does_not_block_later_builds():
+    "A process killed while building leaves torch's `lock`; the next process must build, not wait forever (it did)."
+    isa = extensions.cpu_isa()
+    module, why = extensions.load_extension('so2_product.cpp', isa or 'avx2')
+    if module is None:
+        pytest.skip(f"the C++ kernels do not build here: {why}")
+    directory = Path(module.__file__).parent
+    holder = subprocess.Popen([sys.executable, '-c', _HOLD_BUILD, str(directory)], stdout=subprocess.PIPE, text=True)
+    loader = None
+    try:
+        assert _line_within(holder.stdout, 120) == 'building\n'
+        loader = subprocess.Popen(
+            [sys.executable, '-c', _LOAD, isa], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        assert 'waiting for another process to build' in _line_within(loader.stderr, 120)  # the build is alive: wait
+        holder.kill()  # SIGKILL in the middle of the "build": torch's lock stays behind
+        holder.wait(30)  # (the loader may already have found the stale lock: no assert on it here)
+        out, err = loader.communicate(timeout=180)
+        assert loader.returncode == 0, err[-3000:]
+        assert 'removed' in err and 'left behind by an interrupted build' in err
+        assert Path(out.strip()) == Path(module.__file__)  # (another process may hold a fresh lock by now)
+    finally:
+        for process in (holder, loader):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait(30)
