@@ -7,19 +7,12 @@ __all__ = ['segment_attention_weights', 'segment_attention_reference', 'segment_
 
 # %% ../nbs/03a_segment_attention.ipynb #b0967d07
 import functools
-import hashlib
-import importlib.util
 import os
-import re
-import shutil
-import sys
-import warnings
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .backends import choose, register
+from .backends import choose, load_extension, register
 from .graph import DestinationCSR
 
 # %% ../nbs/03a_segment_attention.ipynb #3f2479cf
@@ -294,43 +287,8 @@ class _FusedSegmentAttention(torch.autograd.Function):
         return grad_k, grad_q, grad_v, grad_u, None, None
 
 # %% ../nbs/03a_segment_attention.ipynb #6df44b02
-@functools.cache
-def _load_cpu_extension(
-    stem: str,  # kernel name, e.g. 'segment_attention'
-    sources: tuple[str, ...],  # file names in se3nb/csrc
-    cflags: tuple[str, ...],
-    avx512: bool,  # the sources use AVX-512 intrinsics
-):  # (the compiled module, None), or (None, why it cannot run here)
-    "Compile (on first use) and load C++ CPU kernels of se3nb/csrc; one build per torch version and source content."
-    paths = [Path(importlib.util.find_spec('se3nb').origin).parent / 'csrc' / name for name in sources]
-    capability = torch.backends.cpu.get_cpu_capability()
-    compiler = os.environ.get('CXX', 'c++')
-    from torch.utils.cpp_extension import is_ninja_available, load
-
-    problem = (
-        f"no AVX-512 (torch reports CPU capability {capability})" if avx512 and not capability.startswith('AVX512')
-        else f"sources missing: {[str(p) for p in paths if not p.is_file()]} (reinstall se3nb)"
-        if not all(p.is_file() for p in paths)
-        else f"compiler missing: no {compiler} on PATH (install g++, or set CXX)" if shutil.which(compiler) is None
-        else None if is_ninja_available() else "ninja missing (`pip install ninja`)"
-    )  # fmt: skip
-    if problem is not None:
-        return None, problem
-    digest = hashlib.sha256(' '.join(cflags).encode())
-    for path in paths:
-        digest.update(path.read_bytes())
-    torch_tag = re.sub(r'\W', '_', torch.__version__)
-    name = f"se3nb_{stem}_torch{torch_tag}_{digest.hexdigest()[:12]}"
-    print(f"se3nb: loading the C++ kernels {stem} (compiled on first use, 30-60 s)", file=sys.stderr, flush=True)
-    try:
-        return load(name, [str(p) for p in paths], extra_cflags=list(cflags), extra_ldflags=['-fopenmp']), None
-    except Exception as error:  # a failed build: the torch path computes the same
-        warnings.warn(f"se3nb: the C++ kernels {stem} did not build, using torch ({error})")
-        return None, f"build failed: {type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
-
-
 def _native_attention():  # (the kernels segment_attention_forward / _backward, None), or (None, why not)
-    return _load_cpu_extension('segment_attention', ('segment_attention.cpp',), ('-O3', '-fopenmp'), False)
+    return load_extension('segment_attention.cpp', None)  # portable C++: any CPU with a compiler; cached
 
 # %% ../nbs/03a_segment_attention.ipynb #ed7b8802
 class _NativeSegmentAttention(torch.autograd.Function):

@@ -15,9 +15,8 @@ from torch import Tensor, nn
 from .fiber import degree_to_dim
 from .basis import kernel_basis, spherical_harmonics, wigner_D
 from .graph import DestinationCSR, Graph
-from .segment_attention import _load_cpu_extension
 from .conv import TFNConv, _add_self_interaction
-from .backends import choose, register
+from .backends import choose, load_extension, register
 from .so2_product import so2_product
 
 # %% ../nbs/04a_so2.ipynb #f97125ed
@@ -338,8 +337,7 @@ _BLOCK_EDGES = 4096  # edges per block (whole destination nodes): 0.25-1 MB of m
 
 
 def _native_conv():  # (the kernel so2_conv_block, None), or (None, why not)
-    flags = ('-O3', '-mavx512f', '-mavx512dq', '-mfma', '-fopenmp')
-    return _load_cpu_extension('so2_conv_block', ('so2_conv_block.cpp',), flags, True)
+    return load_extension('so2_conv_block.cpp', 'avx512')  # AVX-512 intrinsics; compiled on first use, cached
 
 
 def _runs_in_blocks(
