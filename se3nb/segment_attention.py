@@ -12,7 +12,8 @@ import os
 import torch
 from torch import Tensor
 
-from .backends import choose, load_extension, register
+from .backends import choose, register
+from .extensions import load_extension
 from .graph import DestinationCSR
 
 # %% ../nbs/03a_segment_attention.ipynb #3f2479cf

@@ -16,7 +16,8 @@ from .fiber import degree_to_dim
 from .basis import kernel_basis, spherical_harmonics, wigner_D
 from .graph import DestinationCSR, Graph
 from .conv import TFNConv, _add_self_interaction
-from .backends import choose, load_extension, register
+from .backends import choose, register
+from .extensions import load_extension
 from .so2_product import so2_product
 
 # %% ../nbs/04a_so2.ipynb #f97125ed
