@@ -14,8 +14,8 @@ qm9: install  ## the main job: train on the embedded QM9 (quick CPU preset; abou
 lab: install  ## open the tutorial notebooks in JupyterLab (on a server: make lab LAB_ARGS="--no-browser --ip=0.0.0.0")
 	jupyter lab nbs/index.ipynb $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
-test: install  ## every test: pytest and the notebooks
-	$(MAKE) test-py test-nbs
+test: install  ## every test: ruff lint and format check, pytest, and the notebooks
+	$(MAKE) lint test-py test-nbs
 
 lint:  ## ruff lint (notebooks, package, tests, tools, benchmarks) and ruff format check (everything but the generated package)
 	ruff check .

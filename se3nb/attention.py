@@ -41,7 +41,7 @@ class SE3Attention(nn.Module):
             bad = [l for l, c in f.items() if c % num_heads]
             if bad:
                 raise ValueError(
-                    f"{name} channels {dict(f.items())} must be divisible by num_heads={num_heads} (degrees {bad} are not)"
+                    f"{name} channels {dict(f.items())} must be divisible by num_heads={num_heads} (not degrees {bad})"
                 )
         self.num_heads, self.key_fiber, self.value_fiber = num_heads, key_fiber, value_fiber
 

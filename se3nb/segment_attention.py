@@ -25,7 +25,7 @@ def segment_attention_weights(
     scale: float,  # sigma, e.g. 1/sqrt(total key size)
     envelope: Tensor | None = None,  # [E] smooth cutoff u, in `csr.edge_order`
 ) -> Tensor:  # [E, H] alpha, in `csr.edge_order`
-    "The attention weights alone: softmax over each node's incoming edges of the scaled key-query products (optionally enveloped)."
+    "The attention weights alone: softmax over each node's incoming edges of the scaled key-query products."
     dtype = torch.promote_types(key.dtype, torch.float32)  # softmax statistics in float32 under autocast, float64 stays
     scores = (key.to(dtype) * csr.to_edges(query.to(dtype))).sum(-1) * scale  # [E, H]
     return csr.softmax(scores, envelope)  # [E, H]
@@ -379,7 +379,7 @@ def segment_attention(
         or (envelope is not None and envelope.shape != (E,))
     ):
         raise ValueError(
-            f"expected key [E, H, d_k], query [N, H, d_k], value [E, H, d_v] and envelope [E] with E = {csr.num_edges}, "
+            f"expected key [E, H, d_k], query [N, H, d_k], value [E, H, d_v], envelope [E] with E = {csr.num_edges}, "
             f"N = {csr.num_nodes}; got key {list(key.shape)}, query {list(query.shape)}, value {list(value.shape)}, "
             f"envelope {None if envelope is None else list(envelope.shape)}"
         )

@@ -30,5 +30,5 @@ def test_attention_averages_values_with_weights_that_sum_to_one():
 
 
 def test_heads_must_divide_the_channels():
-    with pytest.raises(ValueError, match=r"key channels \{0: 3\} must be divisible by num_heads=2 \(degrees \[0\]"):
+    with pytest.raises(ValueError, match=r"key channels \{0: 3\} must be divisible by num_heads=2 \(not degrees \[0\]"):
         SE3Attention(2, Fiber({0: 3}), Fiber({0: 2}))
