@@ -31,6 +31,7 @@ from .fiber import Fiber
 from .graph import Graph, batch_graphs, radius_graph
 from .model import SE3TransformerPooled
 from .backends import backend_report, override
+from .runtime import grad_scaler
 
 # %% ../nbs/10_benchmark.ipynb #8edb47106e1a46a883d545849b8ab81b
 def _random_molecule(atoms: int, radius: float | None, g: torch.Generator) -> Graph:
@@ -117,8 +118,7 @@ def _step_function(case: Case, model, graph: Graph, node: dict, edge: dict):
     cuda = case.device.startswith('cuda')
     amp_dtype = torch.float16 if cuda else torch.bfloat16
     enabled = cuda and case.precision == 'amp'
-    make_scaler = getattr(torch.amp, 'GradScaler', None)  # torch >= 2.3; the legacy leg runs torch 2.2
-    scaler = make_scaler('cuda', enabled=enabled) if make_scaler else torch.cuda.amp.GradScaler(enabled=enabled)
+    scaler = grad_scaler(enabled)
     model.train(case.mode == 'train')
 
     def step():

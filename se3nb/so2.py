@@ -341,11 +341,18 @@ def _native_conv():  # (the kernel so2_conv_block, None), or (None, why not)
     return load_extension('so2_conv_block.cpp', 'avx512')  # AVX-512 intrinsics; compiled on first use, cached
 
 
+def _autocast_enabled(device_type: str) -> bool:  # torch >= 2.4 takes the device; the legacy CI leg runs torch 2.2
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == 'cpu' else torch.is_autocast_enabled()
+
+
 def _runs_in_blocks(
     x: Tensor,  # a float tensor of the forward pass (its device and dtype decide)
 ) -> bool:
     "Whether this forward runs in blocks: gradients off, no autocast, and `choose('so2_inference')` gives `native`."
-    if torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+    if torch.is_grad_enabled() or _autocast_enabled(x.device.type):
         return False
     return choose('so2_inference', device=x.device, dtype=x.dtype) == 'native'
 

@@ -31,7 +31,7 @@ from .qm9 import atomic_torch_save
 from .recipe import TrainConfig, ema_model, presets, scheduled_lr  # noqa: F401 (presets: as se3nb.train.presets)
 from .runtime import JsonlLogger, Runtime, TrainClock, all_reduce_sum, autocast_context, evaluate
 from .runtime import resolve_precision, rng_state, save_plots, seed_everything, set_rng_state, setup_distributed
-from .runtime import step_records, unwrap
+from .runtime import grad_scaler, step_records, unwrap
 
 # %% ../nbs/09_train.ipynb #73d9d303
 CHECKPOINT_FORMAT = 1
@@ -134,7 +134,7 @@ class _Run:
     ddp: nn.Module  # the same, DDP-wrapped under torchrun
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler | None  # NVIDIA's cosine; None when `scheduled_lr` sets the rate
-    scaler: torch.amp.GradScaler
+    scaler: object  # runtime.grad_scaler: torch.amp.GradScaler (torch.cuda.amp's before torch 2.3)
     ema: AveragedModel | None  # the weight average, with config.ema
     sampler: DistributedSampler
     loader: DataLoader
@@ -164,7 +164,7 @@ def _optimization(net: nn.Module, config: TrainConfig, precision: str) -> tuple:
         scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
             optimizer, T_0=config.epochs, eta_min=config.lowest_lr
         )
-    scaler = torch.amp.GradScaler('cuda', enabled=precision == 'fp16')
+    scaler = grad_scaler(enabled=precision == 'fp16')
     return optimizer, scheduler, scaler, ema_model(net, config.ema) if config.ema else None
 
 
