@@ -17,12 +17,16 @@ lab: install  ## open the tutorial notebooks in JupyterLab (on a server: make la
 test: install  ## every test: ruff lint and format check, pytest, and the notebooks
 	$(MAKE) lint test-py test-nbs
 
+# ruff from the active environment, else from a small tool venv made on first use (a fresh machine needs no set-up for lint)
+RUFF ?= $(or $(shell command -v ruff 2>/dev/null),.venv-lint/bin/ruff)
+
 lint:  ## ruff lint (notebooks, package, tests, tools, benchmarks) and ruff format check (everything but the generated package)
-	ruff check .
-	ruff format --check .
+	@[ -x "$(RUFF)" ] || { echo "ruff not found: installing it into .venv-lint"; $(PY) -m venv .venv-lint && .venv-lint/bin/pip install -q "ruff>=0.6"; }
+	$(RUFF) check .
+	$(RUFF) format --check .
 
 format:  ## ruff format the notebooks, tests, tools and benchmarks, then export: the package follows its notebooks
-	ruff format .
+	$(RUFF) format .
 	nbdev_export
 
 test-py:
