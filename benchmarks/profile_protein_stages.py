@@ -24,7 +24,7 @@ STAGES = {
     'geometry': ['se3nb.model:SE3Transformer.geometry', 'se3nb.basis:Bases.get'],
     'radial_mlp': ['se3nb.conv:RadialProfile.hidden', 'se3nb.conv:RadialProfile.forward'],
     'kernel': ['se3nb.conv:TFNConv.messages', 'se3nb.so2:so2_messages'],
-    'fused_conv_pass': ['se3nb.so2:_fused_messages'],  # gather, frames, radial MLP, SO(2) product, rotate back
+    'fused_conv_pass': ['se3nb.so2_conv:_fused_messages'],  # gather, frames, radial MLP, SO(2) product, rotate back
     'aggregation': ['se3nb.graph:DestinationCSR.sum'],
     'attention': ['se3nb.attention:SE3Attention.forward', 'se3nb.attention:segment_attention'],
     'norm': ['se3nb.norm:NormNonlinearity.forward'],
@@ -69,7 +69,7 @@ def patch_stages() -> list[str]:
             found.append(target)
     attention = importlib.import_module('se3nb.attention')
     if hasattr(attention, '_fused_messages'):  # imported by name there
-        attention._fused_messages = importlib.import_module('se3nb.so2')._fused_messages
+        attention._fused_messages = importlib.import_module('se3nb.so2_conv')._fused_messages
     return found
 
 

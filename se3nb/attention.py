@@ -17,21 +17,17 @@ from .basis import Bases
 from .graph import Graph
 from .segment_attention import segment_attention
 from .conv import EquivariantLinear
-from .so2 import EdgeFrames, SO2Conv, _block_csr, _destination_blocks, _fused_messages, _runs_in_blocks, conv_class
+from .so2 import EdgeFrames
+from .so2_conv import SO2Conv, _block_csr, _destination_blocks, _fused_messages, _runs_in_blocks, conv_class
 
 # %% ../nbs/05_attention.ipynb #bac38a7f
 def _to_heads(
     feats: Mapping[int, Tensor], degrees: list[int], num_heads: int
 ) -> Tensor:  # [rows, H, sum_l C_l (2l+1) / H]
-    return torch.cat(
-        [
-            feats[l].reshape(feats[l].shape[0], num_heads, feats[l].shape[1] * feats[l].shape[2] // num_heads)
-            for l in degrees
-        ],
-        dim=-1,
-    )
+    "Features of every degree split into heads, the degrees side by side within a head."
+    return torch.cat([feats[l].flatten(1).unflatten(1, (num_heads, -1)) for l in degrees], dim=-1)
 
-
+# %% ../nbs/05_attention.ipynb #71e7ab24
 class SE3Attention(nn.Module):
     "Multi-head attention of each node over its incoming edges; returns the weighted sums of values."
 
@@ -163,7 +159,7 @@ class AttentionBlock(nn.Module):
         self.to_query = EquivariantLinear(fiber_in, key_fiber)
         self.attention = SE3Attention(num_heads, key_fiber, value_fiber)
         self.project = EquivariantLinear(value_fiber + fiber_in, fiber_out)
-        self.blocks_possible = isinstance(self.to_key_value, SO2Conv)  # no-grad inference in blocks (`04a_so2`)
+        self.blocks_possible = isinstance(self.to_key_value, SO2Conv)  # no-grad inference in blocks (`04b_so2_conv`)
 
     def forward(
         self,

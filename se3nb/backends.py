@@ -19,7 +19,7 @@ import torch
 # %% ../nbs/00a_backends.ipynb #fb5f5758
 OPS: dict[str, dict[str, str]] = {
     'conv': {
-        'so2': "the TFN convolution in edge frames: small SO(2) maps per order m (`04a_so2`)",
+        'so2': "the TFN convolution in edge frames: small SO(2) maps per order m (`04b_so2_conv`)",
         'reference': "the TFN convolution by its definition: kernel basis times radial weights (`04_conv`)",
     },
     'so2_product': {
@@ -36,16 +36,16 @@ OPS: dict[str, dict[str, str]] = {
         'index_add': "`index_add_` / `scatter_reduce` by destination node",
     },
     'so2_inference': {
-        'native': "no grad, float32, AVX-512 CPUs: blocks of destination nodes, one fused C++ pass each (`04a_so2`)",
+        'native': "no grad, float32, AVX-512 CPUs: blocks of destination nodes, a fused C++ pass each (`04b_so2_conv`)",
         'torch': "the differentiable SO(2) path: messages of every edge, then sums or attention",
     },
 }  # {op: {backend: what it is}}, each op's backends in the order of the automatic choice
 REGISTERED_BY = {
-    'conv': 'se3nb.so2',
+    'conv': 'se3nb.so2_conv',
     'so2_product': 'se3nb.so2_product',
     'segment_attention': 'se3nb.segment_attention',
     'segment_reduce': 'se3nb.graph',
-    'so2_inference': 'se3nb.so2',
+    'so2_inference': 'se3nb.so2_conv',
 }  # the module that registers each op's backends when it is imported
 ENV_VAR = 'SE3NB_BACKENDS'  # the documented override, e.g. 'torch' or 'so2_product=torch,conv=reference'
 

@@ -171,16 +171,21 @@ def edge_invariants(
     return torch.cat([edge_feats[0][..., 0], r.to(edge_feats[0].dtype)], dim=-1) if 0 in edge_feats else r  # [E, C_0+1]
 
 # %% ../nbs/04_conv.ipynb #8dd0d8092fe74a7c96281538738b07e2
-def _gather_inputs(
-    node_feats: Mapping[int, Tensor], edge_feats: Mapping[int, Tensor], src: Tensor, degrees: tuple[int, ...]
-) -> Tensor:  # [E, C_in, D_in]
-    xs = []
+def _source_inputs(
+    node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
+    edge_feats: Mapping[int, Tensor],  # {l: [E, C_edge_l, 2l+1]}
+    src: Tensor,  # [R] the source node of each row
+    degrees: tuple[int, ...],
+    edges: Tensor | None = None,  # [R] the edge of each row (None: rows are the edges in graph order)
+) -> dict[int, Tensor]:  # {l: [R, C_l + C_edge_l, 2l+1]}
+    "Inputs of each row (edge): its source node's features, with degree > 0 edge features as more channels."
+    inputs = {}
     for l in degrees:
-        x = node_feats[l][src]  # [E, C_l, 2l+1]
+        x = node_feats[l].index_select(0, src)  # [R, C_l, 2l+1]
         if l > 0 and l in edge_feats:
-            x = torch.cat([x, edge_feats[l]], dim=1)  # [E, C_l + C_edge_l, 2l+1]
-        xs.append(x)
-    return torch.cat(xs, dim=-1)  # [E, C_in, D_in]
+            x = torch.cat([x, edge_feats[l] if edges is None else edge_feats[l].index_select(0, edges)], dim=1)
+        inputs[l] = x
+    return inputs
 
 
 def _radial_profiles(groups: dict, fiber_in: Fiber, fiber_out: Fiber, fiber_edge: Fiber, use_layer_norm: bool):
@@ -233,7 +238,9 @@ def _reference_messages(
     inputs: dict[tuple[int, ...], Tensor] = {}  # groups fused per output degree share their inputs
     for name, (ins, outs) in self.groups.items():
         if ins not in inputs:
-            inputs[ins] = _gather_inputs(node_feats, edge_feats, graph.src, ins)
+            inputs[ins] = torch.cat(
+                list(_source_inputs(node_feats, edge_feats, graph.src, ins).values()), -1
+            )  # [E, C_in, D_in]
         x = inputs[ins]  # [E, C_in, D_in]
         B = geometry.get(ins, outs) * self.basis_scale[name]  # [E, D_in, F, D_out]
         h = self.radial[name].hidden(invariants)  # [E, mid]
@@ -272,7 +279,7 @@ class TFNConv(nn.Module):
     "Tensor Field Network convolution from `fiber_in` to `fiber_out` over the edges of a graph."
 
     geometry_type = Bases  # what `geometry` returns and `messages` reads
-    messages = _reference_messages  # the definition; `SO2Conv` (04a_so2) computes the same in edge frames
+    messages = _reference_messages  # the definition; `SO2Conv` (04b_so2_conv) computes the same in edge frames
     geometry = staticmethod(_bases_geometry)  # computed once per forward pass, for all layers
 
     def __init__(
@@ -301,7 +308,7 @@ class TFNConv(nn.Module):
         edge_feats: Mapping[int, Tensor],  # {l: [E, C_l, 2l+1]}
         invariants: Tensor,  # [E, C_edge_0 + 1] from `edge_invariants`
         graph: Graph,
-        geometry: Bases,  # from `self.geometry` (the SO(2) subclass of `04a_so2` takes its `EdgeFrames`)
+        geometry: Bases,  # from `self.geometry` (the SO(2) subclass of `04b_so2_conv` takes its `EdgeFrames`)
         edge_scale: Tensor | None = None,  # [E] per-message factor, e.g. a cutoff envelope
         *,
         by_destination: bool = False,  # unpooled: rows in `graph.csr.edge_order` (sorted by destination)

@@ -17,7 +17,8 @@ from .fiber import Fiber
 from .basis import Bases
 from .graph import Graph
 from .conv import TFNConv, edge_invariants, smooth_cutoff
-from .so2 import CONVOLUTIONS, EdgeFrames
+from .so2 import EdgeFrames
+from .so2_conv import CONVOLUTIONS
 from .backends import choose
 from .attention import AttentionBlock
 from .norm import NormNonlinearity, GraphPooling
@@ -140,7 +141,7 @@ def _checked_geometry(
             f"the geometry was built for {geometry.num_edges} edges and max_degree {geometry.max_degree}; "
             f"this graph has {graph.num_edges} edges and the model needs max_degree {model.max_degree}"
         )
-    return geometry.precompute(model.basis_keys)
+    return geometry  # a `Bases` computes kernels it lacks on first use
 
 
 def _edge_inputs(

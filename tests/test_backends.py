@@ -12,7 +12,7 @@ from se3nb.backends import OPS, backend_report, choose, override, parse_backends
 from se3nb.conv import TFNConv
 from se3nb.fiber import Fiber
 from se3nb.graph import DestinationCSR
-from se3nb.so2 import SO2Conv
+from se3nb.so2_conv import SO2Conv
 
 F32 = torch.float32
 

@@ -8,7 +8,7 @@ from se3nb.backends import override
 from se3nb.conv import edge_invariants, radial_kernel_product, radial_kernel_product_reference, random_features
 from se3nb.fiber import Fiber
 from se3nb.graph import fully_connected
-from se3nb.so2 import conv_class
+from se3nb.so2_conv import conv_class
 from se3nb.attention import AttentionBlock
 from se3nb.norm import NormNonlinearity
 

@@ -5,11 +5,12 @@ import torch
 
 from model_helpers import F64, random_inputs, small_model
 from se3nb.basis import Bases
-from se3nb.conv import FUSE_LEVELS, random_features
+from se3nb.conv import FUSE_LEVELS, edge_invariants, random_features
 from se3nb.equivariance import equivariance_error, translation_error
 from se3nb.fiber import Fiber
 from se3nb.graph import Graph, batch_graphs, fully_connected, radius_graph, unbatch
 from se3nb.model import SE3Transformer, SE3TransformerPooled
+from se3nb.so2 import EdgeFrames
 
 
 @pytest.mark.parametrize("conv", ["so2", "reference"])
@@ -37,6 +38,24 @@ def test_even_channels_fully_fused_model_equivariance():
         ).max()
         < 1e-9
     )
+
+
+@pytest.mark.parametrize("conv", ["so2", "reference"])
+def test_geometry_built_ahead_is_used_as_is(conv):
+    "Geometry built before the forward pass (as a data loader does) gives the same output; a mismatched one is refused."
+    model = small_model(conv=conv)
+    pos, graph, nf, ef = random_inputs(model)
+    geometry = model.geometry(graph, edge_invariants(graph.rel_pos, ef))
+    out, again = model(graph, nf, ef), model(graph, nf, ef, geometry=geometry)
+    assert all(torch.equal(out[l], again[l]) for l in out)
+    _, other, other_nf, other_ef = random_inputs(model, n=9, seed=2)
+    with pytest.raises(ValueError, match="geometry was built for"):
+        model(other, other_nf, other_ef, geometry=geometry)
+    wrong_kind = (
+        EdgeFrames(graph, 3, edge_invariants(graph.rel_pos, ef)) if conv == "reference" else Bases(graph.rel_pos, 3)
+    )
+    with pytest.raises(TypeError, match="needs"):
+        model(graph, nf, ef, geometry=wrong_kind)
 
 
 def test_translation_invariance_and_permutation_equivariance():

@@ -10,7 +10,8 @@ from se3nb.conv import FUSE_LEVELS, TFNConv, edge_invariants, random_features
 from se3nb.fiber import Fiber
 from se3nb.graph import Graph, radius_graph
 from se3nb.model import SE3Transformer
-from se3nb.so2 import EdgeFrames, SO2Conv, SO2Plan, edge_rotations, reverse_edge_pairs
+from se3nb.so2 import EdgeFrames, SO2Plan, edge_rotations, reverse_edge_pairs
+from se3nb.so2_conv import SO2Conv
 from se3nb.benchmark import random_molecule_batch
 from se3nb.backends import override
 

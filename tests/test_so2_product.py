@@ -30,7 +30,8 @@ from se3nb.benchmark import random_molecule_batch
 from se3nb.conv import edge_invariants, random_features
 from se3nb.fiber import Fiber
 from se3nb.model import SE3Transformer
-from se3nb.so2 import EdgeFrames, SO2Conv
+from se3nb.so2 import EdgeFrames
+from se3nb.so2_conv import SO2Conv
 
 F64 = torch.float64
 REPO = Path(__file__).resolve().parents[1]

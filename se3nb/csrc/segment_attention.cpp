@@ -17,12 +17,15 @@ namespace {
 
 void check(const torch::Tensor& key, const torch::Tensor& query, const torch::Tensor& value,
            const torch::Tensor& offsets, const torch::Tensor& envelope) {
-  TORCH_CHECK(key.dim() == 3 && query.dim() == 3 && value.dim() == 3, "expected key [E, H, dk], query [N, H, dk], value [E, H, dv]");
+  TORCH_CHECK(key.dim() == 3 && query.dim() == 3 && value.dim() == 3,
+              "expected key [E, H, dk], query [N, H, dk], value [E, H, dv]");
   TORCH_CHECK(key.size(1) == query.size(1) && key.size(2) == query.size(2) && value.size(0) == key.size(0) &&
                   value.size(1) == key.size(1),
               "key, query and value shapes do not match");
-  TORCH_CHECK(key.scalar_type() == query.scalar_type() && key.scalar_type() == value.scalar_type(), "one dtype for key, query and value");
-  TORCH_CHECK(key.stride(2) == 1 && value.stride(2) == 1 && query.is_contiguous(), "key and value rows may be strided, their last dimension must be contiguous; query contiguous");
+  TORCH_CHECK(key.scalar_type() == query.scalar_type() && key.scalar_type() == value.scalar_type(),
+              "one dtype for key, query and value");
+  TORCH_CHECK(key.stride(2) == 1 && value.stride(2) == 1 && query.is_contiguous(),
+              "key and value rows may be strided, their last dimension must be contiguous; query contiguous");
   TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == query.size(0) + 1 && offsets.scalar_type() == at::kLong &&
                   offsets.is_contiguous(),
               "offsets must be [N + 1] int64");

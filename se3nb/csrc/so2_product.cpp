@@ -12,8 +12,8 @@
 //
 // Vector ISA: the file compiles for AVX-512 (-mavx512f: 16 floats per register, 32 registers) or AVX2 + FMA (-mavx2
 // -mfma: 8 floats, 16 registers), see `load_extension` (00a_backends); `isa()` says which. Why the register tiles look
-// as they do: an FMA has a latency of about 4 cycles and server cores issue one 512-bit FMA per cycle (AMD Zen 4) or two
-// (Intel Xeon with two FMA ports: Skylake-SP to Emerald Rapids), so a loop needs 4 (Zen 4) to 8 (Xeon) independent
+// as they do: an FMA has a latency of about 4 cycles and server cores issue one 512-bit FMA per cycle (AMD Zen 4) or
+// two (Intel Xeon with two FMA ports: Skylake-SP to Emerald Rapids), so a loop needs 4 (Zen 4) to 8 (Xeon) independent
 // accumulators to keep the FMA units busy; and each vector of theta loaded must feed several slots, or the loads (from
 // L1, or L2 when theta outgrows L1) become the limit. The tile shapes are compiled variants (A slots x N vectors: A*N
 // independent accumulators); which variant, and the block sizes, are measured per CPU and block shape by the caller

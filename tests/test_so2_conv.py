@@ -1,12 +1,12 @@
-"""No-grad inference in blocks of destination nodes (op `so2_inference`, backend `native`: `04a_so2`, `05_attention`)
-and the C++ segment attention (op `segment_attention`, backend `native`: `03a_segment_attention`), each against the
-differentiable torch path it replaces, with float64 as the truth where the kernel computes in float32."""
+"""No-grad inference in blocks of destination nodes (op `so2_inference`, backend `native`: `04b_so2_conv`,
+`05_attention`) and the C++ segment attention (op `segment_attention`, backend `native`: `03a_segment_attention`), each
+against the differentiable torch path it replaces, with float64 as the truth where the kernel computes in float32."""
 
 import pytest
 import torch
 
 import se3nb.segment_attention as sa
-import se3nb.so2 as so2
+import se3nb.so2_conv as so2_conv
 from se3nb.backends import choose, override
 from se3nb.fiber import Fiber
 from se3nb.graph import DestinationCSR, Graph, full_graph
@@ -17,7 +17,7 @@ from se3nb.segment_attention import segment_attention, segment_attention_referen
 
 F64 = torch.float64
 needs_conv_kernel = pytest.mark.skipif(
-    so2._native_conv()[0] is None, reason=f"the fused SO(2) kernel cannot run here: {so2._native_conv()[1]}"
+    so2_conv._native_conv()[0] is None, reason=f"the fused SO(2) kernel cannot run here: {so2_conv._native_conv()[1]}"
 )
 needs_attention_kernel = pytest.mark.skipif(
     sa._native_attention()[0] is None, reason=f"the C++ attention kernel cannot run here: {sa._native_attention()[1]}"
@@ -91,11 +91,11 @@ def random_graph(N=26, E=400, seed=0):
 
 def counting(monkeypatch):
     calls = []
-    original = so2._fused_messages
-    monkeypatch.setattr(so2, '_fused_messages', lambda *a: calls.append(a[5].shape[0]) or original(*a))
+    original = so2_conv._fused_messages
+    monkeypatch.setattr(so2_conv, '_fused_messages', lambda *a: calls.append(a[5].shape[0]) or original(*a))
     import se3nb.attention as attention
 
-    monkeypatch.setattr(attention, '_fused_messages', so2._fused_messages)
+    monkeypatch.setattr(attention, '_fused_messages', so2_conv._fused_messages)
     return calls
 
 
@@ -123,7 +123,7 @@ CONFIGS = {
 @pytest.mark.parametrize('config', list(CONFIGS))
 @pytest.mark.parametrize('block_edges', [4096, 37])
 def test_blocks_equal_the_torch_path_and_float64(monkeypatch, config, block_edges):
-    monkeypatch.setattr(so2, '_BLOCK_EDGES', block_edges)  # 37: many blocks, some a single crowded node
+    monkeypatch.setattr(so2_conv, '_BLOCK_EDGES', block_edges)  # 37: many blocks, some a single crowded node
     kwargs = CONFIGS[config]
     model = SE3Transformer(**kwargs).eval()
     graph = random_graph()
@@ -136,7 +136,7 @@ def test_blocks_equal_the_torch_path_and_float64(monkeypatch, config, block_edge
             ref = model(graph, node, edge)
         truth = model.double()(graph.to(dtype=F64), *({l: x.double() for l, x in d.items()} for d in (node, edge)))
     layers_with_edges = kwargs['num_layers'] + 1
-    n_blocks = len(so2._destination_blocks(graph.csr))
+    n_blocks = len(so2_conv._destination_blocks(graph.csr))
     assert len(calls) == layers_with_edges * n_blocks and sum(calls) == layers_with_edges * graph.num_edges
     assert all(torch.isfinite(v).all() for v in out.values())
     assert rel_error(out, ref) < 1e-5  # float32 rounding: the two paths sum in different orders
@@ -186,7 +186,7 @@ def test_rfdiffusion_topk_fixture_with_self_loops_in_blocks(rfdiffusion_dir, mon
 def test_full_graph_blocks_are_whole_nodes():
     xyz = torch.randn(1, 50, 3)
     graph, _ = full_graph(xyz, torch.arange(50)[None])
-    blocks = so2._destination_blocks(graph.csr)
+    blocks = so2_conv._destination_blocks(graph.csr)
     assert blocks[0][0] == 0 and blocks[-1][1] == 50 and blocks[-1][3] == graph.num_edges
     assert all(a[1] == b[0] and a[3] == b[2] for a, b in zip(blocks[:-1], blocks[1:]))
     offsets = graph.csr.offsets.tolist()
