@@ -366,7 +366,7 @@ def segment_attention(
     scale: float,  # sigma, e.g. 1/sqrt(total key size)
     envelope: Tensor | None = None,  # [E] smooth cutoff u, in `csr.edge_order`
 ) -> Tensor:  # [N, H, d_v]
-    "Attention-weighted sum of each node's incoming values: the backend `choose('segment_attention')` picks runs it."
+    "Attention-weighted sum of each node's incoming values, by the backend `choose('segment_attention')` picks."
     E, H = key.shape[:2]
     if (
         key.dim() != 3
