@@ -141,6 +141,7 @@ def baseline_tree(commit: str) -> Path:
     ).stdout.strip()
     path = Path('/tmp') / f'se3nb-baseline-{sha[:12]}'
     if not (path / 'se3nb').exists():
+        subprocess.run(['git', 'worktree', 'prune'], cwd=ROOT, check=True)  # a tree /tmp lost stays registered
         subprocess.run(
             ['git', 'worktree', 'add', '--detach', str(path), sha], cwd=ROOT, check=True, capture_output=True
         )

@@ -14,14 +14,13 @@ import time
 import typing
 from collections.abc import Sequence
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from .data import DataConfig, QM9DataModule, TargetScaler, collate_graphs, xyz_sample
 from .model import ModelConfig
-from .qm9 import QM9_TASKS
+from .qm9 import QM9_TASKS, atomic_write_text
 from .recipe import PRESETS, SCHEDULES, TrainConfig, presets
 from .runtime import Runtime, evaluate
 from .train import CheckpointError, NonFiniteLossError, configs_from_checkpoint, fit, load_checkpoint
@@ -183,7 +182,7 @@ def predict_from_args(argv: Sequence[str] | None = None) -> dict:
     else:
         print(f"test MAE {res['test_mae']:.4f} {res['unit']} ({res['target']}, {res['count']} molecules)")
     if a.output:
-        Path(a.output).write_text(json.dumps(res))
+        atomic_write_text(a.output, json.dumps(res))
     return res
 
 

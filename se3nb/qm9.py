@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['HARTREE_TO_EV', 'QM9_TASKS', 'QM9_ELEMENTS', 'ATOMIC_NUMBERS', 'ATOM_REF_HARTREE', 'QM9_NUM_MOLECULES',
            'QM9_CSV_COLUMNS', 'check_task', 'QM9FormatError', 'RawMolecule', 'qm9_files', 'read_qm9', 'qm9_targets',
-           'default_cache_dir', 'qm9_cache_key', 'preprocess_qm9', 'atomic_torch_save', 'load_qm9', 'bond_report',
-           'main']
+           'default_cache_dir', 'qm9_cache_key', 'preprocess_qm9', 'atomic_write', 'atomic_torch_save',
+           'atomic_write_text', 'load_qm9', 'bond_report', 'main']
 
 # %% ../nbs/08a_qm9.ipynb #3ab57138
 import csv
@@ -19,10 +19,11 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -339,14 +340,14 @@ def preprocess_qm9(
     }
 
 # %% ../nbs/08a_qm9.ipynb #c3a799c3
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    "torch.save to a temporary file in the same folder, renamed over `path`: a crash never leaves a half-written file."
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    "`write(file)` to a temporary file beside `path`, then renamed over it: a crash never leaves a half-written file."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
     try:
         with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -354,6 +355,16 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    "`torch.save` through `atomic_write`."
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    "Text (UTF-8) through `atomic_write`."
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _read_cache(path: Path, key: dict, quiet: bool = False) -> dict | None:

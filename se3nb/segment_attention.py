@@ -56,36 +56,26 @@ def _triton():  # the triton module (version 3 or newer), or None
 def _interpreting() -> bool:  # Triton's interpreter (CPU tensors, numpy) is switched on
     return os.environ.get('TRITON_INTERPRET', '0').lower() in ('1', 'true', 'yes', 'on')
 
-# %% ../nbs/03a_segment_attention.ipynb #1fc6bf87
+# %% ../nbs/03a_segment_attention.ipynb #48b2c94c
 tl = None  # triton.language once the kernels are built: the kernels find it among this module's globals
 
-# %% ../nbs/03a_segment_attention.ipynb #48b2c94c
-@functools.cache
-def _kernels():  # (forward, backward) Triton kernels
+
+def _language():  # the triton module, with `tl` set first: kernel signatures read `tl.constexpr` when defined
     global tl
-    triton = _triton()
     import triton.language as tl
 
+    return _triton()
+
+# %% ../nbs/03a_segment_attention.ipynb #91412a1a
+@functools.cache
+def _forward_kernel():  # one program per node and head: z, the running maximum M and the sum S of u p
+    triton = _language()
+
     def attention_forward(
-        K,
-        Q,
-        V,
-        U,
-        offsets,
-        Z_out,
-        M,
-        S,
-        scale,
-        eps,
-        H,
-        DK,
-        DV,
-        HAS_ENVELOPE: tl.constexpr,
-        F64: tl.constexpr,
-        BLOCK_E: tl.constexpr,
-        BLOCK_DK: tl.constexpr,
-        BLOCK_DV: tl.constexpr,
-    ):
+        K, Q, V, U, offsets, Z_out, M, S, scale, eps, H, DK, DV,
+        HAS_ENVELOPE: tl.constexpr, F64: tl.constexpr,
+        BLOCK_E: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ):  # fmt: skip
         n, h = tl.program_id(0), tl.program_id(1)  # one program per node and head
         start, end = tl.load(offsets + n), tl.load(offsets + n + 1)  # the node's run of edges
         dk, dv = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
@@ -122,32 +112,18 @@ def _kernels():  # (forward, backward) Triton kernels
         tl.store(M + n * H + h, m)
         tl.store(S + n * H + h, s_sum)
 
+    return triton.jit(attention_forward)
+
+# %% ../nbs/03a_segment_attention.ipynb #085d8e4d
+@functools.cache
+def _backward_kernel():  # one program per node and head: the scores recomputed from M and S, then every gradient
+    triton = _language()
+
     def attention_backward(
-        K,
-        Q,
-        V,
-        U,
-        offsets,
-        Z_out,
-        M,
-        S,
-        dZ,
-        dK,
-        dQ,
-        dV,
-        dU,
-        scale,
-        eps,
-        H,
-        DK,
-        DV,
-        HAS_ENVELOPE: tl.constexpr,
-        ENVELOPE_GRAD: tl.constexpr,
-        F64: tl.constexpr,
-        BLOCK_E: tl.constexpr,
-        BLOCK_DK: tl.constexpr,
-        BLOCK_DV: tl.constexpr,
-    ):
+        K, Q, V, U, offsets, Z_out, M, S, dZ, dK, dQ, dV, dU, scale, eps, H, DK, DV,
+        HAS_ENVELOPE: tl.constexpr, ENVELOPE_GRAD: tl.constexpr, F64: tl.constexpr,
+        BLOCK_E: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    ):  # fmt: skip
         n, h = tl.program_id(0), tl.program_id(1)
         start, end = tl.load(offsets + n), tl.load(offsets + n + 1)
         dk, dv = tl.arange(0, BLOCK_DK), tl.arange(0, BLOCK_DV)
@@ -178,32 +154,20 @@ def _kernels():  # (forward, backward) Triton kernels
             else:
                 alpha = p
                 ds = p * (delta - D)
-            tl.store(
-                dV + (e[:, None] * H + h) * DV + dv[None, :],
-                (alpha[:, None] * g[None, :]).to(dV.dtype.element_ty),
-                mask=v_mask,
-            )
-            tl.store(
-                dK + (e[:, None] * H + h) * DK + dk[None, :],
-                (scale * ds[:, None] * q[None, :]).to(dK.dtype.element_ty),
-                mask=k_mask,
-            )
+            dv_e = (alpha[:, None] * g[None, :]).to(dV.dtype.element_ty)
+            tl.store(dV + (e[:, None] * H + h) * DV + dv[None, :], dv_e, mask=v_mask)
+            dk_e = (scale * ds[:, None] * q[None, :]).to(dK.dtype.element_ty)
+            tl.store(dK + (e[:, None] * H + h) * DK + dk[None, :], dk_e, mask=k_mask)
             dq += scale * tl.sum(ds[:, None] * k, 0)
         tl.store(dQ + (n * H + h) * DK + dk, dq.to(dQ.dtype.element_ty), mask=dk < DK)
 
-    return triton.jit(attention_forward), triton.jit(attention_backward)
+    return triton.jit(attention_backward)
 
 # %% ../nbs/03a_segment_attention.ipynb #b631b9aa
-def _launch(kernel, num_nodes: int, num_heads: int, d_k: int, d_v: int, *args, **constants):
+def _launch(kernel, num_nodes: int, num_heads: int, d_k: int, d_v: int, args: tuple, **constants):
     triton = _triton()
-    kernel[(num_nodes, num_heads)](
-        *args,
-        BLOCK_E=16,
-        BLOCK_DK=triton.next_power_of_2(d_k),
-        BLOCK_DV=triton.next_power_of_2(d_v),
-        num_warps=2,
-        **constants,
-    )
+    blocks = dict(BLOCK_E=16, BLOCK_DK=triton.next_power_of_2(d_k), BLOCK_DV=triton.next_power_of_2(d_v))
+    kernel[(num_nodes, num_heads)](*args, **blocks, num_warps=2, **constants)
 
 
 class _FusedSegmentAttention(torch.autograd.Function):
@@ -221,29 +185,8 @@ class _FusedSegmentAttention(torch.autograd.Function):
         M, S = query.new_empty(N, H, dtype=stats), query.new_empty(N, H, dtype=stats)  # [N, H] maximum, sum of u p
         eps = 1e-12 if envelope is not None else 0.0
         u = envelope.contiguous() if envelope is not None else key  # any pointer when there is no envelope
-        forward_kernel, _ = _kernels()
-        _launch(
-            forward_kernel,
-            N,
-            H,
-            d_k,
-            d_v,
-            key,
-            query,
-            value,
-            u,
-            offsets,
-            z,
-            M,
-            S,
-            scale,
-            eps,
-            H,
-            d_k,
-            d_v,
-            HAS_ENVELOPE=envelope is not None,
-            F64=f64,
-        )
+        args = (key, query, value, u, offsets, z, M, S, scale, eps, H, d_k, d_v)
+        _launch(_forward_kernel(), N, H, d_k, d_v, args, HAS_ENVELOPE=envelope is not None, F64=f64)
         ctx.save_for_backward(key, query, value, envelope, offsets, z, M, S)
         ctx.scale, ctx.eps, ctx.f64 = scale, eps, f64
         return z
@@ -255,35 +198,11 @@ class _FusedSegmentAttention(torch.autograd.Function):
         envelope_grad = envelope is not None and ctx.needs_input_grad[3]
         grad_k, grad_q, grad_v = torch.empty_like(key), torch.empty_like(query), torch.empty_like(value)
         grad_u = key.new_empty(E, H, dtype=M.dtype) if envelope_grad else M  # [E, H] per head, summed below
-        _, backward_kernel = _kernels()
-        _launch(
-            backward_kernel,
-            N,
-            H,
-            d_k,
-            d_v,
-            key,
-            query,
-            value,
-            envelope if envelope is not None else key,
-            offsets,
-            z,
-            M,
-            S,
-            grad_z.contiguous(),
-            grad_k,
-            grad_q,
-            grad_v,
-            grad_u,
-            ctx.scale,
-            ctx.eps,
-            H,
-            d_k,
-            d_v,
-            HAS_ENVELOPE=envelope is not None,
-            ENVELOPE_GRAD=envelope_grad,
-            F64=ctx.f64,
-        )
+        u = envelope if envelope is not None else key
+        inputs = (key, query, value, u, offsets, z, M, S, grad_z.contiguous())
+        args = (*inputs, grad_k, grad_q, grad_v, grad_u, ctx.scale, ctx.eps, H, d_k, d_v)
+        constants = dict(HAS_ENVELOPE=envelope is not None, ENVELOPE_GRAD=envelope_grad, F64=ctx.f64)
+        _launch(_backward_kernel(), N, H, d_k, d_v, args, **constants)
         grad_u = grad_u.sum(1).to(envelope.dtype) if envelope_grad else None
         return grad_k, grad_q, grad_v, grad_u, None, None
 

@@ -27,7 +27,7 @@ import se3nb
 from .backends import backend_report
 from .data import DataConfig, GraphDataModule, QM9DataModule
 from .model import ModelConfig, SE3TransformerPooled
-from .qm9 import atomic_torch_save
+from .qm9 import atomic_torch_save, atomic_write_text
 from .recipe import TrainConfig, ema_model, presets, scheduled_lr  # noqa: F401 (presets: as se3nb.train.presets)
 from .runtime import JsonlLogger, Runtime, TrainClock, all_reduce_sum, autocast_context, evaluate
 from .runtime import resolve_precision, rng_state, save_plots, seed_everything, set_rng_state, setup_distributed
@@ -389,7 +389,7 @@ def _finish(run: _Run, clock: TrainClock) -> dict:
     out_dir = Path(run.config.out_dir)
     if run.runtime.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / 'results.json').write_text(json.dumps(results, indent=1))
+        atomic_write_text(out_dir / 'results.json', json.dumps(results, indent=1))
         if run.config.plots:
             curves = dict(std=d.scaler.std, steps=step_records(out_dir))
             save_plots(

@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from se3nb.qm9 import (
     QM9_TASKS,
     QM9FormatError,
     _perceived,
+    atomic_write_text,
     bond_report,
     check_task,
     load_qm9,
@@ -233,3 +235,22 @@ def test_cli_preprocesses_and_reports(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     report = json.loads(r.stdout)
     assert report['molecules'] == 30 and sum(report['paths'].values()) == 30 and list(tmp_path.glob('qm9_*.pt'))
+
+
+def test_atomic_write_text_leaves_the_old_file_or_the_new_one(tmp_path, monkeypatch):
+    "results.json and predictions go through `atomic_write_text`: a failure mid-write keeps the old file, no temp left."
+    path = tmp_path / 'results.json'
+    atomic_write_text(path, '{"old": 1}')
+    assert path.read_text() == '{"old": 1}'
+
+    def crash(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, 'replace', crash)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_text(path, '{"new": 2}')
+    assert path.read_text() == '{"old": 1}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['results.json']
+    monkeypatch.undo()
+    atomic_write_text(path, '{"new": 2}')
+    assert path.read_text() == '{"new": 2}'

@@ -40,13 +40,10 @@ def test_package_lines_at_most_120_characters():
     assert not long, f'{len(long)} lines over {MAX_LINE} characters (fix them in the notebooks): {long[:20]}'
 
 
-# Still over the limits when this test was written (issue 14's closing note lists them): each entry may only shrink, and
-# a module or cell not listed here must stay within the limits. Remove an entry once it fits.
+# Named exceptions to the limits (none left): an entry may only shrink, and a module or cell not listed here must stay
+# within the limits. Remove an entry once it fits.
 KNOWN_LARGE_MODULES: dict[str, int] = {}
-KNOWN_LARGE_CELLS = {  # (notebook, first definition of the cell) -> lines
-    ('03a_segment_attention', 'def _kernels'): 133,  # the two Triton kernels, defined inside one cached builder
-    ('03a_segment_attention', 'def _launch'): 93,
-}
+KNOWN_LARGE_CELLS: dict[tuple[str, str], int] = {}  # (notebook, first definition of the cell) -> lines
 
 
 def test_package_modules_at_most_450_lines():
