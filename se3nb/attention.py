@@ -18,7 +18,7 @@ from .graph import Graph
 from .segment_attention import segment_attention
 from .conv import EquivariantLinear
 from .so2 import EdgeFrames
-from .so2_conv import SO2Conv, _block_csr, _destination_blocks, _fused_messages, _runs_in_blocks, conv_class
+from .so2_conv import SO2Conv, _block_csr, _destination_blocks, _fused_messages, _no_grad_plain, conv_class
 
 # %% ../nbs/05_attention.ipynb #bac38a7f
 def _to_heads(
@@ -171,7 +171,7 @@ class AttentionBlock(nn.Module):
         envelope: Tensor | None = None,  # [E] smooth cutoff
     ) -> dict[int, Tensor]:  # {l: [N, C_out_l, 2l+1]}
         "One attention layer."
-        if self.blocks_possible and _runs_in_blocks(invariants):
+        if self.blocks_possible and getattr(geometry, 'deferred', False) and _no_grad_plain(invariants):
             z = _attend_in_blocks(self, node_feats, edge_feats, invariants, graph, envelope)  # {l: [N, C_v, 2l+1]}
         else:  # edges come out sorted by destination (`Graph.csr`), so attention never permutes them
             key_value = self.to_key_value(

@@ -221,7 +221,7 @@ class EdgeFrames:
         if invariants.shape[0] != graph.num_edges:
             raise ValueError(f"invariants have {invariants.shape[0]} rows, the graph {graph.num_edges} edges")
         self.max_degree, self.num_edges = max_degree, graph.num_edges
-        self._pending = (graph, invariants) if deferred else None
+        self._pending, self.deferred = ((graph, invariants) if deferred else None), deferred  # deferred: not built yet
         if not deferred:
             self._build(graph, invariants)
 
@@ -233,7 +233,7 @@ class EdgeFrames:
         return getattr(self, name)
 
     def _build(self, graph: Graph, invariants: Tensor) -> None:
-        self._pending = None
+        self._pending, self.deferred = None, False
         with torch.autocast(graph.rel_pos.device.type, enabled=False):  # frames stay in full precision under AMP
             R, zero = edge_rotations(graph.rel_pos)  # [E, 3, 3], [E]
             a, b, singles, zeros = _slot_kinds(graph, invariants, zero)

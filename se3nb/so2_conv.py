@@ -65,7 +65,7 @@ class SO2Conv(TFNConv):
         groups: list[tuple[tuple[int, ...], tuple[int, ...]]],  # unused: every group works from the frames
     ) -> EdgeFrames:
         "Edge frames and slots, once per forward pass for all layers (built on first use for inference in blocks)."
-        return EdgeFrames(graph, max_degree, invariants, deferred=_runs_in_blocks(invariants))
+        return EdgeFrames(graph, max_degree, invariants, deferred=_runs_in_blocks(graph, invariants))
 
     def forward(
         self,
@@ -79,7 +79,7 @@ class SO2Conv(TFNConv):
         by_destination: bool = False,  # unpooled: rows in `graph.csr.edge_order` (sorted by destination)
     ) -> dict[int, Tensor]:  # {l: [N, C_l, 2l+1]} if pool else {l: [E, C_l, 2l+1]}
         "`TFNConv.forward`; pooled no-grad inference runs in blocks of destination nodes (`so2_inference`)."
-        if self.pool and _runs_in_blocks(invariants):
+        if self.pool and getattr(geometry, 'deferred', False) and _no_grad_plain(invariants):  # decided in geometry
             return _pooled_in_blocks(self, node_feats, edge_feats, invariants, graph, edge_scale)
         return super().forward(
             node_feats, edge_feats, invariants, graph, geometry, edge_scale, by_destination=by_destination
@@ -113,7 +113,9 @@ def _fused_accepts(device: str | None, dtype: torch.dtype | None) -> str | None:
     return None if device in (None, 'cpu') and dtype in (None, torch.float32) else "float32 on CPU only"
 
 
-register('so2_inference', 'native', available=lambda: _native_conv()[1], accepts=_fused_accepts)
+register(
+    'so2_inference', 'native', available=lambda: _native_conv()[1], accepts=_fused_accepts, autotuned=True
+)  # automatic only where it measured faster: graphs whose edges mostly have no reverse partner (`_mostly_unpaired`)
 register('so2_inference', 'torch')
 
 
@@ -136,13 +138,19 @@ def _autocast_enabled(device_type: str) -> bool:  # torch >= 2.4 takes the devic
         return torch.is_autocast_cpu_enabled() if device_type == 'cpu' else torch.is_autocast_enabled()
 
 
+def _no_grad_plain(x: Tensor) -> bool:  # gradients off and no autocast: the only state the blocks run in
+    return not torch.is_grad_enabled() and not _autocast_enabled(x.device.type)
+
+
 def _runs_in_blocks(
-    x: Tensor,  # a float tensor of the forward pass (its device and dtype decide)
+    graph: Graph,
+    invariants: Tensor,  # [E, C_edge_0 + 1]
 ) -> bool:
-    "Whether this forward runs in blocks: gradients off, no autocast, and `choose('so2_inference')` gives `native`."
-    if torch.is_grad_enabled() or _autocast_enabled(x.device.type):
+    "Whether this forward runs in blocks: no grad, no autocast, and `choose('so2_inference')` gives `native`."
+    if not _no_grad_plain(invariants):
         return False
-    return choose('so2_inference', device=x.device, dtype=x.dtype) == 'native'
+    faster = _mostly_unpaired(graph, invariants)  # the automatic choice; an explicit request runs blocks regardless
+    return choose('so2_inference', device=invariants.device, dtype=invariants.dtype, faster=faster) == 'native'
 
 
 def _destination_blocks(
@@ -159,6 +167,25 @@ def _destination_blocks(
 def _block_csr(csr: DestinationCSR, n0: int, n1: int) -> DestinationCSR:  # the block's nodes and edges, renumbered
     degree = csr.in_degree[n0:n1]
     return DestinationCSR(torch.repeat_interleave(torch.arange(n1 - n0, device=degree.device), degree), n1 - n0)
+
+# %% ../nbs/04b_so2_conv.ipynb #a2a152e4
+def _mostly_unpaired(
+    graph: Graph,
+    invariants: Tensor,  # [E, C_edge_0 + 1]
+    samples: int = 64,
+) -> bool:
+    "Whether most of up to `samples` evenly spread edges have no reverse edge with equal invariants (a few ms at most)."
+    E = graph.num_edges
+    ids = torch.linspace(0, E - 1, min(E, samples), device=invariants.device).long().unique()  # [S]
+    csr = graph.csr
+    counts = csr.in_degree[graph.src[ids]]  # candidates: the edges into each sampled edge's source
+    owner = torch.repeat_interleave(torch.arange(len(ids), device=ids.device), counts)  # [C] sample of each candidate
+    first = torch.repeat_interleave(csr.offsets[graph.src[ids]] - (counts.cumsum(0) - counts), counts)
+    candidates = csr.edge_order[first + torch.arange(len(owner), device=ids.device)]  # [C] edge ids
+    hit = (graph.src[candidates] == graph.dst[ids][owner]) & (candidates != ids[owner])
+    hit &= (invariants[candidates] == invariants[ids][owner]).all(-1)
+    paired = torch.zeros(len(ids), dtype=torch.bool, device=ids.device).index_fill_(0, owner[hit], True)  # [S]
+    return bool(paired.float().mean() < 0.5)
 
 # %% ../nbs/04b_so2_conv.ipynb #b30ac55c
 def _radial_tensors(radial: nn.Module) -> tuple[list[Tensor], float]:  # W1, b1, g1, beta1, W2, b2, g2, beta2; eps

@@ -246,7 +246,8 @@ def test_forward_arguments_like_nvidia(nvidia_dir):
 
         inv = edge_invariants(graph.rel_pos, {int(k): v for k, v in fx["edge_feats"].items()})
         out = model(graph, fx["node_feats"], fx["edge_feats"], basis=EdgeFrames(graph, 2, inv))
-        assert max_diff(out, ref) < 1e-6
+        scale = max(v.abs().max().item() for v in ref.values())  # built frames run the torch path, ref the fused one
+        assert max_diff(out, ref) < 1e-5 * scale
         with pytest.raises(TypeError, match="needs EdgeFrames"):
             model(graph, fx["node_feats"], fx["edge_feats"], basis=Bases(graph.rel_pos, 2))
         with pytest.raises(TypeError, match="basis must be"):
