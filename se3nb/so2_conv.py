@@ -182,10 +182,11 @@ def _mostly_unpaired(
     owner = torch.repeat_interleave(torch.arange(len(ids), device=ids.device), counts)  # [C] sample of each candidate
     first = torch.repeat_interleave(csr.offsets[graph.src[ids]] - (counts.cumsum(0) - counts), counts)
     candidates = csr.edge_order[first + torch.arange(len(owner), device=ids.device)]  # [C] edge ids
-    hit = (graph.src[candidates] == graph.dst[ids][owner]) & (candidates != ids[owner])
-    hit &= (invariants[candidates] == invariants[ids][owner]).all(-1)
-    paired = torch.zeros(len(ids), dtype=torch.bool, device=ids.device).index_fill_(0, owner[hit], True)  # [S]
-    return bool(paired.float().mean() < 0.5)
+    reverse = (graph.src[candidates] == graph.dst[ids][owner]) & (candidates != ids[owner])
+    candidates, owner = candidates[reverse], owner[reverse]  # [R] the reverse edges (about one per sample)
+    equal = (invariants[candidates] == invariants[ids[owner]]).all(-1)  # [R]
+    paired = torch.zeros(len(ids), dtype=torch.bool, device=ids.device).index_fill_(0, owner[equal], True)  # [S]
+    return len(ids) > 0 and bool(paired.float().mean() < 0.5)  # no edges: the torch path
 
 # %% ../nbs/04b_so2_conv.ipynb #b30ac55c
 def _radial_tensors(radial: nn.Module) -> tuple[list[Tensor], float]:  # W1, b1, g1, beta1, W2, b2, g2, beta2; eps

@@ -191,3 +191,36 @@ def test_full_graph_blocks_are_whole_nodes():
     assert all(a[1] == b[0] and a[3] == b[2] for a, b in zip(blocks[:-1], blocks[1:]))
     offsets = graph.csr.offsets.tolist()
     assert all(offsets[n0] == e0 and offsets[n1] == e1 for n0, n1, e0, e1 in blocks)
+
+
+# --- when the blocks run automatically --------------------------------------------------------------------------------
+
+
+def test_pairing_sample_tells_molecules_from_asymmetric_pair_features():
+    "Reverse edges with equal invariants share work on the torch path: the fused pass is only automatic without them."
+    torch.manual_seed(0)
+    graph = full_graph(torch.cumsum(torch.randn(1, 40, 3), 1), torch.arange(40)[None])[0]
+    symmetric = graph.rel_pos.norm(dim=-1, keepdim=True)  # [E, 1] distance only: every edge pairs
+    assert not so2_conv._mostly_unpaired(graph, symmetric)
+    assert so2_conv._mostly_unpaired(graph, torch.cat([symmetric, torch.randn(graph.num_edges, 4)], 1))
+    half = symmetric.repeat(1, 2)
+    half[::2, 1] = torch.randn(len(half[::2]))  # every other edge differs from its reverse: about half the edges pair
+    one_way = Graph(graph.edge_index[:, graph.src < graph.dst], graph.num_nodes, pos=graph.pos)  # no reverse edges
+    assert so2_conv._mostly_unpaired(one_way, one_way.rel_pos.norm(dim=-1, keepdim=True))
+    empty = Graph(torch.zeros(2, 0, dtype=torch.long), 3, pos=torch.randn(3, 3))
+    assert not so2_conv._mostly_unpaired(empty, torch.zeros(0, 1))  # no edges: the torch path
+    so2_conv._mostly_unpaired(graph, half)  # a mixed graph decides either way, without error
+
+
+@needs_conv_kernel
+def test_geometry_decides_the_blocks_once_per_forward():
+    torch.manual_seed(0)
+    graph = full_graph(torch.cumsum(torch.randn(1, 30, 3), 1), torch.arange(30)[None])[0]
+    paired = graph.rel_pos.norm(dim=-1, keepdim=True)
+    unpaired = torch.cat([paired, torch.randn(graph.num_edges, 2)], 1)
+    with torch.no_grad():
+        assert so2_conv.SO2Conv.geometry(graph, unpaired, 1, []).deferred  # blocks: nothing per edge is built
+        assert not so2_conv.SO2Conv.geometry(graph, paired, 1, []).deferred  # the torch path shares pairs
+        with override(so2_inference='native'):  # asked for: blocks even where edges pair
+            assert so2_conv.SO2Conv.geometry(graph, paired, 1, []).deferred
+    assert not so2_conv.SO2Conv.geometry(graph, unpaired, 1, []).deferred  # gradients on: never blocks
