@@ -50,7 +50,17 @@ RECIPES: dict[str, tuple[list[str], str]] = {  # name -> (se3nb-train flags, wha
     'cosine-ema-min0': (BASE + ['--schedule', 'cosine', '--ema', '0.999', '--min-lr', '0'], 'decay to zero'),
     'cosine-ema-3layers': (BASE + ['--schedule', 'cosine', '--ema', '0.999', '--num-layers', '3'], 'one more layer'),
     'cosine-ema-deg2': (BASE + ['--schedule', 'cosine', '--ema', '0.999', '--num-degrees', '2'], 'degrees 0-1 only'),
+    'cosine-ema-32ch': (BASE + ['--schedule', 'cosine', '--ema', '0.999', '--num-channels', '32'], '32 channels'),
+    'cosine-ema-lr4e-3-3layers': (
+        BASE + ['--schedule', 'cosine', '--ema', '0.999', '--lr', '0.004', '--num-layers', '3'],
+        'peak lr 4e-3 and 3 layers',
+    ),
+    'cosine-ema-lr4e-3-4layers': (
+        BASE + ['--schedule', 'cosine', '--ema', '0.999', '--lr', '0.004', '--num-layers', '4'],
+        'peak lr 4e-3 and 4 layers',
+    ),
 }
+QUICK = 'cosine-ema-lr4e-3-3layers'  # the best for 600 s on the 2-core Xeon: the `quick` preset (tests/test_recipe.py)
 SMOKE = ['--max-train', '2000', '--max-test', '500', '--max-val', '200']  # --smoke: a few minutes, not a result
 
 
