@@ -284,7 +284,9 @@ def _train_epoch(run: _Run, clock: TrainClock) -> dict:
     if c.progress and rt.is_main:
         from tqdm.auto import tqdm
 
-        batches = tqdm(run.loader, desc=f"epoch {run.epoch + 1}/{c.epochs}", unit='batch', leave=False, mininterval=1.0)
+        # a time budget ends the run, not the epochs: show its clock instead of the epoch count
+        of = f"/{c.epochs}" if c.time_budget is None else ''
+        batches = tqdm(run.loader, desc=f"epoch {run.epoch + 1}{of}", unit='batch', leave=False, mininterval=1.0)
     loss_sum, molecules = 0.0, 0
     for i, batch in enumerate(batches):
         loss = _train_step(run, batch.to(rt.device, non_blocking=True), i, clock)
@@ -294,7 +296,8 @@ def _train_epoch(run: _Run, clock: TrainClock) -> dict:
             _log(run, _step_record(run, window))
             window = [0.0, 0]
         if batches is not run.loader and i % 20 == 0:
-            batches.set_postfix(loss=f"{loss:.4f}")
+            budget = {} if c.time_budget is None else dict(time=f"{run.agreed_seconds:.0f}/{c.time_budget:g} s")
+            batches.set_postfix(loss=f"{loss:.4f}", **budget)
         if run.out_of_time:
             break
     if run.scheduler is not None and c.scheduler_interval == 'epoch':

@@ -102,3 +102,23 @@ def test_ema_follows_the_hand_computed_sequence():
     with torch.no_grad():
         next(model.parameters()).add_(1.0)
     assert all(torch.equal(a, b) for a, b in zip(before, average.module.parameters()))
+
+
+def test_quick_preset_is_the_best_600s_recipe():
+    "The quick preset trains what the recipe campaign (benchmarks/recipes) found best for 600 s of training."
+    import importlib.util
+    from pathlib import Path
+
+    from se3nb.cli import configs_from_args
+
+    path = Path(__file__).resolve().parents[1] / 'benchmarks' / 'recipes' / 'run_recipes.py'
+    spec = importlib.util.spec_from_file_location('run_recipes', path)
+    recipes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipes)
+    m, d, t = configs_from_args(recipes.RECIPES[recipes.QUICK][0] + ['--time-budget', '600'])
+    qm, qd, qt = presets('quick')
+    assert qm == m
+    assert (qd.task, qd.batch_size, qd.max_train, qd.edges) == (d.task, d.batch_size, d.max_train, d.edges)
+    fields = ('time_budget', 'lr', 'betas', 'weight_decay', 'schedule_name', 'warmup', 'lowest_lr', 'ema', 'accumulate')
+    assert [getattr(qt, f) for f in fields] == [getattr(t, f) for f in fields]
+    assert qt.grad_clip == t.grad_clip and qt.precision == t.precision
