@@ -153,7 +153,8 @@ def train_from_args(argv: Sequence[str] | None = None) -> dict:
         print(
             f"test MAE {res['test_mae']:.4f} {res['unit']} ({res['target']}, {res['test_count']} molecules); "
             f"mean predictor {res['mean_predictor_test_mae']:.4f} {res['unit']} ({ratio:.1f}x the model's MAE); "
-            f"data {res['data_seconds']:.0f} s, training {res['train_seconds']:.0f} s, evaluation "
+            f"data {res['data_seconds']:.0f} s, set-up {res['setup_seconds']:.0f} s, "
+            f"training {res['train_seconds']:.0f} s ({res['loading_share']:.1%} of it waiting for batches), evaluation "
             f"{res['eval_seconds']:.0f} s, wall time {res['wall_seconds']:.0f} s; outputs in {t.out_dir}"
         )
     return res

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -148,6 +149,8 @@ class _Run:
     seconds: float = 0.0  # training seconds when the run (or the resumed run) started
     eval_seconds: float = 0.0  # seconds spent in validation and test
     data_seconds: float = 0.0  # seconds to build the data module (QM9: preprocessing, or loading the cache)
+    setup_seconds: float = 0.0  # seconds to build the model, its C++ kernels (built and timed once per CPU), loader
+    loading_seconds: float = 0.0  # training seconds spent waiting for the next batch (collate, or the loader's workers)
     agreed_seconds: float = 0.0  # rank 0's training seconds at the last batch: the lr and the stop follow them
     out_of_time: bool = False  # the time budget is spent (the same on every rank)
 
@@ -227,6 +230,7 @@ def _resume(run: _Run, ckpt: dict, check_model: bool) -> None:
     run.batches = int(ckpt.get('step', run.epoch * len(run.loader)))
     run.molecules, run.seconds = int(ckpt.get('molecules', 0)), float(ckpt.get('train_seconds', 0.0))
     run.eval_seconds = float(ckpt.get('eval_seconds', 0.0))
+    run.loading_seconds = float(ckpt.get('loading_seconds', 0.0))
     set_rng_state(ckpt['rng'])
     if run.runtime.is_main:
         print(f"se3nb: resuming after epoch {run.epoch} ({run.seconds:.0f} s of training)", file=sys.stderr)
@@ -275,6 +279,18 @@ def _agree(run: _Run, loss: Tensor, i: int, clock: TrainClock) -> None:
             group['lr'] = scheduled_lr(run.config, progress)
 
 # %% ../nbs/09_train.ipynb #d3e4f5a6
+def _timed_batches(batches: Iterable, run: _Run) -> Iterator:
+    "The batches, adding the seconds spent waiting for each (collate, or workers) to `run.loading_seconds`."
+    batches = iter(batches)
+    while True:
+        start = time.perf_counter()
+        batch = next(batches, None)
+        run.loading_seconds += time.perf_counter() - start
+        if batch is None:
+            return
+        yield batch
+
+
 def _train_epoch(run: _Run, clock: TrainClock) -> dict:
     "One pass over the training split (shorter when the budget runs out); returns the epoch's record."
     c, rt = run.config, run.runtime
@@ -288,7 +304,7 @@ def _train_epoch(run: _Run, clock: TrainClock) -> dict:
         of = f"/{c.epochs}" if c.time_budget is None else ''
         batches = tqdm(run.loader, desc=f"epoch {run.epoch + 1}{of}", unit='batch', leave=False, mininterval=1.0)
     loss_sum, molecules = 0.0, 0
-    for i, batch in enumerate(batches):
+    for i, batch in enumerate(_timed_batches(batches, run)):
         loss = _train_step(run, batch.to(rt.device, non_blocking=True), i, clock)
         loss_sum, molecules = loss_sum + loss * batch.num_graphs, molecules + batch.num_graphs
         window = [window[0] + loss * batch.num_graphs, window[1] + batch.num_graphs]
@@ -350,7 +366,8 @@ def _save_checkpoint(run: _Run, clock: TrainClock) -> None:
         state.update(optimizer=run.optimizer.state_dict(), scheduler=scheduler and scheduler.state_dict())
         state.update(scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None, rng=rng_state())
         state.update(epoch=run.epoch, step=run.batches, molecules=run.molecules, train_seconds=clock.seconds)
-        state.update(eval_seconds=run.eval_seconds, config=run.configs, history=run.history)
+        state.update(eval_seconds=run.eval_seconds, loading_seconds=run.loading_seconds)
+        state.update(config=run.configs, history=run.history)
         state['target'] = dict(name=data.target_name, unit=data.target_unit, mean=data.scaler.mean, std=data.scaler.std)
         atomic_torch_save(state, Path(run.config.out_dir) / 'checkpoint.pt')
 
@@ -383,7 +400,11 @@ def _finish(run: _Run, clock: TrainClock) -> dict:
     )
     results.update(epochs=run.config.epochs, epochs_done=round(run.batches / len(run.loader), 3), steps=run.batches)
     results.update(train_seconds=round(seconds, 1), eval_seconds=round(run.eval_seconds, 3))
-    results['data_seconds'] = round(run.data_seconds, 1)
+    results.update(data_seconds=round(run.data_seconds, 1), setup_seconds=round(run.setup_seconds, 1))
+    # the share of training time spent waiting for batches: the loader's cost, paid inside the time budget
+    results.update(
+        loading_seconds=round(run.loading_seconds, 2), loading_share=round(run.loading_seconds / max(seconds, 1e-9), 4)
+    )
     results.update(
         molecules_per_second=round(run.molecules / max(seconds, 1e-9), 1), time_budget=run.config.time_budget
     )
@@ -430,10 +451,11 @@ def fit(
         torch.backends.cudnn.allow_tf32 = True
     start = time.perf_counter()
     data = _data_module(data, runtime)
+    data_ready = time.perf_counter()
     if model is None:
         _check_fits(model_config, data)
     run = _start_run(model_config, data, config, runtime, precision, model)
-    run.data_seconds = time.perf_counter() - start
+    run.data_seconds, run.setup_seconds = data_ready - start, time.perf_counter() - data_ready
     run.logger = JsonlLogger(Path(config.out_dir), runtime.is_main, config.tensorboard, resume=run.epoch > 0)
     clock = TrainClock(run.seconds)
     try:

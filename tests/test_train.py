@@ -5,11 +5,13 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import se3nb.train
 import torch
 
 pytest.importorskip('rdkit')
@@ -197,6 +199,34 @@ def test_custom_module_trains_and_gradient_options(tmp_path):
             dm,
             TrainConfig(epochs=1, out_dir=str(tmp_path / 'x'), progress=False),
         )
+
+
+class SlowPointClouds(PointCloudDataset):
+    "Point clouds that take 10 ms each to load: a loader that costs training time."
+
+    def __getitem__(self, i):
+        time.sleep(0.01)
+        return super().__getitem__(i)
+
+
+def test_time_waiting_for_batches_is_measured_apart_from_set_up(tmp_path, monkeypatch):
+    mc = ModelConfig(
+        num_layers=1, num_degrees=2, num_channels=4, num_heads=2, out_channels=8, node_feature_dim=1, edge_feature_dim=1
+    )
+    sets = [SlowPointClouds(32), PointCloudDataset(8, seed=1), PointCloudDataset(8, seed=2)]
+    dm = GraphDataModule(*sets, fiber_node=Fiber({0: 1}), fiber_edge=Fiber({0: 1}), batch_size=8)
+    monkeypatch.setattr(se3nb.train, 'backend_report', lambda check: time.sleep(0.3))  # kernels built in 0.3 s
+    res = fit(mc, dm, TrainConfig(epochs=2, out_dir=str(tmp_path), progress=False, plots=False))
+    assert res['steps'] == 8
+    assert 2 * 32 * 0.01 <= res['loading_seconds'] < res['train_seconds']  # 64 slow molecules, within training time
+    # train_seconds is rounded to 0.1 s in the results
+    assert res['loading_share'] == pytest.approx(res['loading_seconds'] / res['train_seconds'], rel=0.1)
+    assert res['setup_seconds'] >= 0.3 and res['data_seconds'] < 0.3  # the kernels' build is set-up, not data
+    quick = GraphDataModule(
+        PointCloudDataset(32), *sets[1:], fiber_node=Fiber({0: 1}), fiber_edge=Fiber({0: 1}), batch_size=8
+    )
+    fast = fit(mc, quick, TrainConfig(epochs=2, out_dir=str(tmp_path / 'fast'), progress=False, plots=False))
+    assert fast['loading_seconds'] < 0.5 * res['loading_seconds']  # the same molecules without the sleep
 
 
 def test_bf16_autocast_on_cpu(smoke, tmp_path):
