@@ -14,6 +14,8 @@ Examples (the CPU model is recorded in every file: compare only runs made on the
     python benchmarks/recipes/run_recipes.py --list
     python benchmarks/recipes/run_recipes.py --recipes nvidia-small-constant cosine-ema --budgets 600 --seeds 0 1 2
     python benchmarks/recipes/run_recipes.py --smoke --budgets 30 --seeds 0   # a minute: checks the tooling only
+    python benchmarks/recipes/run_recipes.py --recipes cosine-ema-lr4e-3-3layers --budgets 7200 --seeds 0 --val-every 1
+                                              # two hours, with the validation MAE after every pass as a curve
     python benchmarks/recipes/run_recipes.py --table-only                       # print the table of what is there
 """
 
@@ -105,6 +107,8 @@ def run_one(recipe: str, budget: float, seed: int, args: argparse.Namespace) -> 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     if args.cache_dir:
         cmd += ['--cache-dir', args.cache_dir]
+    if args.val_every:  # after the recipe's flags: the last one counts
+        cmd += ['--eval-every', str(args.val_every)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
@@ -112,7 +116,7 @@ def run_one(recipe: str, budget: float, seed: int, args: argparse.Namespace) -> 
     results = json.loads((work / 'results.json').read_text())
     record = dict(recipe=recipe, about=RECIPES[recipe][1], budget=budget, seed=seed, flags=flags, smoke=args.smoke)
     record.update(cpu=cpu_model(), threads=args.threads, python=platform.python_version(), se3nb_commit=git_commit())
-    record['backends'] = args.backends
+    record.update(backends=args.backends, val_every=args.val_every)
     record.update(wall_seconds=round(time.perf_counter() - start, 1), results=results)
     record['curve'] = curve(work / 'metrics.jsonl', results['target_std'])
     path = Path(args.out) / f'{budget:g}s' / f'{recipe}-seed{seed}.json'
@@ -155,6 +159,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument('--cache-dir', help='preprocessed QM9 (default: $SE3NB_CACHE or ~/.cache/se3nb)')
     p.add_argument('--smoke', action='store_true', help='2,000 training and 500 test molecules: checks the tooling')
     p.add_argument('--force', action='store_true', help='run again when a record exists')
+    p.add_argument(
+        '--val-every',
+        type=int,
+        default=None,
+        help='validate every N epochs: a validation curve (wall time, not training)',
+    )
     p.add_argument('--list', action='store_true', help='list the recipes and exit')
     p.add_argument('--table-only', action='store_true', help='print the table of the records in --out and exit')
     args = p.parse_args(argv)
