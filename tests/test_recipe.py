@@ -104,17 +104,23 @@ def test_ema_follows_the_hand_computed_sequence():
     assert all(torch.equal(a, b) for a, b in zip(before, average.module.parameters()))
 
 
-def test_quick_preset_is_the_best_600s_recipe():
-    "The quick preset trains what the recipe campaign (benchmarks/recipes) found best for 600 s of training."
+def run_recipes():
+    "benchmarks/recipes/run_recipes.py as a module."
     import importlib.util
     from pathlib import Path
 
-    from se3nb.cli import configs_from_args
-
     path = Path(__file__).resolve().parents[1] / 'benchmarks' / 'recipes' / 'run_recipes.py'
     spec = importlib.util.spec_from_file_location('run_recipes', path)
-    recipes = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(recipes)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_preset_is_the_best_600s_recipe():
+    "The quick preset trains what the recipe campaign (benchmarks/recipes) found best for 600 s of training."
+    from se3nb.cli import configs_from_args
+
+    recipes = run_recipes()
     m, d, t = configs_from_args(recipes.RECIPES[recipes.QUICK][0] + ['--time-budget', '600'])
     qm, qd, qt = presets('quick')
     assert qm == m
@@ -122,3 +128,33 @@ def test_quick_preset_is_the_best_600s_recipe():
     fields = ('time_budget', 'lr', 'betas', 'weight_decay', 'schedule_name', 'warmup', 'lowest_lr', 'ema', 'accumulate')
     assert [getattr(qt, f) for f in fields] == [getattr(t, f) for f in fields]
     assert qt.grad_clip == t.grad_clip and qt.precision == t.precision
+
+
+def test_each_quick_variant_changes_one_setting():
+    "The recipe search around the quick recipe: every variant differs from it in exactly the setting it names."
+    from dataclasses import asdict
+
+    from se3nb.cli import configs_from_args
+
+    recipes = run_recipes()
+
+    def settings(name):
+        m, d, t = configs_from_args(recipes.RECIPES[name][0] + ['--time-budget', '600'])
+        flat = {f'model.{k}': v for k, v in asdict(m).items()} | {f'data.{k}': v for k, v in asdict(d).items()}
+        return flat | {f'train.{k}': v for k, v in asdict(t).items()}
+
+    quick = settings(recipes.QUICK)
+    changed = {}
+    for variant in recipes.QUICK_VARIANTS:
+        mine = settings(f'{recipes.QUICK}-{variant}')
+        changed[variant] = {k: v for k, v in mine.items() if quick[k] != v}
+    assert changed == {
+        'b32': {'data.batch_size': 32},
+        'b128': {'data.batch_size': 128},
+        'warmup0': {'train.warmup': 0.0},
+        'warmup15': {'train.warmup': 0.15},
+        'linear': {'train.schedule': 'linear'},
+        'min0': {'train.min_lr': 0.0},
+        'ema0.998': {'train.ema': 0.998},
+        'ema0.9995': {'train.ema': 0.9995},
+    }

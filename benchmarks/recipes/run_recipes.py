@@ -63,6 +63,18 @@ RECIPES: dict[str, tuple[list[str], str]] = {  # name -> (se3nb-train flags, wha
     ),
 }
 QUICK = 'cosine-ema-lr4e-3-3layers'  # the best for 600 s on the 2-core Xeon: the `quick` preset (tests/test_recipe.py)
+QUICK_VARIANTS = {  # one change each to the quick recipe: batch size, warm-up, decay shape and end, EMA decay
+    'b32': (['--batch-size', '32'], 'batch 32'),
+    'b128': (['--batch-size', '128'], 'batch 128'),
+    'warmup0': (['--warmup', '0'], 'no warm-up'),
+    'warmup15': (['--warmup', '0.15'], 'warm-up over 15 % of the budget'),
+    'linear': (['--schedule', 'linear'], 'linear decay instead of cosine'),
+    'min0': (['--min-lr', '0'], 'decay to zero instead of lr/10'),
+    'ema0.998': (['--ema', '0.998'], 'weight average 0.998 (shorter memory)'),
+    'ema0.9995': (['--ema', '0.9995'], 'weight average 0.9995 (longer memory)'),
+}
+for _name, (_flags, _about) in QUICK_VARIANTS.items():  # later flags win: each variant overrides one setting
+    RECIPES[f'{QUICK}-{_name}'] = (RECIPES[QUICK][0] + _flags, f'quick recipe, {_about}')
 SMOKE = ['--max-train', '2000', '--max-test', '500', '--max-val', '200']  # --smoke: a few minutes, not a result
 
 
