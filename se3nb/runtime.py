@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['Runtime', 'setup_distributed', 'resolve_precision', 'autocast_context', 'grad_scaler', 'ShardSampler',
            'all_reduce_sum', 'unwrap', 'evaluate', 'seed_everything', 'rng_state', 'set_rng_state', 'TrainClock',
-           'JsonlLogger', 'step_records', 'save_plots']
+           'LoaderTimer', 'JsonlLogger', 'step_records', 'save_plots']
 
 # %% ../nbs/08c_runtime.ipynb #2d3c4e5f
 import json
@@ -13,7 +13,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +203,24 @@ class TrainClock:
             yield
         finally:
             self._started = time.perf_counter()
+
+
+class LoaderTimer:
+    "Seconds a training loop spent waiting for its batches (the collate, or workers that fall behind)."
+
+    def __init__(self, seconds: float = 0.0):  # seconds already spent (a resumed run)
+        self.seconds = seconds
+
+    def batches(self, loader: Iterable) -> Iterator:
+        "The loader's batches, timing each wait."
+        loader = iter(loader)
+        while True:
+            start = time.perf_counter()
+            batch = next(loader, None)
+            self.seconds += time.perf_counter() - start
+            if batch is None:
+                return
+            yield batch
 
 # %% ../nbs/08c_runtime.ipynb #e3f4a5b6
 class JsonlLogger:

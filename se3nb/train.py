@@ -12,7 +12,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,7 +31,7 @@ from .qm9 import atomic_torch_save, atomic_write_text
 from .recipe import TrainConfig, ema_model, presets, scheduled_lr  # noqa: F401 (presets: as se3nb.train.presets)
 from .runtime import JsonlLogger, Runtime, TrainClock, all_reduce_sum, autocast_context, evaluate
 from .runtime import resolve_precision, rng_state, save_plots, seed_everything, set_rng_state, setup_distributed
-from .runtime import grad_scaler, step_records, unwrap
+from .runtime import LoaderTimer, grad_scaler, step_records, unwrap
 
 # %% ../nbs/09_train.ipynb #73d9d303
 CHECKPOINT_FORMAT = 1
@@ -150,7 +149,7 @@ class _Run:
     eval_seconds: float = 0.0  # seconds spent in validation and test
     data_seconds: float = 0.0  # seconds to build the data module (QM9: preprocessing, or loading the cache)
     setup_seconds: float = 0.0  # seconds to build the model, its C++ kernels (built and timed once per CPU), loader
-    loading_seconds: float = 0.0  # training seconds spent waiting for the next batch (collate, or the loader's workers)
+    loading: LoaderTimer = field(default_factory=LoaderTimer)  # training seconds spent waiting for batches
     agreed_seconds: float = 0.0  # rank 0's training seconds at the last batch: the lr and the stop follow them
     out_of_time: bool = False  # the time budget is spent (the same on every rank)
 
@@ -192,18 +191,8 @@ def _start_run(
     configs = {'model': _config_dict(model_config), 'data': data_config and _config_dict(data_config)}
     configs['train'] = _config_dict(config)
     optimization = _optimization(net, config, precision)  # optimizer, scheduler, scaler, ema
-    run = _Run(
-        config,
-        runtime,
-        precision,
-        data,
-        net,
-        ddp,
-        *optimization,
-        sampler,
-        data.dataloader('train', sampler=sampler),
-        configs,
-    )
+    loader = data.dataloader('train', sampler=sampler)
+    run = _Run(config, runtime, precision, data, net, ddp, *optimization, sampler, loader, configs)
     ckpt_path = Path(config.out_dir) / 'checkpoint.pt'
     if config.resume and ckpt_path.exists():
         _resume(run, load_checkpoint(ckpt_path, map_location=runtime.device), check_model=model is None)
@@ -230,7 +219,7 @@ def _resume(run: _Run, ckpt: dict, check_model: bool) -> None:
     run.batches = int(ckpt.get('step', run.epoch * len(run.loader)))
     run.molecules, run.seconds = int(ckpt.get('molecules', 0)), float(ckpt.get('train_seconds', 0.0))
     run.eval_seconds = float(ckpt.get('eval_seconds', 0.0))
-    run.loading_seconds = float(ckpt.get('loading_seconds', 0.0))
+    run.loading.seconds = float(ckpt.get('loading_seconds', 0.0))
     set_rng_state(ckpt['rng'])
     if run.runtime.is_main:
         print(f"se3nb: resuming after epoch {run.epoch} ({run.seconds:.0f} s of training)", file=sys.stderr)
@@ -279,18 +268,6 @@ def _agree(run: _Run, loss: Tensor, i: int, clock: TrainClock) -> None:
             group['lr'] = scheduled_lr(run.config, progress)
 
 # %% ../nbs/09_train.ipynb #d3e4f5a6
-def _timed_batches(batches: Iterable, run: _Run) -> Iterator:
-    "The batches, adding the seconds spent waiting for each (collate, or workers) to `run.loading_seconds`."
-    batches = iter(batches)
-    while True:
-        start = time.perf_counter()
-        batch = next(batches, None)
-        run.loading_seconds += time.perf_counter() - start
-        if batch is None:
-            return
-        yield batch
-
-
 def _train_epoch(run: _Run, clock: TrainClock) -> dict:
     "One pass over the training split (shorter when the budget runs out); returns the epoch's record."
     c, rt = run.config, run.runtime
@@ -304,7 +281,7 @@ def _train_epoch(run: _Run, clock: TrainClock) -> dict:
         of = f"/{c.epochs}" if c.time_budget is None else ''
         batches = tqdm(run.loader, desc=f"epoch {run.epoch + 1}{of}", unit='batch', leave=False, mininterval=1.0)
     loss_sum, molecules = 0.0, 0
-    for i, batch in enumerate(_timed_batches(batches, run)):
+    for i, batch in enumerate(run.loading.batches(batches)):
         loss = _train_step(run, batch.to(rt.device, non_blocking=True), i, clock)
         loss_sum, molecules = loss_sum + loss * batch.num_graphs, molecules + batch.num_graphs
         window = [window[0] + loss * batch.num_graphs, window[1] + batch.num_graphs]
@@ -366,7 +343,7 @@ def _save_checkpoint(run: _Run, clock: TrainClock) -> None:
         state.update(optimizer=run.optimizer.state_dict(), scheduler=scheduler and scheduler.state_dict())
         state.update(scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None, rng=rng_state())
         state.update(epoch=run.epoch, step=run.batches, molecules=run.molecules, train_seconds=clock.seconds)
-        state.update(eval_seconds=run.eval_seconds, loading_seconds=run.loading_seconds)
+        state.update(eval_seconds=run.eval_seconds, loading_seconds=run.loading.seconds)
         state.update(config=run.configs, history=run.history)
         state['target'] = dict(name=data.target_name, unit=data.target_unit, mean=data.scaler.mean, std=data.scaler.std)
         atomic_torch_save(state, Path(run.config.out_dir) / 'checkpoint.pt')
@@ -403,7 +380,7 @@ def _finish(run: _Run, clock: TrainClock) -> dict:
     results.update(data_seconds=round(run.data_seconds, 1), setup_seconds=round(run.setup_seconds, 1))
     # the share of training time spent waiting for batches: the loader's cost, paid inside the time budget
     results.update(
-        loading_seconds=round(run.loading_seconds, 2), loading_share=round(run.loading_seconds / max(seconds, 1e-9), 4)
+        loading_seconds=round(run.loading.seconds, 2), loading_share=round(run.loading.seconds / max(seconds, 1e-9), 4)
     )
     results.update(
         molecules_per_second=round(run.molecules / max(seconds, 1e-9), 1), time_budget=run.config.time_budget

@@ -9,7 +9,8 @@ import torch
 from se3nb.data import GraphDataModule, PointCloudDataset
 from se3nb.fiber import Fiber
 from se3nb.model import ModelConfig, SE3TransformerPooled
-from se3nb.runtime import JsonlLogger, ShardSampler, TrainClock, evaluate, rng_state, seed_everything, set_rng_state
+from se3nb.runtime import JsonlLogger, LoaderTimer, ShardSampler, TrainClock, evaluate, rng_state, seed_everything
+from se3nb.runtime import set_rng_state
 
 
 def test_clock_counts_only_unpaused_time(monkeypatch):
@@ -29,6 +30,21 @@ def test_clock_counts_only_unpaused_time(monkeypatch):
     real = TrainClock()  # and the real clock runs
     time.sleep(0.01)
     assert real.seconds >= 0.01
+
+
+def test_loader_timer_counts_the_waits_and_keeps_every_batch():
+    def slow_loader():
+        for k in range(4):
+            time.sleep(0.05)  # a collate that takes 50 ms
+            yield k
+
+    timer = LoaderTimer(1.0)  # a resumed run: 1 s already spent waiting
+    seen = []
+    for batch in timer.batches(slow_loader()):
+        time.sleep(0.05)  # a training step: not waiting
+        seen.append(batch)
+    assert seen == [0, 1, 2, 3]
+    assert 1.0 + 4 * 0.05 <= timer.seconds < 1.0 + 4 * 0.05 + 0.15  # the waits, not the steps
 
 
 def test_rng_state_round_trip():
