@@ -108,3 +108,34 @@ def test_importing_the_model_loads_no_nvidia_or_dgl_module():
     code = f"import se3nb.model, sys; bad = [m for m in {names!r} if m in sys.modules]; assert not bad, bad"
     run = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_the_public_names_load_on_first_use():
+    "`import se3nb` loads no training or data code; each public name then resolves to the object of its module."
+    code = (
+        "import sys, se3nb; heavy = [m for m in ('se3nb.train', 'se3nb.data', 'se3nb.cli', 'se3nb.model') "
+        "if m in sys.modules]; assert not heavy, heavy\n"
+        "import importlib\n"
+        "for name, module in se3nb._PUBLIC.items():\n"
+        "    assert getattr(se3nb, name) is getattr(importlib.import_module(module), name), name\n"
+        "ns = {}; exec('from se3nb import *', ns); assert set(se3nb.__all__) <= set(ns), set(se3nb.__all__) - set(ns)\n"
+        "assert set(se3nb.__all__) <= set(dir(se3nb))\n"
+        "assert se3nb.recipe.scheduled_lr, 'submodules load on attribute access too'\n"
+        "try:\n    se3nb.no_such_name\nexcept AttributeError as e:\n    assert 'public names' in str(e), e\n"
+        "else:\n    raise AssertionError('no AttributeError')"
+    )
+    run = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+
+
+@pytest.mark.parametrize('module', ['se3nb.train', 'se3nb.qm9'])
+def test_python_m_runs_the_module_without_runpy_warning(module):
+    "The README's `python -m se3nb.train` / `-m se3nb.qm9`: a RuntimeWarning (module imported twice) fails the run."
+    run = subprocess.run(
+        [sys.executable, '-W', 'error::RuntimeWarning', '-m', module, '--help'],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert 'usage' in run.stdout.lower(), run.stdout[-1000:]
