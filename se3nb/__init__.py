@@ -3,8 +3,7 @@ __version__ = "0.1.0"
 # Hand-kept: the stable public API (STYLE.md §9). Everything else is reachable by module path but may change.
 # The names load on first use (PEP 562): `import se3nb` stays light, and `python -m se3nb.train` / `-m se3nb.qm9`
 # run their module once, without runpy's "found in sys.modules" warning.
-import importlib
-import importlib.util
+import importlib.util  # binds importlib too
 from typing import TYPE_CHECKING
 
 _PUBLIC = {
