@@ -100,9 +100,9 @@ def presets(name: str) -> tuple[ModelConfig, DataConfig, TrainConfig]:
     if name == 'quick':  # 10 minutes of CPU training: the best 600-s recipe of `09a_recipes`
         return (
             ModelConfig(num_layers=3, num_degrees=3, num_channels=16, num_heads=4, out_channels=48),
-            DataConfig(max_val=2_000, batch_size=64),
+            DataConfig(max_val=2_000, batch_size=128),
             TrainConfig(
-                time_budget=600, lr=0.004, schedule='cosine', ema=0.999, log_every=200, out_dir='runs_out/quick'
+                time_budget=600, lr=0.004, schedule='cosine', ema=0.999, log_every=100, out_dir='runs_out/quick'
             ),
         )
     if name == 'smoke':  # seconds: a prefix of QM9 and a tiny model

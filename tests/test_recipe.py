@@ -131,7 +131,7 @@ def test_quick_preset_is_the_best_600s_recipe():
 
 
 def test_each_quick_variant_changes_one_setting():
-    "The recipe search around the quick recipe: every variant differs from it in exactly the setting it names."
+    "The one-change search around the base recipe: every variant differs from it in exactly the setting it names."
     from dataclasses import asdict
 
     from se3nb.cli import configs_from_args
@@ -143,10 +143,10 @@ def test_each_quick_variant_changes_one_setting():
         flat = {f'model.{k}': v for k, v in asdict(m).items()} | {f'data.{k}': v for k, v in asdict(d).items()}
         return flat | {f'train.{k}': v for k, v in asdict(t).items()}
 
-    quick = settings(recipes.QUICK)
+    quick = settings(recipes.QUICK_BASE)
     changed = {}
     for variant in recipes.QUICK_VARIANTS:
-        mine = settings(f'{recipes.QUICK}-{variant}')
+        mine = settings(f'{recipes.QUICK_BASE}-{variant}')
         changed[variant] = {k: v for k, v in mine.items() if quick[k] != v}
     assert changed == {
         'b32': {'data.batch_size': 32},
