@@ -8,7 +8,8 @@ one 2-core Intel Xeon machine of this project's kind, two rounds. This script ti
     current / NVIDIA  =  (current / se3nb@9afe565, measured here)  x  (se3nb@9afe565 / NVIDIA, measured there)
 
 which cancels the speed of the machine. It also prints the plain ratio to NVIDIA's stored figures, which only means
-something on a machine as fast as theirs.
+something on a machine as fast as theirs. Any other `--baseline-commit` (e.g. the last release) gives a plain A/B: the
+speed-up over that commit, measured the same way, and no estimate.
 
     python benchmarks/compare_nvidia_cpu.py --config qm9 --batch fixture      # NVIDIA's QM9 model, qm9_batch64.pt
     python benchmarks/compare_nvidia_cpu.py --config qm9 --batch random64     # 64 random QM9 training molecules
@@ -151,6 +152,8 @@ def baseline_tree(commit: str) -> Path:
 def run_in_process(a: argparse.Namespace, mode: str, tree: Path | None) -> dict:
     "A case in a fresh process, importing se3nb from this checkout or from the baseline worktree `tree`."
     env = dict(os.environ, PYTHONPATH=str(tree or ROOT))
+    if tree is not None:  # its own builds: older trees pass their path to the compiler, and torch rebuilds on a change
+        env['TORCH_EXTENSIONS_DIR'] = str(tree.parent / f'{tree.name}-extensions')
     if tree is not None and env.get('SE3NB_BACKENDS', '').strip() == 'torch':
         env['SE3NB_NATIVE'] = '0'  # the same choice under the old override
     args = [f'--{k.replace("_", "-")}={v}' for k, v in vars(a).items() if k in ('config', 'batch', 'threads', 'iters')]
@@ -164,19 +167,26 @@ def run_in_process(a: argparse.Namespace, mode: str, tree: Path | None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def estimate(key: tuple, current: list[float], baseline: list[float]) -> dict:
-    "Ratios to NVIDIA: stored, and through the baseline measured here (see the module docstring)."
+def estimate(key: tuple, current: list[float], baseline: list[float], baseline_commit: str) -> dict:
+    "Ratios to NVIDIA: stored, and through the baseline measured here when it is 9afe565 (see the module docstring)."
     stored = SIDE_BY_SIDE.get(key)
     out = {'current_mol_s': current, 'baseline_mol_s': baseline}
+    if baseline:
+        out['speedup_over_baseline_here'] = statistics.median(current) / statistics.median(baseline)
     if stored is None:
         return out
     old_over_nvidia = statistics.mean(s / n for s, n in zip(stored['se3nb_9afe565'], stored['nvidia']))
     out['stored'] = stored
     out['ratio_to_stored_nvidia'] = statistics.median(current) / max(stored['nvidia'])
-    if baseline:
-        out['speedup_over_9afe565_here'] = statistics.median(current) / statistics.median(baseline)
+    if baseline and _is_9afe565(baseline_commit):
+        out['speedup_over_9afe565_here'] = out['speedup_over_baseline_here']
         out['estimated_ratio_to_nvidia'] = out['speedup_over_9afe565_here'] * old_over_nvidia
     return out
+
+
+def _is_9afe565(commit: str) -> bool:  # the se3nb commit of the stored side-by-side figures
+    sha = subprocess.run(['git', 'rev-parse', commit], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return sha.startswith('9afe565')
 
 
 def main():
@@ -219,15 +229,15 @@ def main():
     for mode in a.modes.split(','):
         current = [x['molecules_per_s'] for x in runs[mode, 'current']]
         baseline = [x['molecules_per_s'] for x in runs.get((mode, 'baseline'), [])]
-        est = estimate((a.config, a.batch, mode), current, baseline)
+        est = estimate((a.config, a.batch, mode), current, baseline, a.baseline_commit)
         est['peak_rss_gb'] = max(x['peak_rss_gb'] for x in runs[mode, 'current'])
         est['nvidia_peak_rss_gb'] = NVIDIA_PEAK_RSS_GB.get((a.config, a.batch, mode))
         summary[mode] = est
         line = f"{mode:<9} current {' / '.join(f'{v:.1f}' for v in current)} mol/s"
         if baseline:
-            line += f", 9afe565 here {' / '.join(f'{v:.1f}' for v in baseline)}"
+            line += f", {a.baseline_commit} here {' / '.join(f'{v:.1f}' for v in baseline)}"
+            line += f", speed-up over {a.baseline_commit} {est['speedup_over_baseline_here']:.2f}x"
         if 'estimated_ratio_to_nvidia' in est:
-            line += f", speed-up over 9afe565 {est['speedup_over_9afe565_here']:.2f}x"
             line += f" -> estimated {est['estimated_ratio_to_nvidia']:.2f}x NVIDIA's best"
         if 'ratio_to_stored_nvidia' in est:
             line += f" (stored figures: {est['ratio_to_stored_nvidia']:.2f}x)"

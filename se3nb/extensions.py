@@ -130,9 +130,10 @@ def load_extension(
             if not copy.is_file() or copy.read_bytes() != path.read_bytes():
                 copy.with_suffix('.tmp').write_bytes(path.read_bytes())
                 os.replace(copy.with_suffix('.tmp'), copy)
+            # no path of the checkout in the build arguments: torch rebuilds when they change, so two checkouts of one
+            # source (a benchmark's baseline tree) would otherwise rebuild in turn, every process
             module = load(
-                name, [str(copy)], extra_cflags=flags, extra_ldflags=['-fopenmp'], build_directory=str(directory),
-                extra_include_paths=[str(path.parent)],
+                name, [str(copy)], extra_cflags=flags, extra_ldflags=['-fopenmp'], build_directory=str(directory)
             )  # fmt: skip
         return module, None
     except Exception as error:  # a failed build: the caller's torch backend computes the same
