@@ -14,7 +14,7 @@ from torch import Tensor
 from .fiber import degree_to_dim
 from .basis import kernel_basis, spherical_harmonics, wigner_D
 from .graph import Graph
-from .so2_product import so2_product
+from .so2_product import _autocast_enabled, frame_rotation, so2_product
 
 # %% ../nbs/04a_so2.ipynb #f97125ed
 def edge_rotations(
@@ -111,7 +111,7 @@ class SO2Plan:
         self._constants: dict[
             tuple, tuple[Tensor, Tensor, Tensor]
         ] = {}  # (zero_length, dtype, device) -> T, order, inverse
-        self._folded: dict[tuple, tuple] = {}  # same key -> (weight version, folded weight), for inference
+        self._folded: dict[tuple, tuple] = {}  # same key -> (the weight folded, a copy; folded weight), for inference
 
     def fold(
         self,
@@ -139,9 +139,11 @@ class SO2Plan:
 
         if torch.is_grad_enabled() and weight.requires_grad:
             return fold()
-        cached = self._folded.get(key)  # inference: fold each weight version once
-        if cached is None or cached[0] != (weight.data_ptr(), weight._version):
-            cached = self._folded[key] = ((weight.data_ptr(), weight._version), fold())
+        # inference: fold once per weight value. Not keyed on weight._version: fused optimizers (AdamW(fused=True)) and
+        # edits through .data change a weight without bumping it, so the copy is compared (~1 % of a forward)
+        cached = self._folded.get(key)
+        if cached is None or not torch.equal(cached[0], weight):
+            cached = self._folded[key] = (weight.detach().clone(), fold())
         return cached[1]  # [num_weights, H]
 
 # %% ../nbs/04a_so2.ipynb #814f7662
@@ -276,6 +278,20 @@ def _slot_groups(
     return [g for g in groups if g[1]] or groups[1:2]  # no edges: one empty group, so every output degree exists
 
 
+def _into_frames(
+    D_in: Tensor,  # [E, 4l+1, 2l+1] rows by m (`_frame_matrices`)
+    x: Tensor,  # [E, 2l+1, C] global frame
+) -> Tensor:  # [E, 4l+1, C]
+    "Inputs rotated into the edge frames; degree 0 is invariant (D_0 = 1): no product, unless autocast must cast it."
+    if D_in.shape[-1] == 1 and not _autocast_enabled(x.device.type):
+        return x
+    return frame_rotation(D_in.to(x.dtype), x)
+
+
+def _split_rows(x: Tensor, sizes: list[int]) -> tuple[Tensor, ...]:  # x split along rows; one part: x itself
+    return (x,) if len(sizes) == 1 else torch.split(x, sizes)
+
+
 def _to_global_edges(
     by_degree: Mapping[int, Mapping[int, Tensor]],  # {l_out: {m: [E, 1 (m = 0) or 2 (+m, -m), C_out]}}, edge frames
     geometry: EdgeFrames,
@@ -288,7 +304,10 @@ def _to_global_edges(
         y = torch.cat(
             [parts[m] if m in parts else parts[0].new_zeros(E, 2, C) for m in range(l + 1)], 1
         )  # [E, 2l+1, C]
-        out[l] = geometry.to_edges(y.transpose(1, 2) @ geometry.D_out[l].to(y.dtype), order)  # [E, C, 2l+1]
+        # D_0 = 1; under autocast y is in its low precision already (the inputs were rotated with it)
+        y = frame_rotation(geometry.D_out[l].to(y.dtype), y, transpose=True) if l else y  # [E, 2l+1, C]
+        y = y.transpose(1, 2)  # [E, C, 2l+1]
+        out[l] = geometry.to_edges(y, order)
     return out
 
 # %% ../nbs/04a_so2.ipynb #8f00a328
@@ -296,7 +315,7 @@ def so2_messages(
     plans: Mapping[str, SO2Plan],  # per kernel group
     hidden: Mapping[str, Tensor],  # per group: [P, H] last hidden layer of the radial MLP per slot
     weights: Mapping[str, Tensor],  # per group: [C_out*C_in*F, H] last radial layer
-    inputs: Mapping[int, Tensor],  # {l: [E, C_l, 2l+1]} input features per row (`geometry.slot_edges`, global frame)
+    inputs: Mapping[int, Tensor],  # {l: [E, 2l+1, C_l]} input features per row (`geometry.slot_edges`, global frame)
     geometry: EdgeFrames,
     hidden_second: Mapping[str, Tensor] | None = None,  # per group: [P_pairs, H] from the partners' invariants
     order: Tensor | None = None,  # [E] edge ids: the rows of the result (None: the graph's edge order)
@@ -307,8 +326,7 @@ def so2_messages(
     E, groups = geometry.num_edges, _slot_groups(geometry)
     # rows of each order m: [1] for m = 0, [+m, -m | -(-m), +m] after; `split` (not slicing): backward is one `cat`
     x_frame = {
-        l: torch.split(geometry.D_in[l].to(x.dtype) @ x.transpose(1, 2), [1] + [4] * l, dim=1)
-        for l, x in inputs.items()
+        l: torch.split(_into_frames(geometry.D_in[l], x), [1] + [4] * l, dim=1) for l, x in inputs.items()
     }  # {l: per m [E, 1 or 4, C_l]}
     x_blocks: dict[tuple, Tensor] = {}  # per (m, input degrees): [E, s, sI]; shared by groups with the same inputs
     by_degree: dict[int, dict[int, Tensor]] = {}  # {l_out: {m: [E, s, C_out]}}
@@ -317,26 +335,27 @@ def so2_messages(
         for m, s, los, lis, O, I in plan.blocks:
             if (m, tuple(lis)) not in x_blocks:
                 parts = torch.cat(
-                    [x_frame[l][m].view(E, s, s, inputs[l].shape[1]) for l in lis], -1
+                    [x_frame[l][m].view(E, s, s, inputs[l].shape[2]) for l in lis], -1
                 )  # [E, part, comp, (l, c)]
                 x_blocks[m, tuple(lis)] = parts.transpose(1, 2).reshape(E, s, I)  # [E, comp, (part, l, c)]
             xs.append(x_blocks[m, tuple(lis)])
         dtype = xs[0].dtype  # under autocast: the low-precision dtype of the rotated inputs
         h, W = hidden[name].to(dtype), weights[name]
         h2 = None if hidden_second is None else hidden_second[name].to(dtype)
-        ys_groups, row = [], 0
+        ys_groups = []
+        # the groups' rows by `split`: its backward is one `cat`, a slice's fills zeros first (a lone group: no split)
+        x_parts = [_split_rows(x, [rows * slots for _, slots, rows, _ in groups]) for x in xs]
+        h_parts = _split_rows(h, [slots for _, slots, _, _ in groups])
         with torch.autocast(h.device.type, enabled=False):
-            for slot0, slots, rows, zero_length in groups:  # pairs: 2 rows per slot; lone, zero-length: 1
-                x_slots = [x[row : row + rows * slots].reshape(slots, rows * x.shape[1], x.shape[2]) for x in xs]
+            for k, (slot0, slots, rows, zero_length) in enumerate(groups):  # pairs: 2 rows per slot; others: 1
                 ys = so2_product(
-                    h[slot0 : slot0 + slots],
+                    h_parts[k],
                     plan.fold(W, zero_length=zero_length),
-                    x_slots,
+                    [x[k].reshape(slots, rows * x[k].shape[1], x[k].shape[2]) for x in x_parts],
                     sizes=plan.block_sizes,
                     h_second=h2 if rows == 2 else None,
                 )  # per m-block [slots, rows * s, O]
                 ys_groups.append([y.view(rows * slots, y.shape[1] // rows, y.shape[2]) for y in ys])  # [rows, s, O]
-                row += rows * slots
         ys = [torch.cat(group) if len(group) > 1 else group[0] for group in zip(*ys_groups)]  # per m-block [E, s, O]
         C = plan.channels_out
         for (m, s, los, lis, O, I), y in zip(plan.blocks, ys):

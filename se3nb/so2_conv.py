@@ -18,6 +18,7 @@ from .conv import TFNConv, _add_self_interaction, _source_inputs
 from .backends import choose, register
 from .extensions import load_extension
 from .so2 import EdgeFrames, SO2Plan, edge_rotations, so2_messages
+from .so2_product import _autocast_enabled
 
 # %% ../nbs/04b_so2_conv.ipynb #179317c1
 def _check_frames(geometry, graph: Graph, max_degree: int) -> None:
@@ -50,10 +51,9 @@ class SO2Conv(TFNConv):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        r = self.radial
         self.plans = {
-            name: SO2Plan(
-                ins, outs, self.radial[name].channels_in, self.radial[name].channels_out, self.basis_scale[name]
-            )
+            name: SO2Plan(ins, outs, r[name].channels_in, r[name].channels_out, self.basis_scale[name])
             for name, (ins, outs) in self.groups.items()
         }
 
@@ -96,7 +96,8 @@ class SO2Conv(TFNConv):
     ) -> dict[int, Tensor]:  # {l: [E, C_out_l, 2l+1]}
         "Message of every edge, computed in the edge frames."
         _check_frames(geometry, graph, max(self.fiber_in.max_degree, self.fiber_out.max_degree))
-        inputs = _source_inputs(node_feats, edge_feats, geometry.src, self.fiber_in.degrees, geometry.slot_edges)
+        rows = geometry.slot_edges  # [E] the edge of each row; inputs {l: [E, 2l+1, C_l]} (the layout rotations read)
+        inputs = _source_inputs(node_feats, edge_feats, geometry.src, self.fiber_in.degrees, rows, channels_last=True)
         hidden = _hidden_per_slot(self.radial, invariants, geometry.first)  # {group: [P, mid]}
         # gradients for the invariants themselves (edge features, positions) must reach each edge's own
         second = _hidden_per_slot(self.radial, invariants, geometry.second) if invariants.requires_grad else None
@@ -129,13 +130,6 @@ _BLOCK_EDGES = 4096  # edges per block (whole destination nodes): 0.25-1 MB of m
 
 def _native_conv():  # (the kernel so2_conv_block, None), or (None, why not)
     return load_extension('so2_conv_block.cpp', 'avx512')  # AVX-512 intrinsics; compiled on first use, cached
-
-
-def _autocast_enabled(device_type: str) -> bool:  # torch >= 2.4 takes the device; the legacy CI leg runs torch 2.2
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:
-        return torch.is_autocast_cpu_enabled() if device_type == 'cpu' else torch.is_autocast_enabled()
 
 
 def _no_grad_plain(x: Tensor) -> bool:  # gradients off and no autocast: the only state the blocks run in
@@ -227,7 +221,7 @@ def _fused_messages(
         layout += [len(ins), *ins, len(outs), *outs, r.channels_in, r.channels_out]
         tensors, eps = _radial_tensors(r)
         radial += tensors
-        theta.append(plan.fold(r.net[-1].weight).contiguous())  # [num_weights, H], folded once per weight version
+        theta.append(plan.fold(r.net[-1].weight).contiguous())  # [num_weights, H], folded once per weight value
         theta_zero.append(plan.fold(r.net[-1].weight, zero_length=True).contiguous())
     L = max(fin.max_degree, fout.max_degree)
     frames = []  # degrees <= 1: the kernel builds the frames itself

@@ -28,6 +28,7 @@ from .backends import backend_report
 from .data import DataConfig, GraphDataModule, QM9DataModule
 from .model import ModelConfig, SE3TransformerPooled
 from .qm9 import atomic_torch_save, atomic_write_text
+from .recipe import adamw, load_optimizer_state
 from .recipe import TrainConfig, ema_model, presets, scheduled_lr  # noqa: F401 (presets: as se3nb.train.presets)
 from .runtime import JsonlLogger, Runtime, TrainClock, all_reduce_sum, autocast_context, evaluate
 from .runtime import resolve_precision, rng_state, save_plots, seed_everything, set_rng_state, setup_distributed
@@ -160,7 +161,7 @@ class _Run:
 # %% ../nbs/09_train.ipynb #a0b1c2d3
 def _optimization(net: nn.Module, config: TrainConfig, precision: str) -> tuple:
     "AdamW, NVIDIA's cosine (None when `scheduled_lr` sets the rate), the fp16 gradient scaler and the weight average."
-    optimizer = torch.optim.AdamW(net.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    optimizer = adamw(net.parameters(), config.lr, config.betas, config.weight_decay)  # fused where it can be
     scheduler = None
     if config.schedule_name == 'cosine_restarts':
         scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
@@ -207,7 +208,7 @@ def _resume(run: _Run, ckpt: dict, check_model: bool) -> None:
         diff = {k: (stored.get(k), v) for k, v in now.items() if stored.get(k) != v}
         raise CheckpointError(f"the checkpoint was made for another model configuration (checkpoint vs now: {diff})")
     _load_model_state(run.net, ckpt['model'])
-    run.optimizer.load_state_dict(ckpt['optimizer'])
+    load_optimizer_state(run.optimizer, ckpt['optimizer'])  # this torch's fastest AdamW, not the writer's
     if run.scheduler is not None and ckpt.get('scheduler'):
         run.scheduler.load_state_dict(ckpt['scheduler'])
     if ckpt.get('scaler'):

@@ -274,3 +274,31 @@ def test_torch_compile_runs_the_model():
     assert torch.allclose(out, ref, atol=1e-6)
     out.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("edit", ["fused_adamw", "data"])
+def test_inference_folds_follow_weight_edits_that_keep_the_version(edit):
+    """Inference folds each radial weight once and reuses the fold: an update that does not bump `weight._version`
+    (fused AdamW, an edit through `.data`) must still reach the next prediction."""
+    torch.manual_seed(0)
+    graph, node, edge = random_molecule_batch(4)
+    model = SE3Transformer(1, Fiber({0: 6}), Fiber({0: 8, 1: 8, 2: 8}), Fiber({0: 4}), 2, 2, Fiber({0: 4}), 0)
+    with torch.no_grad():
+        model(graph, node, edge)  # folds cached
+    if edit == "data":
+        for p in model.parameters():
+            p.data.mul_(1.5)  # .data: no version bump
+    else:
+        try:
+            opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+        except RuntimeError:
+            pytest.skip("this torch has no fused AdamW on CPU (torch < 2.4)")
+        model(graph, node, edge).square().sum().backward()
+        opt.step()
+    with torch.no_grad():
+        cached = model(graph, node, edge)
+        for m in model.modules():
+            if isinstance(m, SO2Conv):
+                [plan._folded.clear() for plan in m.plans.values()]
+        fresh = model(graph, node, edge)
+    torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
