@@ -140,6 +140,35 @@ def test_fused_cpu_kernels_equal_the_torch_products(P, split, isa):
         assert (fused - torch_f32).abs().max() / scale < 1e-5
 
 
+@pytest.mark.parametrize("E", [0, 1, 300])
+@pytest.mark.parametrize("A,B,C,transpose", [(9, 5, 16, False), (5, 5, 16, True), (13, 7, 21, False), (3, 3, 6, True)])
+def test_native_frame_rotation_equals_the_batched_product(E, A, B, C, transpose, isa):
+    """`frame_rotation` in the C++ kernel against torch's batched product in float64: forward and input gradient, with
+    channel counts that leave a partial vector (21, 6)."""
+    g = torch.Generator().manual_seed(E + A)
+    D = torch.randn(E, B, A, generator=g, dtype=F64) if transpose else torch.randn(E, A, B, generator=g, dtype=F64)
+    x = torch.randn(E, B, C, generator=g, dtype=F64)
+    gy = torch.randn(E, A, C, generator=g, dtype=F64)
+    truth = (D.transpose(1, 2) if transpose else D) @ x  # [E, A, C]
+    x32 = x.float().requires_grad_()
+    with override(frame_rotation='native'):
+        assert choose('frame_rotation', device='cpu', dtype=torch.float32) == 'native'
+        y = sp.frame_rotation(D.float(), x32, transpose)
+    assert y.grad_fn is not None and 'FrameRotation' in type(y.grad_fn).__name__  # the kernel ran, not torch
+    (gx,) = torch.autograd.grad(y, x32, gy.float())
+    torch.testing.assert_close(y.double(), truth, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx.double(), (D if transpose else D.transpose(1, 2)) @ gy, rtol=1e-5, atol=1e-5)
+
+
+def test_frames_that_take_gradients_rotate_in_torch():
+    "Frames with `requires_grad` (forces: positions with gradients) take torch's product, so their gradient exists."
+    D = torch.randn(10, 5, 3, requires_grad=True)
+    x = torch.randn(10, 3, 8, requires_grad=True)
+    gD, gx = torch.autograd.grad(sp.frame_rotation(D, x).sum(), [D, x])
+    torch.testing.assert_close(gD, torch.ones(10, 5, 8) @ x.detach().transpose(1, 2))
+    torch.testing.assert_close(gx, D.detach().transpose(1, 2) @ torch.ones(10, 5, 8))
+
+
 def test_fused_cpu_kernels_in_a_float32_model(isa):
     torch.manual_seed(0)
     kw = dict(
