@@ -87,6 +87,17 @@ class _RowPermutation(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         return grad.index_select(0, ctx.inverse), None, None
 
+
+def _permuted_rows(
+    x: Tensor,  # [R, ...]
+    index: Tensor,  # [R']
+) -> Tensor:  # x[index]; when index is a permutation, by `_RowPermutation` (no zero fill and scatter in backward)
+    ids = torch.arange(len(index), device=index.device)
+    inverse = index.new_full((x.shape[0],), -1).index_copy_(0, index, ids)  # [R] where each row goes
+    if len(index) != x.shape[0] or bool((inverse < 0).any()):  # not every row exactly once
+        return x.index_select(0, index)
+    return _RowPermutation.apply(x, index, inverse)
+
 # %% ../nbs/04a_so2.ipynb #a6ad4633
 class SO2Plan:
     "Block layout of the SO(2) form of one kernel group (`in_degrees` -> `out_degrees`) and its fold matrix T."
@@ -261,8 +272,8 @@ class EdgeFrames:
         rows: Tensor,  # [E, ...] values per row (pairs, lone edges, zero-length edges)
         order: Tensor | None = None,  # [E] edge ids to return, e.g. sorted by destination; None: all, in graph order
     ) -> Tensor:  # [E, ...]
-        "Back from the slot layout to edges (one gather, so any order costs the same)."
-        return rows.index_select(0, self.position if order is None else self.position[order])
+        "Back from the slot layout to edges (one gather, so any order costs the same; its backward is a gather too)."
+        return _permuted_rows(rows, self.position if order is None else self.position[order])
 
     def __repr__(self) -> str:
         slots = f"{self.num_slots} slots ({self.num_pairs} pairs, {self.num_zero} of length 0)"

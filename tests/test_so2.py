@@ -302,3 +302,17 @@ def test_inference_folds_follow_weight_edits_that_keep_the_version(edit):
                 [plan._folded.clear() for plan in m.plans.values()]
         fresh = model(graph, node, edge)
     torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("index", [[2, 0, 3, 1], [1, 1, 3, 0], [3, 0]])
+def test_permuted_rows_values_and_gradients(index):
+    "Rows in another order: a permutation's backward is a gather; repeated or missing rows still sum their gradients."
+    from se3nb.so2 import _permuted_rows
+
+    x = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    idx = torch.tensor(index)
+    y = _permuted_rows(x, idx)
+    torch.testing.assert_close(y, x.detach()[idx])
+    gy = torch.randn(len(index), 3, dtype=F64)
+    (gx,) = torch.autograd.grad(y, x, gy)
+    torch.testing.assert_close(gx, torch.zeros(4, 3, dtype=F64).index_add_(0, idx, gy))
