@@ -349,8 +349,8 @@ def frame_rotation(
     transpose: bool = False,  # D^T x
 ) -> Tensor:  # [E, A, C]
     "The product of each edge's matrix with its rows of channels: `D @ x`, or `D.transpose(1, 2) @ x`."
-    if D.requires_grad or _autocast_enabled(x.device.type) or x.dtype != D.dtype:
-        return (D.transpose(1, 2) if transpose else D) @ x  # frames with gradients, autocast's casts: torch's product
-    if choose('frame_rotation', device=x.device, dtype=x.dtype) != 'native':
-        return (D.transpose(1, 2) if transpose else D) @ x
-    return _FrameRotation.apply(D.contiguous(), x.contiguous(), transpose)
+    # frames with gradients (forces) and autocast's casts take torch's product, whatever the registry says
+    plain = not D.requires_grad and not _autocast_enabled(x.device.type) and x.dtype == D.dtype
+    if plain and choose('frame_rotation', device=x.device, dtype=x.dtype) == 'native':
+        return _FrameRotation.apply(D.contiguous(), x.contiguous(), transpose)
+    return (D.transpose(1, 2) if transpose else D) @ x
