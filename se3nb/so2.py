@@ -88,15 +88,22 @@ class _RowPermutation(torch.autograd.Function):
         return grad.index_select(0, ctx.inverse), None, None
 
 
+def _row_order(
+    index: Tensor,  # [R'] rows to take
+    num_rows: int,  # R
+) -> tuple[Tensor, Tensor | None]:  # index, and its inverse [R] when it takes every row once (else None)
+    ids = torch.arange(len(index), device=index.device)
+    inverse = index.new_full((num_rows,), -1).index_copy_(0, index, ids)  # [R] where each row goes
+    permutation = len(index) == num_rows and not bool((inverse < 0).any())  # a host sync: check once per index
+    return index, inverse if permutation else None
+
+
 def _permuted_rows(
     x: Tensor,  # [R, ...]
     index: Tensor,  # [R']
-) -> Tensor:  # x[index]; when index is a permutation, by `_RowPermutation` (no zero fill and scatter in backward)
-    ids = torch.arange(len(index), device=index.device)
-    inverse = index.new_full((x.shape[0],), -1).index_copy_(0, index, ids)  # [R] where each row goes
-    if len(index) != x.shape[0] or bool((inverse < 0).any()):  # not every row exactly once
-        return x.index_select(0, index)
-    return _RowPermutation.apply(x, index, inverse)
+    inverse: Tensor | None,  # [R] from `_row_order`
+) -> Tensor:  # x[index]; a permutation by `_RowPermutation` (no zero fill and scatter in backward)
+    return x.index_select(0, index) if inverse is None else _RowPermutation.apply(x, index, inverse)
 
 # %% ../nbs/04a_so2.ipynb #a6ad4633
 class SO2Plan:
@@ -148,10 +155,11 @@ class SO2Plan:
         def fold():
             return _RowPermutation.apply(torch.matmul(T, weight.view(-1, T.shape[1], H)).view(-1, H), order, inverse)
 
-        if torch.is_grad_enabled() and weight.requires_grad:
+        # training folds every time, and so do GPUs: a fold is a few kernels there, and a comparison would wait for them
+        if (torch.is_grad_enabled() and weight.requires_grad) or weight.device.type != 'cpu':
             return fold()
-        # inference: fold once per weight value. Not keyed on weight._version: fused optimizers (AdamW(fused=True)) and
-        # edits through .data change a weight without bumping it, so the copy is compared (~1 % of a forward)
+        # CPU inference: fold once per weight value. Not keyed on weight._version: fused optimizers and edits through
+        # .data change a weight without bumping it, so a copy is compared (~1 % of a forward; folding all groups: ~10 %)
         cached = self._folded.get(key)
         if cached is None or not torch.equal(cached[0], weight):
             cached = self._folded[key] = (weight.detach().clone(), fold())
@@ -235,6 +243,7 @@ class EdgeFrames:
             raise ValueError(f"invariants have {invariants.shape[0]} rows, the graph {graph.num_edges} edges")
         self.max_degree, self.num_edges = max_degree, graph.num_edges
         self._pending, self.deferred = ((graph, invariants) if deferred else None), deferred  # deferred: not built yet
+        self._order = self._order_rows = None  # the last order of `to_edges` and its rows
         if not deferred:
             self._build(graph, invariants)
 
@@ -267,13 +276,13 @@ class EdgeFrames:
         self.D_in, self.D_out = [D.to(device) for D in self.D_in], [D.to(device) for D in self.D_out]
         return self
 
-    def to_edges(
-        self,
-        rows: Tensor,  # [E, ...] values per row (pairs, lone edges, zero-length edges)
-        order: Tensor | None = None,  # [E] edge ids to return, e.g. sorted by destination; None: all, in graph order
-    ) -> Tensor:  # [E, ...]
-        "Back from the slot layout to edges (one gather, so any order costs the same; its backward is a gather too)."
-        return _permuted_rows(rows, self.position if order is None else self.position[order])
+    def to_edges(self, rows: Tensor, order: Tensor | None = None) -> Tensor:  # [E, ...] per row -> [E, ...] per edge
+        "Rows back to the edges `order` lists (e.g. by destination; None: all, graph order): a gather, in backward too."
+        if order is None:  # every edge once, in graph order: the slots' edges are the inverse
+            return _RowPermutation.apply(rows, self.position, self.slot_edges)
+        if order is not self._order:  # e.g. graph.csr.edge_order: checked once per order tensor, which is kept
+            self._order, self._order_rows = order, _row_order(self.position[order], self.num_edges)
+        return _permuted_rows(rows, *self._order_rows)
 
     def __repr__(self) -> str:
         slots = f"{self.num_slots} slots ({self.num_pairs} pairs, {self.num_zero} of length 0)"

@@ -307,11 +307,13 @@ def test_inference_folds_follow_weight_edits_that_keep_the_version(edit):
 @pytest.mark.parametrize("index", [[2, 0, 3, 1], [1, 1, 3, 0], [3, 0]])
 def test_permuted_rows_values_and_gradients(index):
     "Rows in another order: a permutation's backward is a gather; repeated or missing rows still sum their gradients."
-    from se3nb.so2 import _permuted_rows
+    from se3nb.so2 import _permuted_rows, _row_order
 
     x = torch.randn(4, 3, dtype=F64, requires_grad=True)
     idx = torch.tensor(index)
-    y = _permuted_rows(x, idx)
+    _, inverse = _row_order(idx, 4)
+    assert (inverse is not None) == (sorted(index) == [0, 1, 2, 3])  # only a permutation takes the gather path
+    y = _permuted_rows(x, idx, inverse)
     torch.testing.assert_close(y, x.detach()[idx])
     gy = torch.randn(len(index), 3, dtype=F64)
     (gx,) = torch.autograd.grad(y, x, gy)
