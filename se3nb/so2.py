@@ -367,7 +367,7 @@ def so2_messages(
         x_parts = [_split_rows(x, [rows * slots for _, slots, rows, _ in groups]) for x in xs]
         h_parts = _split_rows(h, [slots for _, slots, _, _ in groups])
         with torch.autocast(h.device.type, enabled=False):
-            for k, (slot0, slots, rows, zero_length) in enumerate(groups):  # pairs: 2 rows per slot; others: 1
+            for k, (_, slots, rows, zero_length) in enumerate(groups):  # pairs: 2 rows per slot; others: 1
                 ys = so2_product(
                     h_parts[k],
                     plan.fold(W, zero_length=zero_length),
