@@ -15,13 +15,19 @@ speed-up over that commit, measured the same way, and no estimate.
     python benchmarks/compare_nvidia_cpu.py --config qm9 --batch random64     # 64 random QM9 training molecules
     python benchmarks/compare_nvidia_cpu.py --config small --batch random64   # NVIDIA's `small` configuration
     options: --modes inference,train --rounds 2 --threads 2 --iters 10 --warmup 3 --amp --low-memory
-             --fuse-level partial --baseline-commit none --json out.json
+             --fuse-level partial --optimizer torch --baseline-commit none --json out.json
 
 Each case runs in a fresh process (3 warm-ups, median of the timed steps, peak RSS of that process); the rounds
 alternate current and baseline. Backends follow se3nb's registry (`nbs/00a_backends.ipynb`): `SE3NB_BACKENDS=torch`
 times the torch products everywhere (the baseline gets `SE3NB_NATIVE=0` to match). The JSON names the CPU (model,
 ISA, caches), and each current case records `backend_report()` after its steps: the backends that ran, the instruction
 set of the C++ kernels and the parameters they measured on this CPU.
+
+A training step is forward, L1 loss, backward, optimizer step, then `zero_grad(set_to_none=True)`, in the order of
+se3nb's trainer (no gradients are held through the forward). The current code's optimizer runs fused kernels where
+torch has them (CPUs: torch >= 2.4), as se3nb's trainer does (`se3nb.recipe.adamw`); baselines take torch's default,
+as se3nb at 9afe565 did, and so does NVIDIA's code, whose DGL pins torch <= 2.2.1 (no fused CPU optimizers).
+`--optimizer torch` gives the current code torch's default too: the model code alone.
 """
 
 import argparse
@@ -83,6 +89,19 @@ def load_batch(kind: str):
     return graph, {0: b['node_feats']['0']}, {0: b['edge_feats']['0']}
 
 
+def optimizer(name: str, params, fused: bool):
+    "(torch's `name` optimizer, its kernels): fused as se3nb's trainer (`se3nb.recipe.adamw`) where torch has it."
+    import torch
+
+    params = list(params)
+    if fused:
+        try:
+            return getattr(torch.optim, name)(params, lr=1e-4, fused=True), 'fused'
+        except RuntimeError:  # torch < 2.4 on CPU: no fused kernel
+            pass
+    return getattr(torch.optim, name)(params, lr=1e-4), "torch's default"
+
+
 def run_case(a: argparse.Namespace, mode: str) -> dict:
     "One case in this process: the model of `--config`, a batch of `--batch`, warm-ups, then the timed steps."
     import resource
@@ -101,7 +120,7 @@ def run_case(a: argparse.Namespace, mode: str) -> dict:
     )  # fmt: skip
     graph, node, edge = load_batch(a.batch)
     target = torch.randn(graph.num_graphs)
-    opt = getattr(torch.optim, c['optimizer'])(model.parameters(), lr=1e-4)
+    opt, kernels = optimizer(c['optimizer'], model.parameters(), fused=a.optimizer == 'trainer')
     model.train(mode == 'train')
 
     def step():
@@ -110,9 +129,9 @@ def run_case(a: argparse.Namespace, mode: str) -> dict:
                 with torch.no_grad():
                     return model(graph, node, edge)
             loss = torch.nn.functional.l1_loss(model(graph, node, edge).float(), target)
-        opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        opt.zero_grad(set_to_none=True)  # as se3nb's trainer: no gradients held through the next forward
 
     times = []
     for _ in range(a.warmup + a.iters):
@@ -127,7 +146,7 @@ def run_case(a: argparse.Namespace, mode: str) -> dict:
     except ImportError:
         backends = None
     return {
-        'backends': backends,
+        'backends': backends, 'optimizer': f"{c['optimizer']} ({kernels})",
         'mode': mode, 'median_s': median, 'molecules_per_s': graph.num_graphs / median,
         'peak_rss_gb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,  # KiB on Linux
         'molecules': graph.num_graphs, 'atoms': graph.num_nodes, 'edges': graph.num_edges,
@@ -157,6 +176,7 @@ def run_in_process(a: argparse.Namespace, mode: str, tree: Path | None) -> dict:
     if tree is not None and env.get('SE3NB_BACKENDS', '').strip() == 'torch':
         env['SE3NB_NATIVE'] = '0'  # the same choice under the old override
     args = [f'--{k.replace("_", "-")}={v}' for k, v in vars(a).items() if k in ('config', 'batch', 'threads', 'iters')]
+    args += [f'--optimizer={a.optimizer if tree is None else "torch"}']  # se3nb at 9afe565 trained with the default
     args += (
         [f'--warmup={a.warmup}', f'--fuse-level={a.fuse_level}'] + ['--amp'] * a.amp + ['--low-memory'] * a.low_memory
     )
@@ -200,6 +220,10 @@ def main():
     p.add_argument('--rounds', type=int, default=2)
     p.add_argument('--fuse-level', default='partial', choices=['none', 'partial', 'full'])
     p.add_argument('--low-memory', action='store_true')
+    p.add_argument(
+        '--optimizer', default='trainer', choices=['trainer', 'torch'],
+        help="current cases: 'trainer' = fused kernels as se3nb's trainer where torch has them; baselines: torch's",
+    )  # fmt: skip
     p.add_argument('--amp', action='store_true', help='bfloat16 autocast (norms and softmax statistics stay float32)')
     p.add_argument('--baseline-commit', default='9afe565', help="'none' to time only the current code")
     p.add_argument('--json', type=Path, default=None, help='write the results here')
