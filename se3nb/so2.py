@@ -14,7 +14,7 @@ from torch import Tensor
 from .fiber import degree_to_dim
 from .basis import kernel_basis, spherical_harmonics, wigner_D
 from .graph import Graph
-from .so2_product import _autocast_enabled, frame_rotation, so2_product
+from .so2_product import _autocast_enabled, _RowPermutation, frame_rotation, so2_product
 
 # %% ../nbs/04a_so2.ipynb #f97125ed
 def edge_rotations(
@@ -75,19 +75,6 @@ def _fold_layout(
     return T, order, blocks, base  # base = C_out * C_in * F: as many SO(2) weights as radial weights
 
 # %% ../nbs/04a_so2.ipynb #741c03b6
-class _RowPermutation(torch.autograd.Function):
-    "x[order] whose backward is a gather with the inverse permutation (not a zero fill and a scatter)."
-
-    @staticmethod
-    def forward(ctx, x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
-        ctx.inverse = inverse
-        return x.index_select(0, order)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad.index_select(0, ctx.inverse), None, None
-
-
 def _row_order(
     index: Tensor,  # [R'] rows to take
     num_rows: int,  # R
@@ -104,6 +91,17 @@ def _permuted_rows(
     inverse: Tensor | None,  # [R] from `_row_order`
 ) -> Tensor:  # x[index]; a permutation by `_RowPermutation` (no zero fill and scatter in backward)
     return x.index_select(0, index) if inverse is None else _RowPermutation.apply(x, index, inverse)
+
+
+def _edge_rows(
+    geometry,  # EdgeFrames
+    order: Tensor | None,  # [E'] edge ids (None: every edge, graph order)
+) -> tuple[Tensor, Tensor | None]:  # the row of each edge of `order` [E'], and where each row goes [E] if a permutation
+    if order is None:  # every edge once, in graph order: the slots' edges are the inverse
+        return geometry.position, geometry.slot_edges
+    if order is not geometry._order:  # e.g. graph.csr.edge_order: checked once per order tensor, which is kept
+        geometry._order, geometry._order_rows = order, _row_order(geometry.position[order], geometry.num_edges)
+    return geometry._order_rows
 
 # %% ../nbs/04a_so2.ipynb #a6ad4633
 class SO2Plan:
@@ -278,11 +276,7 @@ class EdgeFrames:
 
     def to_edges(self, rows: Tensor, order: Tensor | None = None) -> Tensor:  # [E, ...] per row -> [E, ...] per edge
         "Rows back to the edges `order` lists (e.g. by destination; None: all, graph order): a gather, in backward too."
-        if order is None:  # every edge once, in graph order: the slots' edges are the inverse
-            return _RowPermutation.apply(rows, self.position, self.slot_edges)
-        if order is not self._order:  # e.g. graph.csr.edge_order: checked once per order tensor, which is kept
-            self._order, self._order_rows = order, _row_order(self.position[order], self.num_edges)
-        return _permuted_rows(rows, *self._order_rows)
+        return _permuted_rows(rows, *_edge_rows(self, order))
 
     def __repr__(self) -> str:
         slots = f"{self.num_slots} slots ({self.num_pairs} pairs, {self.num_zero} of length 0)"
@@ -324,10 +318,13 @@ def _to_global_edges(
         y = torch.cat(
             [parts[m] if m in parts else parts[0].new_zeros(E, 2, C) for m in range(l + 1)], 1
         )  # [E, 2l+1, C]
+        index, inverse = _edge_rows(geometry, order)
+        if l and inverse is not None:  # rotated back, channels first and moved to the rows of `order`: one pass
+            out[l] = frame_rotation(geometry.D_out[l].to(y.dtype), y, transpose=True, rows=(index, inverse))
+            continue
         # D_0 = 1; under autocast y is in its low precision already (the inputs were rotated with it)
         y = frame_rotation(geometry.D_out[l].to(y.dtype), y, transpose=True) if l else y  # [E, 2l+1, C]
-        y = y.transpose(1, 2)  # [E, C, 2l+1]
-        out[l] = geometry.to_edges(y, order)
+        out[l] = _permuted_rows(y.transpose(1, 2), index, inverse)  # [E, C, 2l+1]
     return out
 
 # %% ../nbs/04a_so2.ipynb #8f00a328

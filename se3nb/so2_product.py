@@ -324,6 +324,19 @@ def _autocast_enabled(device_type: str) -> bool:  # torch >= 2.4 takes the devic
         return torch.is_autocast_cpu_enabled() if device_type == 'cpu' else torch.is_autocast_enabled()
 
 
+class _RowPermutation(torch.autograd.Function):
+    "x[order] whose backward is a gather with the inverse permutation (not a zero fill and a scatter)."
+
+    @staticmethod
+    def forward(ctx, x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
+        ctx.inverse = inverse
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad.index_select(0, ctx.inverse), None, None
+
+
 class _FrameRotation(torch.autograd.Function):
     "D x per edge (D^T x with `transpose`) in the C++ kernel; the input gradient is the product with the other side."
 
@@ -339,6 +352,24 @@ class _FrameRotation(torch.autograd.Function):
         return None, _native_so2()[0].frame_rotate(D, grad.contiguous(), not ctx.transpose), None
 
 
+class _FrameRotationToRows(torch.autograd.Function):
+    "Row k: (D x)^T of edge index[k], channels first, in one pass; the input gradient comes back by the inverse."
+
+    @staticmethod
+    def forward(ctx, D: Tensor, x: Tensor, transpose: bool, index: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(D, inverse)  # D [E, A, B], x [E, B, C] -> [K, C, A]
+        ctx.transpose = transpose
+        return _native_so2()[0].frame_rotate_rows(D, x, transpose, index, index, False, True)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # [K, C, A] -> [E, B, C]: edge e reads row inverse[e]
+        D, inverse = ctx.saved_tensors
+        gx = _native_so2()[0].frame_rotate_rows(
+            D, grad.contiguous(), not ctx.transpose, inverse[:0], inverse, True, False
+        )
+        return None, gx, None, None, None
+
+# %% ../nbs/03b_so2_product.ipynb #6382beee
 register('frame_rotation', 'native', available=lambda: _native_so2()[1], accepts=_native_accepts)
 register('frame_rotation', 'torch')
 
@@ -347,10 +378,15 @@ def frame_rotation(
     D: Tensor,  # [E, A, B] one matrix per edge ([E, B, A] with `transpose`), x's dtype
     x: Tensor,  # [E, B, C]
     transpose: bool = False,  # D^T x
-) -> Tensor:  # [E, A, C]
-    "The product of each edge's matrix with its rows of channels: `D @ x`, or `D.transpose(1, 2) @ x`."
+    rows: tuple[Tensor, Tensor] | None = None,  # (index [E], inverse [E]): a permutation of the edges
+) -> Tensor:  # [E, A, C]; with `rows`: [E, C, A], row k from edge index[k], channels first
+    """The product of each edge's matrix with its rows of channels: `D @ x`, or `D.transpose(1, 2) @ x`. With `rows`
+    also `.transpose(1, 2)[index]`, in the same pass (the way back to the edges, `04a_so2`)."""
     # frames with gradients (forces) and autocast's casts take torch's product, whatever the registry says
     plain = not D.requires_grad and not _autocast_enabled(x.device.type) and x.dtype == D.dtype
     if plain and choose('frame_rotation', device=x.device, dtype=x.dtype) == 'native':
+        if rows is not None:
+            return _FrameRotationToRows.apply(D.contiguous(), x.contiguous(), transpose, *rows)
         return _FrameRotation.apply(D.contiguous(), x.contiguous(), transpose)
-    return (D.transpose(1, 2) if transpose else D) @ x
+    y = (D.transpose(1, 2) if transpose else D) @ x  # [E, A, C]
+    return y if rows is None else _RowPermutation.apply(y.transpose(1, 2), *rows)

@@ -160,6 +160,40 @@ def test_native_frame_rotation_equals_the_batched_product(E, A, B, C, transpose,
     torch.testing.assert_close(gx.double(), (D if transpose else D.transpose(1, 2)) @ gy, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("E", [0, 1, 300])
+@pytest.mark.parametrize("A,B,C,transpose", [(5, 9, 16, True), (7, 7, 21, True), (3, 5, 6, False)])
+@pytest.mark.parametrize("backend", ['native', 'torch'])
+def test_frame_rotation_to_rows_moves_and_transposes_in_the_same_pass(E, A, B, C, transpose, backend, isa):
+    """With `rows` (a permutation and its inverse) the product comes out channels first, row k from edge index[k], as
+    `(D x).transpose(1, 2)[index]` in float64; its input gradient is that of the same expression."""
+    g = torch.Generator().manual_seed(E + A)
+    D = torch.randn(E, B, A, generator=g, dtype=F64) if transpose else torch.randn(E, A, B, generator=g, dtype=F64)
+    x = torch.randn(E, B, C, generator=g, dtype=F64, requires_grad=True)
+    index = torch.randperm(E, generator=g)
+    inverse = torch.empty_like(index).index_copy_(0, index, torch.arange(E))
+    truth = ((D.transpose(1, 2) if transpose else D) @ x).transpose(1, 2)[index]  # [E, C, A]
+    gy = torch.randn(truth.shape, generator=g, dtype=F64)
+    (g_truth,) = torch.autograd.grad(truth, x, gy)
+    x32 = x.detach().float().requires_grad_()
+    with override(frame_rotation=backend):
+        y = sp.frame_rotation(D.float(), x32, transpose, rows=(index, inverse))
+    if backend == 'native':
+        assert 'FrameRotationToRows' in type(y.grad_fn).__name__  # the kernel ran, not torch
+    (gx,) = torch.autograd.grad(y, x32, gy.float())
+    assert y.shape == (E, C, A) and y.is_contiguous()
+    torch.testing.assert_close(y.double(), truth, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx.double(), g_truth, rtol=1e-5, atol=1e-5)
+
+
+def test_frame_rotate_rows_refuses_indices_out_of_range(isa):
+    native = sp._native_so2()[0]
+    D, x = torch.randn(4, 3, 3), torch.randn(4, 3, 8)
+    with pytest.raises(RuntimeError, match="x_index out of range"):
+        native.frame_rotate_rows(D, x, True, torch.arange(4), torch.tensor([0, 1, 2, 4]), False, True)
+    with pytest.raises(RuntimeError, match="d_index out of range"):
+        native.frame_rotate_rows(D, x, True, torch.tensor([-1, 1, 2, 3]), torch.arange(4), False, True)
+
+
 def test_frames_that_take_gradients_rotate_in_torch():
     "Frames with `requires_grad` (forces: positions with gradients) take torch's product, so their gradient exists."
     D = torch.randn(10, 5, 3, requires_grad=True)

@@ -398,36 +398,76 @@ torch::Tensor so2_grad_h(torch::Tensor w, torch::Tensor x, torch::Tensor gy, boo
 // D [E, A, B] and x [E, B, C], or y[e] = D[e]^T x[e] for D [E, B, A] (`transpose`). A and B are 2l+1 or 4l+1, so a
 // product is a few dozen FMAs per vector of C channels; torch's batched matrix product spends more than that on the
 // call per edge (0.1-0.24 ms for 2,418 edges of degree 1-2 with 16 channels, 2 cores).
-torch::Tensor frame_rotate(torch::Tensor D, torch::Tensor x, bool transpose) {
+// With row indices the same pass also moves rows, and either side may be channels first ([., C, B] / [., C, A]): output
+// row k is the product of D[d_index[k]] with x[x_index[k]] (an empty index: k itself). The SO(2) messages go back to
+// the edges this way (rows by destination, channels first) and their gradient comes back by the inverse permutation,
+// one pass each instead of a product, a transpose and a gather.
+static void rotate_one(const float* d, const float* xe, float* ye, int64_t A, int64_t B, int64_t C, int64_t sa,
+                       int64_t sb) {  // ye [A, C] = D x for one edge; D[a, b] at d[a * sa + b * sb]; xe [B, C]
+  for (int64_t a = 0; a < A; ++a) {
+    int64_t c = 0;
+    for (; c + VW <= C; c += VW) {
+      vec acc = vzero();
+      for (int64_t b = 0; b < B; ++b) acc = vfma(vset1(d[a * sa + b * sb]), vload(xe + b * C + c), acc);
+      vstore(ye + a * C + c, acc);
+    }
+    for (; c < C; ++c) {  // channels past the last full vector
+      float acc = 0.0f;
+      for (int64_t b = 0; b < B; ++b) acc += d[a * sa + b * sb] * xe[b * C + c];
+      ye[a * C + c] = acc;
+    }
+  }
+}
+
+static const int64_t* checked_index(const torch::Tensor& index, int64_t rows, const char* what) {  // nullptr: none
+  if (index.numel() == 0) return nullptr;
+  TORCH_CHECK(index.scalar_type() == torch::kLong && index.dim() == 1 && index.is_contiguous(), what,
+              " must be a contiguous int64 vector");
+  TORCH_CHECK(index.min().item<int64_t>() >= 0 && index.max().item<int64_t>() < rows, what, " out of range [0, ",
+              rows, ")");
+  return index.data_ptr<int64_t>();
+}
+
+torch::Tensor frame_rotate_rows(torch::Tensor D, torch::Tensor x, bool transpose, torch::Tensor d_index,
+                                torch::Tensor x_index, bool x_channels_first, bool out_channels_first) {
   TORCH_CHECK(D.scalar_type() == torch::kFloat && x.scalar_type() == torch::kFloat, "float32 only");
   TORCH_CHECK(D.dim() == 3 && x.dim() == 3 && D.is_contiguous() && x.is_contiguous(), "contiguous [E, ., .] only");
-  const int64_t E = x.size(0), B = x.size(1), C = x.size(2), A = transpose ? D.size(2) : D.size(1);
-  TORCH_CHECK(D.size(0) == E && (transpose ? D.size(1) : D.size(2)) == B, "D [E, A, B] (transposed: [E, B, A]) ",
-              "and x [E, B, C] do not fit: D ", D.sizes(), ", x ", x.sizes());
-  auto y = torch::empty({E, A, C}, x.options());
+  const int64_t B = x_channels_first ? x.size(2) : x.size(1), C = x_channels_first ? x.size(1) : x.size(2);
+  const int64_t A = transpose ? D.size(2) : D.size(1);
+  const int64_t K = x_index.numel() ? x_index.numel() : d_index.numel() ? d_index.numel() : x.size(0);
+  TORCH_CHECK((transpose ? D.size(1) : D.size(2)) == B, "D [E, A, B] (transposed: [E, B, A]) and x [E, B, C] ",
+              "(channels first: [E, C, B]) do not fit: D ", D.sizes(), ", x ", x.sizes());
+  TORCH_CHECK((!d_index.numel() || d_index.numel() == K) && (d_index.numel() || D.size(0) == K) &&
+                  (x_index.numel() || x.size(0) == K),
+              "one row of D and of x per output row: ", K, " rows, D ", D.sizes(), ", x ", x.sizes());
+  const int64_t *di = checked_index(d_index, D.size(0), "d_index"), *xi = checked_index(x_index, x.size(0), "x_index");
+  auto y = out_channels_first ? torch::empty({K, C, A}, x.options()) : torch::empty({K, A, C}, x.options());
   const float *dp = D.data_ptr<float>(), *xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int64_t sa = transpose ? 1 : B, sb = transpose ? A : 1;  // strides of D[e] along a and b
-  at::parallel_for(0, E, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) {
-      const float *d = dp + e * A * B, *xe = xp + e * B * C;
-      float* ye = yp + e * A * C;
-      for (int64_t a = 0; a < A; ++a) {
-        int64_t c = 0;
-        for (; c + VW <= C; c += VW) {
-          vec acc = vzero();
-          for (int64_t b = 0; b < B; ++b) acc = vfma(vset1(d[a * sa + b * sb]), vload(xe + b * C + c), acc);
-          vstore(ye + a * C + c, acc);
-        }
-        for (; c < C; ++c) {  // channels past the last full vector
-          float acc = 0.0f;
-          for (int64_t b = 0; b < B; ++b) acc += d[a * sa + b * sb] * xe[b * C + c];
-          ye[a * C + c] = acc;
-        }
+  at::parallel_for(0, K, 256, [&](int64_t begin, int64_t end) {
+    std::vector<float> xt(x_channels_first ? B * C : 0), yt(out_channels_first ? A * C : 0);  // rows-first copies
+    for (int64_t k = begin; k < end; ++k) {
+      const float* d = dp + (di ? di[k] : k) * A * B;
+      const float* xe = xp + (xi ? xi[k] : k) * B * C;
+      if (x_channels_first) {  // [C, B] -> [B, C]
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t b = 0; b < B; ++b) xt[b * C + c] = xe[c * B + b];
+        xe = xt.data();
       }
+      float* ye = out_channels_first ? yt.data() : yp + k * A * C;
+      rotate_one(d, xe, ye, A, B, C, sa, sb);
+      if (out_channels_first)  // [A, C] -> [C, A]
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t a = 0; a < A; ++a) yp[(k * C + c) * A + a] = ye[a * C + c];
     }
   });
   return y;
+}
+
+torch::Tensor frame_rotate(torch::Tensor D, torch::Tensor x, bool transpose) {
+  const auto none = torch::empty({0}, x.options().dtype(torch::kLong));
+  return frame_rotate_rows(D, x, transpose, none, none, false, false);
 }
 
 std::string isa() { return kIsa; }
@@ -444,4 +484,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("so2_grad_h", &so2_grad_h,
         "dh per slot, or per edge with split (w [O, I, K], x [P, R, I], gy [P, R, O], split, o_block) -> [P or 2P, K]");
   m.def("frame_rotate", &frame_rotate, "D x per edge, or D^T x (D [E, A, B] or [E, B, A], x [E, B, C]) -> [E, A, C]");
+  m.def("frame_rotate_rows", &frame_rotate_rows,
+        "row k: D[d_index[k]] x[x_index[k]] (or D^T), x and the result rows or channels first (D, x, transpose, "
+        "d_index, x_index, x_channels_first, out_channels_first) -> [K, A, C] or [K, C, A]");
 }
