@@ -206,10 +206,10 @@ def _slot_kinds(
 
 # %% ../nbs/04a_so2.ipynb #4420e25b
 def _m_rows(l: int) -> tuple[list[int], list[int], list[float]]:
-    "Rows of D_l ordered by m (0, +1, -1, +2, ...), and the rows [+m, -m, -m, +m] with signs [+, +, -, +] per m > 0."
+    "Rows of D_l ordered by m (0, +1, -1, +2, ...), and per m > 0 the rows [+m, -m, -m, +m] with signs [+, -, +, +]."
     by_m = [l] + [l + s * m for m in range(1, l + 1) for s in (1, -1)]
     extended = [l] + [i for m in range(1, l + 1) for i in (l + m, l - m, l - m, l + m)]
-    signs = [1.0] + [s for m in range(1, l + 1) for s in (1.0, 1.0, -1.0, 1.0)]
+    signs = [1.0] + [s for m in range(1, l + 1) for s in (1.0, -1.0, 1.0, 1.0)]  # by component, then part a, b
     return by_m, extended, signs
 
 
@@ -341,7 +341,8 @@ def so2_messages(
     `hidden_second` when gradients with respect to the invariants are needed: values are shared, gradients then reach
     each edge's own."""
     E, groups = geometry.num_edges, _slot_groups(geometry)
-    # rows of each order m: [1] for m = 0, [+m, -m | -(-m), +m] after; `split` (not slicing): backward is one `cat`
+    # rows of each order m: [1] for m = 0, [+m, -(-m) | -m, +m] after (component, then part): no transposed copy
+    # below; `split` (not slicing): backward is one `cat`
     x_frame = {
         l: torch.split(_into_frames(geometry.D_in[l], x), [1] + [4] * l, dim=1) for l, x in inputs.items()
     }  # {l: per m [E, 1 or 4, C_l]}
@@ -353,8 +354,8 @@ def so2_messages(
             if (m, tuple(lis)) not in x_blocks:
                 parts = torch.cat(
                     [x_frame[l][m].view(E, s, s, inputs[l].shape[2]) for l in lis], -1
-                )  # [E, part, comp, (l, c)]
-                x_blocks[m, tuple(lis)] = parts.transpose(1, 2).reshape(E, s, I)  # [E, comp, (part, l, c)]
+                )  # [E, comp, part, (l, c)]
+                x_blocks[m, tuple(lis)] = parts.view(E, s, I)  # [E, comp, (part, l, c)]
             xs.append(x_blocks[m, tuple(lis)])
         dtype = xs[0].dtype  # under autocast: the low-precision dtype of the rotated inputs
         h, W = hidden[name].to(dtype), weights[name]
