@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['FUSE_LEVELS', 'RadialProfile', 'radial_kernel_product_reference', 'radial_kernel_product', 'smooth_cutoff',
-           'kernel_groups', 'edge_invariants', 'TFNConv', 'EquivariantLinear', 'random_features']
+           'kernel_groups', 'edge_invariants', 'channel_mix', 'TFNConv', 'EquivariantLinear', 'random_features']
 
 # %% ../nbs/04_conv.ipynb #882b9e12
 import math
@@ -281,6 +281,16 @@ def _reference_messages(
     return out if order is None else {l: y.index_select(0, order) for l, y in out.items()}
 
 # %% ../nbs/04_conv.ipynb #9d3127c4
+def channel_mix(
+    W: Tensor,  # [C_out, C_in]
+    x: Tensor,  # [N, C_in, D]
+) -> Tensor:  # [N, C_out, D] contiguous
+    "`W @ x` for every row as one matrix product over all rows and components."
+    # torch's broadcast matmul runs one tiny product per row when no gradient is recorded: 3-10x slower on 2 cores
+    N, C, D = x.shape
+    return (x.transpose(1, 2).reshape(N * D, C) @ W.to(x.dtype).T).view(N, D, -1).transpose(1, 2).contiguous()
+
+
 def _add_self_interaction(
     out: dict[int, Tensor],  # {l: [rows, C_out, 2l+1]} pooled (rows = nodes) or per edge in `csr` order
     node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
@@ -298,7 +308,7 @@ def _add_self_interaction(
             csr = graph.csr
             count = csr.in_degree.to(x_dst.dtype) if edge_scale is None else csr.sum(edge_scale.to(x_dst.dtype))  # [N]
             x_dst = x_dst * count[:, None, None]
-        out[l] = out[l] + W.to(x_dst.dtype) @ x_dst  # [rows, C_out, 2l+1]
+        out[l] = out[l] + channel_mix(W, x_dst)  # [rows, C_out, 2l+1]
     return out
 
 # %% ../nbs/04_conv.ipynb #8763a12b2bbd4a93a75aff182afb95dc
@@ -371,7 +381,7 @@ class EquivariantLinear(nn.Module):
         feats: Mapping[int, Tensor],  # {l: [N, C_in_l, 2l+1]}
     ) -> dict[int, Tensor]:  # {l: [N, C_out_l, 2l+1]}
         "Mix channels degree by degree."
-        return {int(l): W.to(feats[int(l)].dtype) @ feats[int(l)] for l, W in self.weights.items()}  # [N, C_out, 2l+1]
+        return {int(l): channel_mix(W, feats[int(l)]) for l, W in self.weights.items()}  # [N, C_out, 2l+1]
 
 # %% ../nbs/04_conv.ipynb #9b680c70
 def random_features(
