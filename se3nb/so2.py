@@ -161,6 +161,7 @@ class SO2Plan:
         cached = self._folded.get(key)
         if cached is None or not torch.equal(cached[0], weight):
             cached = self._folded[key] = (weight.detach().clone(), fold())
+            cached[1]._se3nb_thetas = {}  # so2_product keeps its blocks' transposed copies here (`_kept_theta`)
         return cached[1]  # [num_weights, H]
 
 # %% ../nbs/04a_so2.ipynb #814f7662

@@ -122,6 +122,16 @@ def _native_shape_ok(
 def _theta(w: Tensor, O: int, I: int) -> Tensor:  # [O, H, I] one m-block of the folded weights, i contiguous
     return w.view(O, I, -1).transpose(1, 2).contiguous()
 
+
+def _kept_theta(weight: Tensor, off: int, O: int, I: int) -> Tensor:  # [O, H, I] the m-block at row `off`
+    "`_theta` of a block, kept on the folds `SO2Plan.fold` caches for inference (it marks them), else made anew."
+    kept = getattr(weight, '_se3nb_thetas', None)  # lives and dies with the folded weight
+    if kept is None:  # training (a new fold every step), or any other weight: nothing known to stay unchanged
+        return _theta(weight[off : off + O * I], O, I)
+    if (off, O, I) not in kept:  # a transposed copy: ~2 % of a QM9 forward when redone at every call
+        kept[off, O, I] = _theta(weight[off : off + O * I], O, I)
+    return kept[off, O, I]
+
 # %% ../nbs/03b_so2_product.ipynb #6dc1ecf3
 _TUNE_SLOTS = 256  # slots of the synthetic m-block the candidates are timed on
 
@@ -268,7 +278,7 @@ class _SO2Product(torch.autograd.Function):
         for x, (off, n), (backend, _, plan) in zip(xs, _blocks(sizes), backends):  # one m-block at a time
             w, O = weight[off : off + n], n // x.shape[2]  # [O*I, H]
             if backend == 'native':  # W(h) in registers only
-                theta = _theta(w, O, x.shape[2])  # [O, H, I]
+                theta = _kept_theta(weight, off, O, x.shape[2])  # [O, H, I]
                 ys.append(native.so2_forward(h.contiguous(), theta, x.contiguous(), *plan['forward'], 64))  # [P, R, O]
             else:
                 ys.append(_forward_torch(h, w, x, O))  # [P, R, O]

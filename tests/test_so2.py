@@ -304,6 +304,36 @@ def test_inference_folds_follow_weight_edits_that_keep_the_version(edit):
     torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
 
 
+def test_inference_keeps_the_transposed_weight_blocks_of_cached_folds_only():
+    """No-grad inference reuses the kernels' transposed weight blocks with the cached fold (the same tensors at the next
+    call); weights passed to `so2_product` directly keep nothing."""
+    import se3nb.so2_product as sp
+    from se3nb.backends import override
+
+    if sp._native_so2()[0] is None:
+        pytest.skip(f"no fused SO(2) kernels here: {sp._native_so2()[1]}")
+    torch.manual_seed(0)
+    graph, node, edge = random_molecule_batch(4)
+    model = SE3Transformer(1, Fiber({0: 6}), Fiber({0: 16, 1: 16}), Fiber({0: 4}), 2, 2, Fiber({0: 4}), 0)
+    with torch.no_grad(), override(so2_product='native'):
+        first = model(graph, node, edge)
+        folds = [
+            f
+            for m in model.modules()
+            if isinstance(m, SO2Conv)
+            for p in m.plans.values()
+            for _, f in p._folded.values()
+        ]
+        kept = [dict(f._se3nb_thetas) for f in folds]
+        again = model(graph, node, edge)
+    assert any(kept) and all(f._se3nb_thetas.keys() == k.keys() for f, k in zip(folds, kept))
+    assert all(f._se3nb_thetas[key] is theta for f, k in zip(folds, kept) for key, theta in k.items())
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    w = torch.randn(32 * 16, 16)
+    sp._kept_theta(w, 0, 32, 16)
+    assert not hasattr(w, '_se3nb_thetas')
+
+
 @pytest.mark.parametrize("index", [[2, 0, 3, 1], [1, 1, 3, 0], [3, 0]])
 def test_permuted_rows_values_and_gradients(index):
     "Rows in another order: a permutation's backward is a gather; repeated or missing rows still sum their gradients."
