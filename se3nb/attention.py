@@ -126,6 +126,32 @@ def _attend_in_blocks(
         )
     return attention.from_heads(z)
 
+# %% ../nbs/05_attention.ipynb #3b077301
+def _attend_in_heads(
+    block: nn.Module,  # an AttentionBlock with an SO2Conv without self-interaction
+    node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
+    edge_feats: Mapping[int, Tensor],
+    invariants: Tensor,  # [E, C_edge_0 + 1]
+    graph: Graph,
+    geometry: EdgeFrames,
+    envelope: Tensor | None,  # [E] in graph order
+) -> dict[int, Tensor]:  # {l: [N, C_v, 2l+1]} attention outputs
+    "Keys and values written by the convolution straight into the head layout: no per-degree messages, no `cat`."
+    attention, csr, H = block.attention, graph.csr, block.attention.num_heads
+    layouts = block.__dict__.setdefault('_head_layouts', {})  # per device: the columns of `_head_columns`
+    if invariants.device not in layouts:
+        columns, d_v, d_k = _head_columns(attention.value_fiber, attention.key_fiber, H)
+        layouts[invariants.device] = {l: c.to(invariants.device) for l, c in columns.items()}, d_v, d_k
+    columns, d_v, d_k = layouts[invariants.device]
+    kv = block.to_key_value.messages(
+        node_feats, edge_feats, invariants, graph, geometry, csr.edge_order, heads=(columns, H * (d_v + d_k))
+    ).view(-1, H, d_v + d_k)  # [E, H, d_v + d_k] by destination
+    query = _to_heads(block.to_query(node_feats), attention.key_fiber.degrees, H)  # [N, H, d_k]
+    u = None if envelope is None else envelope.index_select(0, csr.edge_order)  # [E]
+    scale = 1 / math.sqrt(attention.key_fiber.num_features)
+    z = segment_attention(kv[..., d_v:], query, kv[..., :d_v], csr, scale=scale, envelope=u)  # [N, H, d_v]
+    return attention.from_heads(z)
+
 # %% ../nbs/05_attention.ipynb #2b036113
 class AttentionBlock(nn.Module):
     "SE(3)-Transformer layer: TFN keys and values, linear queries, attention, skip concatenation and projection."
@@ -148,14 +174,9 @@ class AttentionBlock(nn.Module):
         key_fiber = Fiber({l: c for l, c in value_fiber.items() if l in fiber_in})
         self.value_fiber, self.key_fiber = value_fiber, key_fiber
         self.to_key_value = conv_class()(  # SO2Conv, or TFNConv under override(conv='reference') (`00a_backends`)
-            fiber_in,
-            value_fiber + key_fiber,
-            fiber_edge,
-            pool=False,
-            use_layer_norm=use_layer_norm,
-            max_degree=max_degree,
-            fuse_level=fuse_level,
-        )
+            fiber_in, value_fiber + key_fiber, fiber_edge, pool=False, use_layer_norm=use_layer_norm,
+            max_degree=max_degree, fuse_level=fuse_level,
+        )  # fmt: skip
         self.to_query = EquivariantLinear(fiber_in, key_fiber)
         self.attention = SE3Attention(num_heads, key_fiber, value_fiber)
         self.project = EquivariantLinear(value_fiber + fiber_in, fiber_out)
@@ -173,6 +194,8 @@ class AttentionBlock(nn.Module):
         "One attention layer."
         if self.blocks_possible and getattr(geometry, 'deferred', False) and _no_grad_plain(invariants):
             z = _attend_in_blocks(self, node_feats, edge_feats, invariants, graph, envelope)  # {l: [N, C_v, 2l+1]}
+        elif self.blocks_possible and not self.to_key_value.self_interaction:  # keys and values straight into heads
+            z = _attend_in_heads(self, node_feats, edge_feats, invariants, graph, geometry, envelope)
         else:  # edges come out sorted by destination (`Graph.csr`), so attention never permutes them
             key_value = self.to_key_value(
                 node_feats, edge_feats, invariants, graph, geometry, by_destination=True

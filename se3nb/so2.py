@@ -14,7 +14,7 @@ from torch import Tensor
 from .fiber import degree_to_dim
 from .basis import kernel_basis, spherical_harmonics, wigner_D
 from .graph import Graph
-from .so2_product import _autocast_enabled, _RowPermutation, frame_rotation, so2_product
+from .so2_product import _autocast_enabled, _RowPermutation, frame_rotation, frame_rotation_to_columns, so2_product
 
 # %% ../nbs/04a_so2.ipynb #f97125ed
 def edge_rotations(
@@ -311,15 +311,23 @@ def _to_global_edges(
     by_degree: Mapping[int, Mapping[int, Tensor]],  # {l_out: {m: [E, 1 (m = 0) or 2 (+m, -m), C_out]}}, edge frames
     geometry: EdgeFrames,
     order: Tensor | None,  # [E] edge ids: the rows of the result (None: the graph's edge order)
-) -> dict[int, Tensor]:  # {l: [E, C_out, 2l+1]} global frame
+    heads: tuple[Mapping[int, Tensor], int] | None = None,  # ({l: [C_out] first column of each channel}, row length)
+) -> dict[int, Tensor] | Tensor:  # {l: [E, C_out, 2l+1]} global frame; with `heads`: [E, width]
     "Orders 0..l side by side (an order no group reached is zero), rotated back to the global frame, rows by edge."
-    out = {}
+    ys = {}
     for l, parts in by_degree.items():
         E, C = parts[0].shape[0], parts[0].shape[-1]
-        y = torch.cat(
+        ys[l] = torch.cat(
             [parts[m] if m in parts else parts[0].new_zeros(E, 2, C) for m in range(l + 1)], 1
         )  # [E, 2l+1, C]
-        index, inverse = _edge_rows(geometry, order)
+    index, inverse = _edge_rows(geometry, order)
+    if heads is not None:  # every degree straight into its columns of one row per edge (e.g. attention's heads)
+        if inverse is None:
+            raise ValueError("messages in columns need an order that lists every edge once")
+        Ds = [geometry.D_out[l].to(y.dtype) for l, y in ys.items()]  # D_0 = 1 [E, 1, 1]
+        return frame_rotation_to_columns(Ds, list(ys.values()), (index, inverse), [heads[0][l] for l in ys], heads[1])
+    out = {}
+    for l, y in ys.items():
         if l and inverse is not None:  # rotated back, channels first and moved to the rows of `order`: one pass
             out[l] = frame_rotation(geometry.D_out[l].to(y.dtype), y, transpose=True, rows=(index, inverse))
             continue
@@ -337,10 +345,11 @@ def so2_messages(
     geometry: EdgeFrames,
     hidden_second: Mapping[str, Tensor] | None = None,  # per group: [P_pairs, H] from the partners' invariants
     order: Tensor | None = None,  # [E] edge ids: the rows of the result (None: the graph's edge order)
-) -> dict[int, Tensor]:  # {l: [E, C_out, 2l+1]} messages per edge (global frame)
+    heads: tuple[Mapping[int, Tensor], int] | None = None,  # ({l: [C_out] first column of each channel}, row length)
+) -> dict[int, Tensor] | Tensor:  # {l: [E, C_out, 2l+1]} messages per edge (global frame); with `heads`: [E, width]
     """TFN messages computed in the edge frames, where each kernel is one small SO(2) map per order m. Pass
     `hidden_second` when gradients with respect to the invariants are needed: values are shared, gradients then reach
-    each edge's own."""
+    each edge's own. With `heads` the messages come as rows, each channel's components at its columns."""
     E, groups = geometry.num_edges, _slot_groups(geometry)
     # rows of each order m: [1] for m = 0, [+m, -(-m) | -m, +m] after (component, then part): no transposed copy
     # below; `split` (not slicing): backward is one `cat`
@@ -381,4 +390,4 @@ def so2_messages(
             for l, part in zip(los, torch.split(y, C, dim=2)):  # [E, s, C_out]
                 acc = by_degree.setdefault(l, {})
                 acc[m] = acc[m] + part if m in acc else part
-    return _to_global_edges(by_degree, geometry, order)
+    return _to_global_edges(by_degree, geometry, order, heads)

@@ -93,8 +93,9 @@ class SO2Conv(TFNConv):
         graph: Graph,
         geometry: EdgeFrames,
         order: Tensor | None = None,  # [E] edge ids: the rows of the result (None: the graph's edge order)
-    ) -> dict[int, Tensor]:  # {l: [E, C_out_l, 2l+1]}
-        "Message of every edge, computed in the edge frames."
+        heads: tuple[Mapping[int, Tensor], int] | None = None,  # ({l: [C_out_l] first column per channel}, width)
+    ) -> dict[int, Tensor] | Tensor:  # {l: [E, C_out_l, 2l+1]}; with `heads`: [E, width]
+        "Message of every edge, computed in the edge frames (with `heads`: in columns of one row per edge)."
         _check_frames(geometry, graph, max(self.fiber_in.max_degree, self.fiber_out.max_degree))
         rows = geometry.slot_edges  # [E] the edge of each row; inputs {l: [E, 2l+1, C_l]} (the layout rotations read)
         inputs = _source_inputs(node_feats, edge_feats, geometry.src, self.fiber_in.degrees, rows, channels_last=True)
@@ -102,7 +103,7 @@ class SO2Conv(TFNConv):
         # gradients for the invariants themselves (edge features, positions) must reach each edge's own
         second = _hidden_per_slot(self.radial, invariants, geometry.second) if invariants.requires_grad else None
         weights = {name: r.net[-1].weight for name, r in self.radial.items()}
-        return so2_messages(self.plans, hidden, weights, inputs, geometry, second, order)
+        return so2_messages(self.plans, hidden, weights, inputs, geometry, second, order, heads)
 
 # %% ../nbs/04b_so2_conv.ipynb #e5270d48
 CONVOLUTIONS = {'so2': SO2Conv, 'reference': TFNConv}  # the backends of the op `conv` (`00a_backends`)

@@ -186,12 +186,49 @@ def test_frame_rotation_to_rows_moves_and_transposes_in_the_same_pass(E, A, B, C
 
 
 def test_frame_rotate_rows_refuses_indices_out_of_range(isa):
-    native = sp._native_so2()[0]
     D, x = torch.randn(4, 3, 3), torch.randn(4, 3, 8)
     with pytest.raises(RuntimeError, match="x_index out of range"):
-        native.frame_rotate_rows(D, x, True, torch.arange(4), torch.tensor([0, 1, 2, 4]), False, True)
+        sp._rotate_rows(D, x, True, d_index=torch.arange(4), x_index=torch.tensor([0, 1, 2, 4]))
     with pytest.raises(RuntimeError, match="d_index out of range"):
-        native.frame_rotate_rows(D, x, True, torch.tensor([-1, 1, 2, 3]), torch.arange(4), False, True)
+        sp._rotate_rows(D, x, True, d_index=torch.tensor([-1, 1, 2, 3]), x_index=torch.arange(4))
+    out = torch.empty(4, 30)
+    with pytest.raises(RuntimeError, match="out_columns out of range"):  # channel 7's 3 components past column 29
+        sp._rotate_rows(D, x, True, layout=sp._COLUMNS, out=out, columns=torch.tensor([0, 3, 6, 9, 12, 15, 18, 28]))
+
+
+@pytest.mark.parametrize("E", [0, 1, 300])
+@pytest.mark.parametrize("backend", ['native', 'torch'])
+def test_frame_rotation_to_columns_writes_every_degree_into_its_columns(E, backend, isa):
+    """Degrees 0-2 (6, 4 and 3 channels, one partial vector) rotated back, moved to another edge order and written into
+    interleaved columns of one row per edge, as `frame_rotation(D, y, True, rows)` per degree placed by hand (float64
+    truth); the gradients of every degree's input against that expression."""
+    g = torch.Generator().manual_seed(E)
+    channels = {0: 6, 1: 4, 2: 3}
+    Ds = [torch.randn(E, 2 * l + 1, 2 * l + 1, generator=g, dtype=F64) for l in channels]
+    ys = [torch.randn(E, 2 * l + 1, c, generator=g, dtype=F64, requires_grad=True) for l, c in channels.items()]
+    width = sum(c * (2 * l + 1) for l, c in channels.items())
+    slots = torch.randperm(sum(channels.values()), generator=g)  # the channels of all degrees in a shuffled order
+    sizes = torch.tensor([2 * l + 1 for l, c in channels.items() for _ in range(c)])  # each channel 2l+1 wide
+    begin = torch.cumsum(sizes[slots], 0) - sizes[slots]  # where each slot starts
+    where = torch.empty_like(begin).index_copy_(0, slots, begin)  # where each channel starts, channels in order
+    columns = list(torch.split(where, list(channels.values())))
+    index = torch.randperm(E, generator=g)
+    inverse = torch.empty_like(index).index_copy_(0, index, torch.arange(E))
+    truth = torch.zeros(E, width, dtype=F64)
+    for D, y, cols in zip(Ds, ys, columns):
+        part = (D.transpose(1, 2) @ y).transpose(1, 2)[index]  # [E, C, 2l+1]
+        for c, start in enumerate(cols.tolist()):
+            truth = truth.index_copy(1, torch.arange(start, start + part.shape[2]), part[:, c])
+    gy = torch.randn(E, width, generator=g, dtype=F64)
+    g_truth = torch.autograd.grad(truth, ys, gy)
+    y32 = [y.detach().float().requires_grad_() for y in ys]
+    with override(frame_rotation=backend):
+        out = sp.frame_rotation_to_columns([D.float() for D in Ds], y32, (index, inverse), columns, width)
+    if backend == 'native' and E:
+        assert 'FrameRotationToColumns' in type(out.grad_fn).__name__  # the kernel ran, not torch
+    torch.testing.assert_close(out.double(), truth, rtol=1e-5, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(out, y32, gy.float()), g_truth):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_frames_that_take_gradients_rotate_in_torch():

@@ -428,46 +428,75 @@ static const int64_t* checked_index(const torch::Tensor& index, int64_t rows, co
   return index.data_ptr<int64_t>();
 }
 
+// The layouts of x and of the result: rows first ([., B, C]), channels first ([., C, B]), or columns of a 2-D buffer
+// ([., W]: component b of channel c at column columns[c] + b, e.g. attention's head layout).
+enum Layout : int64_t { kRowsFirst = 0, kChannelsFirst = 1, kColumns = 2 };
+
 torch::Tensor frame_rotate_rows(torch::Tensor D, torch::Tensor x, bool transpose, torch::Tensor d_index,
-                                torch::Tensor x_index, bool x_channels_first, bool out_channels_first) {
+                                torch::Tensor x_index, int64_t x_layout, torch::Tensor x_columns, int64_t out_layout,
+                                torch::Tensor out, torch::Tensor out_columns) {
   TORCH_CHECK(D.scalar_type() == torch::kFloat && x.scalar_type() == torch::kFloat, "float32 only");
-  TORCH_CHECK(D.dim() == 3 && x.dim() == 3 && D.is_contiguous() && x.is_contiguous(), "contiguous [E, ., .] only");
-  const int64_t B = x_channels_first ? x.size(2) : x.size(1), C = x_channels_first ? x.size(1) : x.size(2);
-  const int64_t A = transpose ? D.size(2) : D.size(1);
+  TORCH_CHECK(D.dim() == 3 && D.is_contiguous() && x.is_contiguous() && x.dim() == (x_layout == kColumns ? 2 : 3),
+              "contiguous D [E, ., .] and x [E, ., .] (columns: [E, W]) only");
+  const int64_t A = transpose ? D.size(2) : D.size(1), B = transpose ? D.size(1) : D.size(2);
+  const int64_t C = x_layout == kColumns ? x_columns.numel() : x_layout == kChannelsFirst ? x.size(1) : x.size(2);
+  TORCH_CHECK(x_layout == kColumns || (x_layout == kChannelsFirst ? x.size(2) : x.size(1)) == B,
+              "D [E, A, B] (transposed: [E, B, A]) and x [E, B, C] (channels first: [E, C, B]) do not fit: D ",
+              D.sizes(), ", x ", x.sizes());
   const int64_t K = x_index.numel() ? x_index.numel() : d_index.numel() ? d_index.numel() : x.size(0);
-  TORCH_CHECK((transpose ? D.size(1) : D.size(2)) == B, "D [E, A, B] (transposed: [E, B, A]) and x [E, B, C] ",
-              "(channels first: [E, C, B]) do not fit: D ", D.sizes(), ", x ", x.sizes());
   TORCH_CHECK((!d_index.numel() || d_index.numel() == K) && (d_index.numel() || D.size(0) == K) &&
                   (x_index.numel() || x.size(0) == K),
               "one row of D and of x per output row: ", K, " rows, D ", D.sizes(), ", x ", x.sizes());
   const int64_t *di = checked_index(d_index, D.size(0), "d_index"), *xi = checked_index(x_index, x.size(0), "x_index");
-  auto y = out_channels_first ? torch::empty({K, C, A}, x.options()) : torch::empty({K, A, C}, x.options());
+  const int64_t W_x = x_layout == kColumns ? x.size(1) : 0;
+  const int64_t* xc = x_layout == kColumns ? checked_index(x_columns, W_x - B + 1, "x_columns") : nullptr;
+  const int64_t* oc = nullptr;
+  if (out_layout == kColumns) {
+    TORCH_CHECK(out.dim() == 2 && out.size(0) == K && out.is_contiguous() && out.scalar_type() == torch::kFloat &&
+                    out_columns.numel() == C,
+                "columns: out [", K, ", W] float32 and one column per channel (", C, ")");
+    oc = checked_index(out_columns, out.size(1) - A + 1, "out_columns");
+  } else {
+    out = out_layout == kChannelsFirst ? torch::empty({K, C, A}, x.options()) : torch::empty({K, A, C}, x.options());
+  }
+  const int64_t W_out = out.size(-1);
   const float *dp = D.data_ptr<float>(), *xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  float* yp = out.data_ptr<float>();
   const int64_t sa = transpose ? 1 : B, sb = transpose ? A : 1;  // strides of D[e] along a and b
   at::parallel_for(0, K, 256, [&](int64_t begin, int64_t end) {
-    std::vector<float> xt(x_channels_first ? B * C : 0), yt(out_channels_first ? A * C : 0);  // rows-first copies
+    std::vector<float> xt(x_layout != kRowsFirst ? B * C : 0), yt(out_layout != kRowsFirst ? A * C : 0);
     for (int64_t k = begin; k < end; ++k) {
       const float* d = dp + (di ? di[k] : k) * A * B;
-      const float* xe = xp + (xi ? xi[k] : k) * B * C;
-      if (x_channels_first) {  // [C, B] -> [B, C]
+      const int64_t row = xi ? xi[k] : k;
+      const float* xe = xp + row * B * C;
+      if (x_layout == kChannelsFirst) {  // [C, B] -> [B, C]
         for (int64_t c = 0; c < C; ++c)
           for (int64_t b = 0; b < B; ++b) xt[b * C + c] = xe[c * B + b];
         xe = xt.data();
+      } else if (x_layout == kColumns) {
+        const float* r = xp + row * W_x;
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t b = 0; b < B; ++b) xt[b * C + c] = r[xc[c] + b];
+        xe = xt.data();
       }
-      float* ye = out_channels_first ? yt.data() : yp + k * A * C;
+      float* ye = out_layout == kRowsFirst ? yp + k * A * C : yt.data();
       rotate_one(d, xe, ye, A, B, C, sa, sb);
-      if (out_channels_first)  // [A, C] -> [C, A]
+      if (out_layout == kChannelsFirst) {  // [A, C] -> [C, A]
         for (int64_t c = 0; c < C; ++c)
           for (int64_t a = 0; a < A; ++a) yp[(k * C + c) * A + a] = ye[a * C + c];
+      } else if (out_layout == kColumns) {
+        float* r = yp + k * W_out;
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t a = 0; a < A; ++a) r[oc[c] + a] = ye[a * C + c];
+      }
     }
   });
-  return y;
+  return out;
 }
 
 torch::Tensor frame_rotate(torch::Tensor D, torch::Tensor x, bool transpose) {
   const auto none = torch::empty({0}, x.options().dtype(torch::kLong));
-  return frame_rotate_rows(D, x, transpose, none, none, false, false);
+  return frame_rotate_rows(D, x, transpose, none, none, kRowsFirst, none, kRowsFirst, x.new_empty({0}), none);
 }
 
 std::string isa() { return kIsa; }
@@ -485,6 +514,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "dh per slot, or per edge with split (w [O, I, K], x [P, R, I], gy [P, R, O], split, o_block) -> [P or 2P, K]");
   m.def("frame_rotate", &frame_rotate, "D x per edge, or D^T x (D [E, A, B] or [E, B, A], x [E, B, C]) -> [E, A, C]");
   m.def("frame_rotate_rows", &frame_rotate_rows,
-        "row k: D[d_index[k]] x[x_index[k]] (or D^T), x and the result rows or channels first (D, x, transpose, "
-        "d_index, x_index, x_channels_first, out_channels_first) -> [K, A, C] or [K, C, A]");
+        "row k: D[d_index[k]] x[x_index[k]] (or D^T); x and the result rows first (0), channels first (1) or in "
+        "columns of a 2-D buffer (2) (D, x, transpose, d_index, x_index, x_layout, x_columns, out_layout, out, "
+        "out_columns) -> [K, A, C], [K, C, A] or out");
 }
