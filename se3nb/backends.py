@@ -36,7 +36,7 @@ OPS: dict[str, dict[str, str]] = {
         'index_add': "`index_add_` / `scatter_reduce` by destination node",
     },
     'frame_rotation': {
-        'native': "float32 C++ kernel (AVX-512 or AVX2): each edge's Wigner matrix times its channels (`03b`)",
+        'native': "float32 C++ kernel (AVX-512 or AVX2): each edge's Wigner matrix times its channels (`03c`)",
         'torch': "`torch.bmm` (frames that take gradients, autocast)",
     },
     'so2_inference': {
@@ -49,7 +49,7 @@ REGISTERED_BY = {
     'so2_product': 'se3nb.so2_product',
     'segment_attention': 'se3nb.segment_attention',
     'segment_reduce': 'se3nb.graph',
-    'frame_rotation': 'se3nb.so2_product',
+    'frame_rotation': 'se3nb.frame_rotation',
     'so2_inference': 'se3nb.so2_conv',
 }  # the module that registers each op's backends when it is imported
 ENV_VAR = 'SE3NB_BACKENDS'  # the documented override, e.g. 'torch' or 'so2_product=torch,conv=reference'

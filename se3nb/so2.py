@@ -14,7 +14,8 @@ from torch import Tensor
 from .fiber import degree_to_dim
 from .basis import kernel_basis, spherical_harmonics, wigner_D
 from .graph import Graph
-from .so2_product import _autocast_enabled, _RowPermutation, frame_rotation, frame_rotation_to_columns, so2_product
+from .frame_rotation import _autocast_enabled, _RowPermutation, frame_rotation, frame_rotation_to_columns
+from .so2_product import so2_product
 
 # %% ../nbs/04a_so2.ipynb #f97125ed
 def edge_rotations(

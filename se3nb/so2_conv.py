@@ -18,7 +18,7 @@ from .conv import TFNConv, _add_self_interaction, _source_inputs
 from .backends import choose, register
 from .extensions import load_extension
 from .so2 import EdgeFrames, SO2Plan, edge_rotations, so2_messages
-from .so2_product import _autocast_enabled
+from .frame_rotation import _autocast_enabled
 
 # %% ../nbs/04b_so2_conv.ipynb #179317c1
 def _check_frames(geometry, graph: Graph, max_degree: int) -> None:
@@ -43,6 +43,13 @@ def _hidden_per_slot(
     rows = invariants.index_select(0, edges)
     return {name: r.hidden(rows) for name, r in radial.items()}
 
+
+def _so2_plans(conv: TFNConv) -> dict[str, SO2Plan]:  # {group: SO2Plan} of a convolution's kernel groups
+    return {
+        name: SO2Plan(ins, outs, conv.radial[name].channels_in, conv.radial[name].channels_out, conv.basis_scale[name])
+        for name, (ins, outs) in conv.groups.items()
+    }
+
 # %% ../nbs/04b_so2_conv.ipynb #1499e5e1
 class SO2Conv(TFNConv):
     "`TFNConv` computed in edge frames (the fast path): identical function and parameters."
@@ -51,11 +58,7 @@ class SO2Conv(TFNConv):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        r = self.radial
-        self.plans = {
-            name: SO2Plan(ins, outs, r[name].channels_in, r[name].channels_out, self.basis_scale[name])
-            for name, (ins, outs) in self.groups.items()
-        }
+        self.plans = _so2_plans(self)  # {group: SO2Plan}
 
     @staticmethod
     def geometry(

@@ -1,5 +1,6 @@
-"""The SO(2) products (`se3nb.so2_product`, `03b_so2_product`): the C++ kernels against the torch products, the build
-from the package's sources, the switch to torch, and scratch buffers under threads.
+"""The SO(2) products (`se3nb.so2_product`, `03b_so2_product`) and the frame rotations (`se3nb.frame_rotation`, `03c`):
+the C++ kernels against the torch products, the build from the package's sources, the switch to torch, scratch buffers
+under threads.
 
 The whole install path is checked by hand (about 3 minutes on 2 cores, so it is not part of the suite):
 
@@ -23,6 +24,7 @@ import torch
 
 import se3nb.backends as backends
 import se3nb.extensions as extensions
+import se3nb.frame_rotation as fr
 import se3nb.so2_product as sp
 from se3nb.backends import backend_report, choose, override
 from se3nb.extensions import cpu_isa, extension_name
@@ -153,7 +155,7 @@ def test_native_frame_rotation_equals_the_batched_product(E, A, B, C, transpose,
     x32 = x.float().requires_grad_()
     with override(frame_rotation='native'):
         assert choose('frame_rotation', device='cpu', dtype=torch.float32) == 'native'
-        y = sp.frame_rotation(D.float(), x32, transpose)
+        y = fr.frame_rotation(D.float(), x32, transpose)
     assert y.grad_fn is not None and 'FrameRotation' in type(y.grad_fn).__name__  # the kernel ran, not torch
     (gx,) = torch.autograd.grad(y, x32, gy.float())
     torch.testing.assert_close(y.double(), truth, rtol=1e-5, atol=1e-5)
@@ -176,7 +178,7 @@ def test_frame_rotation_to_rows_moves_and_transposes_in_the_same_pass(E, A, B, C
     (g_truth,) = torch.autograd.grad(truth, x, gy)
     x32 = x.detach().float().requires_grad_()
     with override(frame_rotation=backend):
-        y = sp.frame_rotation(D.float(), x32, transpose, rows=(index, inverse))
+        y = fr.frame_rotation(D.float(), x32, transpose, rows=(index, inverse))
     if backend == 'native':
         assert 'FrameRotationToRows' in type(y.grad_fn).__name__  # the kernel ran, not torch
     (gx,) = torch.autograd.grad(y, x32, gy.float())
@@ -188,12 +190,12 @@ def test_frame_rotation_to_rows_moves_and_transposes_in_the_same_pass(E, A, B, C
 def test_frame_rotate_rows_refuses_indices_out_of_range(isa):
     D, x = torch.randn(4, 3, 3), torch.randn(4, 3, 8)
     with pytest.raises(RuntimeError, match="x_index out of range"):
-        sp._rotate_rows(D, x, True, d_index=torch.arange(4), x_index=torch.tensor([0, 1, 2, 4]))
+        fr._rotate_rows(D, x, True, d_index=torch.arange(4), x_index=torch.tensor([0, 1, 2, 4]))
     with pytest.raises(RuntimeError, match="d_index out of range"):
-        sp._rotate_rows(D, x, True, d_index=torch.tensor([-1, 1, 2, 3]), x_index=torch.arange(4))
+        fr._rotate_rows(D, x, True, d_index=torch.tensor([-1, 1, 2, 3]), x_index=torch.arange(4))
     out = torch.empty(4, 30)
     with pytest.raises(RuntimeError, match="out_columns out of range"):  # channel 7's 3 components past column 29
-        sp._rotate_rows(D, x, True, layout=sp._COLUMNS, out=out, columns=torch.tensor([0, 3, 6, 9, 12, 15, 18, 28]))
+        fr._rotate_rows(D, x, True, layout=fr._COLUMNS, out=out, columns=torch.tensor([0, 3, 6, 9, 12, 15, 18, 28]))
 
 
 @pytest.mark.parametrize("E", [0, 1, 300])
@@ -223,7 +225,7 @@ def test_frame_rotation_to_columns_writes_every_degree_into_its_columns(E, backe
     g_truth = torch.autograd.grad(truth, ys, gy)
     y32 = [y.detach().float().requires_grad_() for y in ys]
     with override(frame_rotation=backend):
-        out = sp.frame_rotation_to_columns([D.float() for D in Ds], y32, (index, inverse), columns, width)
+        out = fr.frame_rotation_to_columns([D.float() for D in Ds], y32, (index, inverse), columns, width)
     if backend == 'native' and E:
         assert 'FrameRotationToColumns' in type(out.grad_fn).__name__  # the kernel ran, not torch
     torch.testing.assert_close(out.double(), truth, rtol=1e-5, atol=1e-5)
@@ -235,7 +237,7 @@ def test_frames_that_take_gradients_rotate_in_torch():
     "Frames with `requires_grad` (forces: positions with gradients) take torch's product, so their gradient exists."
     D = torch.randn(10, 5, 3, requires_grad=True)
     x = torch.randn(10, 3, 8, requires_grad=True)
-    gD, gx = torch.autograd.grad(sp.frame_rotation(D, x).sum(), [D, x])
+    gD, gx = torch.autograd.grad(fr.frame_rotation(D, x).sum(), [D, x])
     torch.testing.assert_close(gD, torch.ones(10, 5, 8) @ x.detach().transpose(1, 2))
     torch.testing.assert_close(gx, D.detach().transpose(1, 2) @ torch.ones(10, 5, 8))
 
