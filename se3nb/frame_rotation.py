@@ -127,6 +127,16 @@ def frame_rotation(
     y = (D.transpose(1, 2) if transpose else D) @ x  # [E, A, C]
     return y if rows is None else _RowPermutation.apply(y.transpose(1, 2), *rows)
 
+# %% ../nbs/03c_frame_rotation.ipynb #4ac64258
+def _check_columns(columns: Sequence[Tensor], dims: Sequence[int], width: int) -> None:
+    "The columns of all degrees (channel c: dims[l] wide from columns[l][c]) cover a row of `width` once."
+    count, full = sum(cols.numel() * d for cols, d in zip(columns, dims)), True
+    if count == width and columns and columns[0].device.type == 'cpu':  # on GPUs the full check would wait for them
+        at = torch.cat([(cols[:, None] + torch.arange(d)).flatten() for cols, d in zip(columns, dims)])
+        full = torch.equal(at.sort().values, torch.arange(width))
+    if count != width or not full:
+        raise ValueError(f"columns {[c.tolist() for c in columns]} must cover a row of {width} once, 2l+1 per channel")
+
 
 def frame_rotation_to_columns(
     Ds: Sequence[Tensor],  # per degree [E, 2l+1, 2l+1], the matrices back out of the edge frames
@@ -136,12 +146,19 @@ def frame_rotation_to_columns(
     width: int,  # row length; the columns cover it
 ) -> Tensor:  # [E, width], row k from edge index[k]
     "`frame_rotation(D, y, True, rows)` of every degree, each channel written into its columns of one row per edge."
+    _check_columns(columns, [D.shape[-1] for D in Ds], width)
+    return _to_columns(Ds, ys, rows, columns, width)
+
+
+def _to_columns(Ds, ys, rows, columns, width) -> Tensor:  # `frame_rotation_to_columns` for checked columns
     if all(_native_rotation(D, y) for D, y in zip(Ds, ys)):
         Ds, ys = tuple(D.contiguous() for D in Ds), tuple(y.contiguous() for y in ys)
         return _FrameRotationToColumns.apply(width, *rows, tuple(columns), Ds, *ys)
-    out = ys[0].new_zeros(rows[0].shape[0], width)  # [E, W]
+    # torch: every degree channels first in the rows' order, side by side, then each column moved to its place
+    E, parts, at = rows[0].shape[0], [], []
     for D, y, cols in zip(Ds, ys, columns):
         part = frame_rotation(D, y, True, rows)  # [E, C, 2l+1]
-        at = (cols[:, None] + torch.arange(part.shape[2], device=cols.device)).flatten()  # [C * (2l+1)]
-        out = out.index_copy(1, at, part.reshape(part.shape[0], at.numel()))
-    return out
+        parts.append(part.reshape(E, part.shape[1] * part.shape[2]))
+        at.append((cols[:, None] + torch.arange(part.shape[2], device=cols.device)).flatten())  # [C * (2l+1)]
+    at = torch.cat(at)  # [W] the column of each column of the parts side by side
+    return torch.cat(parts, 1).index_select(1, torch.argsort(at))  # [E, W]

@@ -198,6 +198,17 @@ def test_frame_rotate_rows_refuses_indices_out_of_range(isa):
         fr._rotate_rows(D, x, True, layout=fr._COLUMNS, out=out, columns=torch.tensor([0, 3, 6, 9, 12, 15, 18, 28]))
 
 
+def test_frame_rotation_to_columns_refuses_columns_that_do_not_tile_the_row():
+    Ds, ys = [torch.ones(3, 1, 1), torch.randn(3, 3, 3)], [torch.randn(3, 1, 2), torch.randn(3, 3, 2)]  # 2 + 6 columns
+    rows = (torch.arange(3), torch.arange(3))
+    good = [torch.tensor([0, 4]), torch.tensor([1, 5])]
+    torch.testing.assert_close(fr.frame_rotation_to_columns(Ds, ys, rows, good, 8)[:, 0], ys[0][:, 0, 0])
+    with pytest.raises(ValueError, match="must cover a row of 8 once"):  # degree 1's channels overlap
+        fr.frame_rotation_to_columns(Ds, ys, rows, [torch.tensor([0, 4]), torch.tensor([1, 3])], 8)
+    with pytest.raises(ValueError, match="must cover a row of 9 once"):  # one column short
+        fr.frame_rotation_to_columns(Ds, ys, rows, good, 9)
+
+
 @pytest.mark.parametrize("E", [0, 1, 300])
 @pytest.mark.parametrize("backend", ['native', 'torch'])
 def test_frame_rotation_to_columns_writes_every_degree_into_its_columns(E, backend, isa):
