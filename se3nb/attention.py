@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .fiber import Fiber, degree_to_dim
 from .basis import Bases
 from .graph import Graph
-from .frame_rotation import _check_columns
+from .frame_rotation import _check_columns, _rotates_natively
 from .segment_attention import segment_attention
 from .conv import EquivariantLinear
 from .so2 import EdgeFrames
@@ -128,6 +128,15 @@ def _attend_in_blocks(
     return attention.from_heads(z)
 
 # %% ../nbs/05_attention.ipynb #3b077301
+def _writes_heads(block: nn.Module, invariants: Tensor, graph: Graph) -> bool:
+    "Whether the block's convolution writes keys and values straight into heads: the C++ rotation does it in one pass."
+    # torch's products would need one more pass than the per-degree path (a gather of the columns after a `cat`)
+    conv = block.to_key_value
+    if not block.blocks_possible or conv.self_interaction:  # blocks_possible: an SO2Conv
+        return False
+    return _rotates_natively(invariants.device, invariants.dtype, graph.rel_pos.requires_grad)
+
+
 def _attend_in_heads(
     block: nn.Module,  # an AttentionBlock with an SO2Conv without self-interaction
     node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
@@ -196,7 +205,7 @@ class AttentionBlock(nn.Module):
         "One attention layer."
         if self.blocks_possible and getattr(geometry, 'deferred', False) and _no_grad_plain(invariants):
             z = _attend_in_blocks(self, node_feats, edge_feats, invariants, graph, envelope)  # {l: [N, C_v, 2l+1]}
-        elif self.blocks_possible and not self.to_key_value.self_interaction:  # keys and values straight into heads
+        elif _writes_heads(self, invariants, graph):  # keys and values straight into the head layout
             z = _attend_in_heads(self, node_feats, edge_feats, invariants, graph, geometry, envelope)
         else:  # edges come out sorted by destination (`Graph.csr`), so attention never permutes them
             key_value = self.to_key_value(

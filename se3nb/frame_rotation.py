@@ -106,10 +106,15 @@ register('frame_rotation', 'native', available=lambda: _native_so2()[1], accepts
 register('frame_rotation', 'torch')
 
 
-def _native_rotation(D: Tensor, x: Tensor) -> bool:
+def _rotates_natively(device: torch.device, dtype: torch.dtype, frames_need_grad: bool) -> bool:
+    "Whether rotations of `dtype` tensors on `device` run the C++ kernel (else torch's batched product)."
     # frames with gradients (forces) and autocast's casts take torch's product, whatever the registry says
-    plain = not D.requires_grad and not _autocast_enabled(x.device.type) and x.dtype == D.dtype
-    return plain and choose('frame_rotation', device=x.device, dtype=x.dtype) == 'native'
+    plain = not frames_need_grad and not _autocast_enabled(device.type)
+    return plain and choose('frame_rotation', device=device, dtype=dtype) == 'native'
+
+
+def _native_rotation(D: Tensor, x: Tensor) -> bool:
+    return x.dtype == D.dtype and _rotates_natively(x.device, x.dtype, D.requires_grad)
 
 
 def frame_rotation(
