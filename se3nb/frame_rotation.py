@@ -53,8 +53,8 @@ class _FrameRotation(torch.autograd.Function):
 _ROWS_FIRST, _CHANNELS_FIRST, _COLUMNS = 0, 1, 2  # layouts of `frame_rotate_rows`: [., B, C], [., C, B], [., W]
 
 
-def _rotate_rows(D, x, transpose, *, d_index=None, x_index=None, x_layout=0, x_columns=None, layout=0, out=None,
-                 columns=None) -> Tensor:  # fmt: skip
+def _rotate_rows(D, x, transpose, *, d_index=None, x_index=None, x_layout=_ROWS_FIRST, x_columns=None,
+                 layout=_ROWS_FIRST, out=None, columns=None) -> Tensor:  # fmt: skip
     "`frame_rotate_rows` of the extension with its optional arguments (None: no index, no columns)."
     none = x.new_empty(0, dtype=torch.long)
     return _native_so2()[0].frame_rotate_rows(
