@@ -8,7 +8,7 @@ install:  ## torch first (the CPU wheel is on this machine; `make install TORCH=
 	$(PY) -m pip install -q "$(TORCH)"
 	$(PY) -m pip install -q -e ".[dev]"
 
-qm9: install  ## the main job: train on the embedded QM9 (quick CPU preset: 10 min of training, 14 min on a fresh 2-core machine, per phase in the README) and print the test MAE
+qm9: install  ## the main job: train on the embedded QM9 (quick CPU preset: 10 min of training, 13-14 min on a fresh 2-core machine, per phase in the README) and print the test MAE
 	se3nb-train --preset quick
 
 lab: install  ## open the tutorial notebooks in JupyterLab (on a server: make lab LAB_ARGS="--no-browser --ip=0.0.0.0")
