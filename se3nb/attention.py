@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .fiber import Fiber, degree_to_dim
 from .basis import Bases
 from .graph import Graph
-from .frame_rotation import _check_columns, _rotates_natively
+from .frame_rotation import _rotates_natively
 from .segment_attention import segment_attention
 from .conv import EquivariantLinear
 from .so2 import EdgeFrames
@@ -151,7 +151,6 @@ def _attend_in_heads(
     layouts = block.__dict__.setdefault('_head_layouts', {})  # per device: the columns of `_head_columns`
     if invariants.device not in layouts:
         columns, d_v, d_k = _head_columns(attention.value_fiber, attention.key_fiber, H)
-        _check_columns(list(columns.values()), [degree_to_dim(l) for l in columns], H * (d_v + d_k))  # once, on CPU
         layouts[invariants.device] = {l: c.to(invariants.device) for l, c in columns.items()}, d_v, d_k
     columns, d_v, d_k = layouts[invariants.device]
     kv = block.to_key_value.messages(

@@ -151,11 +151,7 @@ def frame_rotation_to_columns(
     width: int,  # row length; the columns cover it
 ) -> Tensor:  # [E, width], row k from edge index[k]
     "`frame_rotation(D, y, True, rows)` of every degree, each channel written into its columns of one row per edge."
-    _check_columns(columns, [D.shape[-1] for D in Ds], width)
-    return _to_columns(Ds, ys, rows, columns, width)
-
-
-def _to_columns(Ds, ys, rows, columns, width) -> Tensor:  # `frame_rotation_to_columns` for checked columns
+    _check_columns(columns, [D.shape[-1] for D in Ds], width)  # ~20 us on CPU; on GPUs only their count
     if all(_native_rotation(D, y) for D, y in zip(Ds, ys)):
         Ds, ys = tuple(D.contiguous() for D in Ds), tuple(y.contiguous() for y in ys)
         return _FrameRotationToColumns.apply(width, *rows, tuple(columns), Ds, *ys)

@@ -14,7 +14,7 @@ from torch import Tensor
 from .fiber import degree_to_dim
 from .basis import kernel_basis, spherical_harmonics, wigner_D
 from .graph import Graph
-from .frame_rotation import _autocast_enabled, _RowPermutation, _to_columns, frame_rotation
+from .frame_rotation import _autocast_enabled, _RowPermutation, frame_rotation, frame_rotation_to_columns
 from .so2_product import so2_product
 
 # %% ../nbs/04a_so2.ipynb #f97125ed
@@ -326,9 +326,7 @@ def _to_global_edges(
         if inverse is None:
             raise ValueError("messages in columns need an order that lists every edge once")
         Ds = [geometry.D_out[l].to(y.dtype) for l, y in ys.items()]  # D_0 = 1 [E, 1, 1]
-        return _to_columns(
-            Ds, list(ys.values()), (index, inverse), [heads[0][l] for l in ys], heads[1]
-        )  # columns checked by the caller
+        return frame_rotation_to_columns(Ds, list(ys.values()), (index, inverse), [heads[0][l] for l in ys], heads[1])
     out = {}
     for l, y in ys.items():
         if l and inverse is not None:  # rotated back, channels first and moved to the rows of `order`: one pass
