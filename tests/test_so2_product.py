@@ -193,6 +193,9 @@ def test_frame_rotate_rows_refuses_indices_out_of_range(isa):
         fr._rotate_rows(D, x, True, d_index=torch.arange(4), x_index=torch.tensor([0, 1, 2, 4]))
     with pytest.raises(RuntimeError, match="d_index out of range"):
         fr._rotate_rows(D, x, True, d_index=torch.tensor([-1, 1, 2, 3]), x_index=torch.arange(4))
+    index = torch.tensor([0, 1, 2, 3])  # one tensor for both: in range of D's 4 rows, not of x's 3
+    with pytest.raises(RuntimeError, match="x_index out of range"):
+        fr._rotate_rows(D, x[:3], True, d_index=index, x_index=index)
     out = torch.empty(4, 30)
     with pytest.raises(RuntimeError, match="out_columns out of range"):  # channel 7's 3 components past column 29
         fr._rotate_rows(D, x, True, layout=fr._COLUMNS, out=out, columns=torch.tensor([0, 3, 6, 9, 12, 15, 18, 28]))

@@ -447,7 +447,9 @@ torch::Tensor frame_rotate_rows(torch::Tensor D, torch::Tensor x, bool transpose
   TORCH_CHECK((!d_index.numel() || d_index.numel() == K) && (d_index.numel() || D.size(0) == K) &&
                   (x_index.numel() || x.size(0) == K),
               "one row of D and of x per output row: ", K, " rows, D ", D.sizes(), ", x ", x.sizes());
-  const int64_t *di = checked_index(d_index, D.size(0), "d_index"), *xi = checked_index(x_index, x.size(0), "x_index");
+  const int64_t* di = checked_index(d_index, D.size(0), "d_index");
+  const bool same = di && x_index.is_same(d_index) && x.size(0) >= D.size(0);  // one index, in range of both
+  const int64_t* xi = same ? di : checked_index(x_index, x.size(0), "x_index");
   const int64_t W_x = x_layout == kColumns ? x.size(1) : 0;
   const int64_t* xc = x_layout == kColumns ? checked_index(x_columns, W_x - B + 1, "x_columns") : nullptr;
   const int64_t* oc = nullptr;
