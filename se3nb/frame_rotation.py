@@ -22,6 +22,20 @@ def _autocast_enabled(device_type: str) -> bool:  # torch >= 2.4 takes the devic
         return torch.is_autocast_cpu_enabled() if device_type == 'cpu' else torch.is_autocast_enabled()
 
 
+_ROWS_FIRST, _CHANNELS_FIRST, _COLUMNS = 0, 1, 2  # layouts of `frame_rotate_rows`: [., B, C], [., C, B], [., W]
+
+
+def _rotate_rows(D, x, transpose, *, d_index=None, x_index=None, x_layout=_ROWS_FIRST, x_columns=None,
+                 layout=_ROWS_FIRST, out=None, columns=None) -> Tensor:  # fmt: skip
+    "`frame_rotate_rows` of the extension with its optional arguments (None: no index, no columns)."
+    none = x.new_empty(0, dtype=torch.long)
+    return _native_so2()[0].frame_rotate_rows(
+        D, x, transpose, none if d_index is None else d_index, none if x_index is None else x_index, x_layout,
+        none if x_columns is None else x_columns, layout, x.new_empty(0) if out is None else out,
+        none if columns is None else columns,
+    )  # fmt: skip
+
+
 class _RowPermutation(torch.autograd.Function):
     "x[order] whose backward is a gather with the inverse permutation (not a zero fill and a scatter)."
 
@@ -42,26 +56,12 @@ class _FrameRotation(torch.autograd.Function):
     def forward(ctx, D: Tensor, x: Tensor, transpose: bool) -> Tensor:  # [E, A, B], [E, B, C] -> [E, A, C]
         ctx.save_for_backward(D)
         ctx.transpose = transpose
-        return _native_so2()[0].frame_rotate(D, x, transpose)
+        return _rotate_rows(D, x, transpose)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # [E, A, C] -> [E, B, C]
         (D,) = ctx.saved_tensors
-        return None, _native_so2()[0].frame_rotate(D, grad.contiguous(), not ctx.transpose), None
-
-
-_ROWS_FIRST, _CHANNELS_FIRST, _COLUMNS = 0, 1, 2  # layouts of `frame_rotate_rows`: [., B, C], [., C, B], [., W]
-
-
-def _rotate_rows(D, x, transpose, *, d_index=None, x_index=None, x_layout=_ROWS_FIRST, x_columns=None,
-                 layout=_ROWS_FIRST, out=None, columns=None) -> Tensor:  # fmt: skip
-    "`frame_rotate_rows` of the extension with its optional arguments (None: no index, no columns)."
-    none = x.new_empty(0, dtype=torch.long)
-    return _native_so2()[0].frame_rotate_rows(
-        D, x, transpose, none if d_index is None else d_index, none if x_index is None else x_index, x_layout,
-        none if x_columns is None else x_columns, layout, x.new_empty(0) if out is None else out,
-        none if columns is None else columns,
-    )  # fmt: skip
+        return None, _rotate_rows(D, grad.contiguous(), not ctx.transpose), None
 
 # %% ../nbs/03c_frame_rotation.ipynb #9191c3c2
 class _FrameRotationToRows(torch.autograd.Function):

@@ -394,7 +394,7 @@ torch::Tensor so2_grad_h(torch::Tensor w, torch::Tensor x, torch::Tensor gy, boo
   return gh;
 }
 
-// frame_rotate: the rotations between the global frame and the edge frames (se3nb/so2.py), y[e] = D[e] x[e] for
+// frame_rotate_rows: the rotations between the global frame and the edge frames (se3nb/so2.py), y[e] = D[e] x[e] for
 // D [E, A, B] and x [E, B, C], or y[e] = D[e]^T x[e] for D [E, B, A] (`transpose`). A and B are 2l+1 or 4l+1, so a
 // product is a few dozen FMAs per vector of C channels; torch's batched matrix product spends more than that on the
 // call per edge (0.1-0.24 ms for 2,418 edges of degree 1-2 with 16 channels, 2 cores).
@@ -496,11 +496,6 @@ torch::Tensor frame_rotate_rows(torch::Tensor D, torch::Tensor x, bool transpose
   return out;
 }
 
-torch::Tensor frame_rotate(torch::Tensor D, torch::Tensor x, bool transpose) {
-  const auto none = torch::empty({0}, x.options().dtype(torch::kLong));
-  return frame_rotate_rows(D, x, transpose, none, none, kRowsFirst, none, kRowsFirst, x.new_empty({0}), none);
-}
-
 std::string isa() { return kIsa; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -514,7 +509,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("so2_grad_w", &so2_grad_w, "dw (h [P, K], x [P, R, I], gy [P, R, O], slot_chunk) -> [O, I, K]");
   m.def("so2_grad_h", &so2_grad_h,
         "dh per slot, or per edge with split (w [O, I, K], x [P, R, I], gy [P, R, O], split, o_block) -> [P or 2P, K]");
-  m.def("frame_rotate", &frame_rotate, "D x per edge, or D^T x (D [E, A, B] or [E, B, A], x [E, B, C]) -> [E, A, C]");
   m.def("frame_rotate_rows", &frame_rotate_rows,
         "row k: D[d_index[k]] x[x_index[k]] (or D^T); x and the result rows first (0), channels first (1) or in "
         "columns of a 2-D buffer (2) (D, x, transpose, d_index, x_index, x_layout, x_columns, out_layout, out, "
