@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .extensions import _ALLOCATOR
+
 # %% ../nbs/00a_backends.ipynb #fb5f5758
 OPS: dict[str, dict[str, str]] = {
     'conv': {
@@ -266,7 +268,8 @@ def backend_report(
         f"se3nb backends: torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
         f"CUDA {'available' if torch.cuda.is_available() else 'not available'}; "
         + (f"{ENV_VAR}={env!r}" if env else f"{ENV_VAR} not set")
-        + (f"; override active: {active}" if active else "")
+        + (f"; override active: {active}" if active else ""),
+        f"CPU memory: {_ALLOCATOR[0] if _ALLOCATOR else 'not set yet (set on the first CPU forward pass)'}",
     ]
     for op, names in OPS.items():
         last = _last.get(op)
