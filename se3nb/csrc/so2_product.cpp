@@ -13,11 +13,11 @@
 // Vector ISA: the file compiles for AVX-512 (-mavx512f: 16 floats per register, 32 registers) or AVX2 + FMA (-mavx2
 // -mfma: 8 floats, 16 registers), see `load_extension` (00a_backends); `isa()` says which. Why the register tiles look
 // as they do: an FMA has a latency of about 4 cycles and server cores issue one 512-bit FMA per cycle (AMD Zen 4) or
-// two (Intel Xeon with two FMA ports: Skylake-SP to Emerald Rapids), so a loop needs 4 (Zen 4) to 8 (Xeon) independent
-// accumulators to keep the FMA units busy; and each vector of theta loaded must feed several slots, or the loads (from
-// L1, or L2 when theta outgrows L1) become the limit. The tile shapes are compiled variants (A slots x N vectors: A*N
-// independent accumulators); which variant, and the block sizes, are measured per CPU and block shape by the caller
-// (`se3nb/so2_product.py`: a short autotune at first use, cached beside the compiled extension).
+// two (Intel Xeon with two FMA ports: Skylake-SP to Emerald Rapids; AMD Zen 5), so a loop needs 4 (Zen 4) to 8 (Xeon,
+// Zen 5) independent accumulators to keep the FMA units busy; and each vector of theta loaded must feed several slots,
+// or the loads (from L1, or L2 when theta outgrows L1) become the limit. The tile shapes are compiled variants (A slots
+// x N vectors: A*N independent accumulators); which variant, and the block sizes, are measured per CPU and block shape
+// by the caller (`se3nb/so2_product.py`: a short autotune at first use, cached beside the compiled extension).
 //
 // Limits, checked here and by the caller: float32, contiguous, I % VW == 0, 1 <= R <= 4; for the weight gradients
 // also K % VW == 0 and K <= 8 VW.
@@ -61,18 +61,26 @@ static inline float vsum(vec v) {
 #error "se3nb's SO(2) kernels need AVX-512F, or AVX2 and FMA"
 #endif
 
-// The register tiles (A slots, N vectors) compiled for forward and grad_x; `variant` indexes this table.
+// The register tiles (A slots, N vectors) compiled for forward and grad_x; `variant` indexes this table. 8
+// accumulators keep two FMA ports of latency 4 busy only if nothing else stalls; with 32 registers, tiles of 16
+// leave that slack (AMD Zen 5, NVIDIA's QM9 blocks: 1.15-1.25x; larger tiles measured no faster). AVX2's 16 registers
+// hold only the first three.
+#if defined(__AVX512F__)
+constexpr int kVariants = 5;
+constexpr int kTileA[kVariants] = {4, 8, 2, 4, 8};
+constexpr int kTileN[kVariants] = {2, 1, 4, 4, 2};
+#else
 constexpr int kVariants = 3;
 constexpr int kTileA[kVariants] = {4, 8, 2};
 constexpr int kTileN[kVariants] = {2, 1, 4};
+#endif
 
-template <typename F>
-static void with_variant(int64_t v, F&& f) {
-  switch (v) {
-    case 0: f(std::integral_constant<int, 0>{}); break;
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    default: f(std::integral_constant<int, 2>{});
+template <int V = 0, typename F>
+static void with_variant(int64_t v, F&& f) {  // v as a compile-time constant; past the table: the last variant
+  if constexpr (V + 1 < kVariants) {
+    if (v != V) return with_variant<V + 1>(v, f);
   }
+  f(std::integral_constant<int, V>{});
 }
 
 template <typename F>
