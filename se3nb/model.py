@@ -211,9 +211,9 @@ class SE3Transformer(nn.Module):
         geometry: Bases | EdgeFrames | None = None,  # this graph's geometry (`self.geometry`), else computed here
     ) -> dict[int, Tensor] | Tensor:  # {l: [N, C_l, 2l+1]}, or [N, C, 2l+1] / pooled [B, C]
         "Run the model on one (batched) graph."
-        if graph.src.device.type == 'cpu':  # page faults cost 7-10 % of a CPU pass under glibc's default (`00b`)
-            retain_freed_memory()
         edge_feats, invariants, geometry, envelope = _edge_inputs(self, graph, node_feats, edge_feats, geometry)
+        if invariants.device.type == 'cpu':  # page faults cost 7-10 % of a CPU pass under glibc's default (`00b`)
+            retain_freed_memory()
         args = (edge_feats, invariants, graph, geometry, envelope, self.low_memory)
         x = _run_blocks(self.graph_modules, node_feats, *args)  # {l: [N, C_l, 2l+1]}
         if self.pooling_module is not None:
