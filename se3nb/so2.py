@@ -14,7 +14,12 @@ from torch import Tensor
 from .fiber import degree_to_dim
 from .basis import kernel_basis, spherical_harmonics, wigner_D
 from .graph import Graph
-from .frame_rotation import _autocast_enabled, _RowPermutation, frame_rotation, frame_rotation_to_columns
+from se3nb.frame_rotation import (
+    _RowPermutation,
+    frame_rotation,
+    frame_rotation_into_blocks,
+    frame_rotation_to_columns,
+)
 from .so2_product import so2_product
 
 # %% ../nbs/04a_so2.ipynb #f97125ed
@@ -294,14 +299,18 @@ def _slot_groups(
     return [g for g in groups if g[1]] or groups[1:2]  # no edges: one empty group, so every output degree exists
 
 
-def _into_frames(
-    D_in: Tensor,  # [E, 4l+1, 2l+1] rows by m (`_frame_matrices`)
-    x: Tensor,  # [E, 2l+1, C] global frame
-) -> Tensor:  # [E, 4l+1, C]
-    "Inputs rotated into the edge frames; degree 0 is invariant (D_0 = 1): no product, unless autocast must cast it."
-    if D_in.shape[-1] == 1 and not _autocast_enabled(x.device.type):
-        return x
-    return frame_rotation(D_in.to(x.dtype), x)
+def _input_blocks(
+    plans: Mapping[str, SO2Plan],
+    inputs: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
+    geometry: EdgeFrames,
+    sources: Tensor | None,  # [E] the input row of each slot row (None: one input row per slot row)
+) -> dict[tuple, Tensor]:  # {(m, input degrees): [E, s, s * C]}, shared by groups with the same inputs
+    "Each m-block's inputs in the edge frames: rows of order m of its input degrees side by side (`03c`)."
+    keys = list(dict.fromkeys((m, tuple(lis)) for plan in plans.values() for m, _, _, lis, _, _ in plan.blocks))
+    degrees = sorted({l for _, lis in keys for l in lis})
+    blocks = [(m, [degrees.index(l) for l in lis]) for m, lis in keys]
+    Ds, xs = [geometry.D_in[l] for l in degrees], [inputs[l] for l in degrees]
+    return dict(zip(keys, frame_rotation_into_blocks(Ds, xs, sources, blocks)))
 
 
 def _split_rows(x: Tensor, sizes: list[int]) -> tuple[Tensor, ...]:  # x split along rows; one part: x itself
@@ -342,32 +351,22 @@ def so2_messages(
     plans: Mapping[str, SO2Plan],  # per kernel group
     hidden: Mapping[str, Tensor],  # per group: [P, H] last hidden layer of the radial MLP per slot
     weights: Mapping[str, Tensor],  # per group: [C_out*C_in*F, H] last radial layer
-    inputs: Mapping[int, Tensor],  # {l: [E, 2l+1, C_l]} input features per row (`geometry.slot_edges`, global frame)
+    inputs: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]} input features (global frame), channels first
     geometry: EdgeFrames,
     hidden_second: Mapping[str, Tensor] | None = None,  # per group: [P_pairs, H] from the partners' invariants
     order: Tensor | None = None,  # [E] edge ids: the rows of the result (None: the graph's edge order)
     heads: tuple[Mapping[int, Tensor], int] | None = None,  # ({l: [C_out] first column of each channel}, row length)
+    sources: Tensor | None = None,  # [E] the row of `inputs` each slot row reads, e.g. `geometry.src` for node features
 ) -> dict[int, Tensor] | Tensor:  # {l: [E, C_out, 2l+1]} messages per edge (global frame); with `heads`: [E, width]
     """TFN messages computed in the edge frames, where each kernel is one small SO(2) map per order m. Pass
     `hidden_second` when gradients with respect to the invariants are needed: values are shared, gradients then reach
-    each edge's own. With `heads` the messages come as rows, each channel's components at its columns."""
-    E, groups = geometry.num_edges, _slot_groups(geometry)
-    # rows of each order m: [1] for m = 0, [+m, -(-m) | -m, +m] after (component, then part): no transposed copy
-    # below; `split` (not slicing): backward is one `cat`
-    x_frame = {
-        l: torch.split(_into_frames(geometry.D_in[l], x), [1] + [4] * l, dim=1) for l, x in inputs.items()
-    }  # {l: per m [E, 1 or 4, C_l]}
-    x_blocks: dict[tuple, Tensor] = {}  # per (m, input degrees): [E, s, sI]; shared by groups with the same inputs
+    each edge's own. With `heads` the messages come as rows, each channel's components at its columns. Without
+    `sources`, `inputs` has one row per slot row (`geometry.slot_edges`)."""
+    groups = _slot_groups(geometry)
+    x_blocks = _input_blocks(plans, inputs, geometry, sources)  # {(m, input degrees): [E, s, I]}
     by_degree: dict[int, dict[int, Tensor]] = {}  # {l_out: {m: [E, s, C_out]}}
     for name, plan in plans.items():
-        xs = []
-        for m, s, los, lis, O, I in plan.blocks:
-            if (m, tuple(lis)) not in x_blocks:
-                parts = torch.cat(
-                    [x_frame[l][m].view(E, s, s, inputs[l].shape[2]) for l in lis], -1
-                )  # [E, comp, part, (l, c)]
-                x_blocks[m, tuple(lis)] = parts.view(E, s, I)  # [E, comp, (part, l, c)]
-            xs.append(x_blocks[m, tuple(lis)])
+        xs = [x_blocks[m, tuple(lis)] for m, _, _, lis, _, _ in plan.blocks]  # [E, component, (part, l, c)]
         dtype = xs[0].dtype  # under autocast: the low-precision dtype of the rotated inputs
         h, W = hidden[name].to(dtype), weights[name]
         h2 = None if hidden_second is None else hidden_second[name].to(dtype)

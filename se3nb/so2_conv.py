@@ -100,13 +100,16 @@ class SO2Conv(TFNConv):
     ) -> dict[int, Tensor] | Tensor:  # {l: [E, C_out_l, 2l+1]}; with `heads`: [E, width]
         "Message of every edge, computed in the edge frames (with `heads`: in columns of one row per edge)."
         _check_frames(geometry, graph, max(self.fiber_in.max_degree, self.fiber_out.max_degree))
-        rows = geometry.slot_edges  # [E] the edge of each row; inputs {l: [E, 2l+1, C_l]} (the layout rotations read)
-        inputs = _source_inputs(node_feats, edge_feats, geometry.src, self.fiber_in.degrees, rows, channels_last=True)
+        degrees = self.fiber_in.degrees
+        if any(l > 0 and l in edge_feats for l in degrees):  # edge features as more channels: inputs per slot row
+            inputs, sources = _source_inputs(node_feats, edge_feats, geometry.src, degrees, geometry.slot_edges), None
+        else:  # the rotation into the frames reads each row's source node itself
+            inputs, sources = {l: node_feats[l] for l in degrees}, geometry.src
         hidden = _hidden_per_slot(self.radial, invariants, geometry.first)  # {group: [P, mid]}
         # gradients for the invariants themselves (edge features, positions) must reach each edge's own
         second = _hidden_per_slot(self.radial, invariants, geometry.second) if invariants.requires_grad else None
         weights = {name: r.net[-1].weight for name, r in self.radial.items()}
-        return so2_messages(self.plans, hidden, weights, inputs, geometry, second, order, heads)
+        return so2_messages(self.plans, hidden, weights, inputs, geometry, second, order, heads, sources)
 
 # %% ../nbs/04b_so2_conv.ipynb #e5270d48
 CONVOLUTIONS = {'so2': SO2Conv, 'reference': TFNConv}  # the backends of the op `conv` (`00a_backends`)

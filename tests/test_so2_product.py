@@ -206,6 +206,56 @@ def test_frame_rotation_to_rows_moves_and_transposes_in_the_same_pass(E, A, B, C
     torch.testing.assert_close(gx.double(), g_truth, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("E", [0, 1, 300])
+@pytest.mark.parametrize("backend", ['native', 'torch'])
+def test_frame_rotation_into_blocks_against_a_float64_truth(E, backend, isa):
+    "Every block: its degrees' rows of order m of D x[sources] side by side; gradients add up over edges and blocks."
+    g, N = torch.Generator().manual_seed(E), 40
+    degrees, channels = (0, 1, 3), (5, 17, 3)  # 17: a tail past the vector width
+    Ds = [
+        torch.randn(E, 4 * l + 1, 2 * l + 1, generator=g, dtype=F64) if l else torch.ones(E, 1, 1, dtype=F64)
+        for l in degrees
+    ]  # D_0 = 1
+    xs = [torch.randn(N, C, 2 * l + 1, generator=g, dtype=F64, requires_grad=True) for l, C in zip(degrees, channels)]
+    sources = torch.randint(0, N, (E,), generator=g)
+    blocks = [(0, [0, 1, 2]), (1, [1, 2]), (3, [2]), (1, [2, 1])]  # (m, positions): one degree in several blocks
+
+    def truth(m, positions):  # [E, s, s * C]
+        s, r0 = (1, 0) if m == 0 else (2, 1 + 4 * (m - 1))
+        parts = [
+            (Ds[d][:, r0 : r0 + s * s] @ xs[d][sources].transpose(1, 2)).view(E, s, s, channels[d]) for d in positions
+        ]
+        return torch.cat(parts, -1).view(E, s, s * sum(channels[d] for d in positions))
+
+    want = [truth(m, positions) for m, positions in blocks]
+    cotangents = [torch.randn(w.shape, generator=g, dtype=F64) for w in want]
+    g_want = torch.autograd.grad(want, xs, cotangents)
+    x32 = [x.detach().float().requires_grad_() for x in xs]
+    with override(frame_rotation=backend):
+        got = fr.frame_rotation_into_blocks([D.float() for D in Ds], x32, sources, blocks)
+    if backend == 'native':
+        assert 'FrameRotationIntoBlocks' in type(got[0].grad_fn).__name__  # the kernel ran, not torch
+    g_got = torch.autograd.grad(got, x32, [c.float() for c in cotangents])
+    for a, b in zip([*got, *g_got], [*want, *g_want]):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+def test_frame_rotation_into_blocks_refuses_what_does_not_fit(isa):
+    native, E = _native_kernels(), 6
+    D1, x1 = torch.randn(E, 5, 3), torch.randn(4, 3, 2)  # degree 1: [E, 5, 3] and 4 nodes [4, 3, 2]
+    with pytest.raises(RuntimeError, match=r"index out of range \[0, 4\)"):
+        native.frame_rotate_into_blocks([D1], [x1], torch.tensor([0, 1, 2, 3, 4, 0]), [1], [[0]])
+    with pytest.raises(RuntimeError, match="order 2 exceeds degree position 0"):
+        native.frame_rotate_into_blocks([D1], [x1], torch.zeros(E, dtype=torch.long), [2], [[0]])
+    with pytest.raises(RuntimeError, match="one source row per edge"):
+        native.frame_rotate_into_blocks([D1], [x1], torch.empty(0, dtype=torch.long), [1], [[0]])
+    with pytest.raises(RuntimeError, match=r"x must be contiguous float32 \[N, 2l\+1, C\]"):
+        native.frame_rotate_into_blocks([D1], [torch.randn(4, 2, 3)], torch.zeros(E, dtype=torch.long), [1], [[0]])
+    with pytest.raises(RuntimeError, match="gradient must be contiguous float32"):
+        native.frame_rotate_from_blocks([D1], [torch.randn(E, 2, 5)], [2], [1], [[0]])
+
+
 def test_frame_rotate_rows_refuses_indices_out_of_range(isa):
     D, x = torch.randn(4, 3, 3), torch.randn(4, 3, 8)
     with pytest.raises(RuntimeError, match="x_index out of range"):

@@ -504,6 +504,137 @@ torch::Tensor frame_rotate_rows(torch::Tensor D, torch::Tensor x, bool transpose
   return out;
 }
 
+// frame_rotate_into_blocks: the inputs of one convolution's SO(2) products straight from the node features. Degree d
+// (position in Ds / xs) of edge e is D_d[e] x_d[index[e]] (no index: x_d[e]), features rows first ([N, B, C_d]) rotated
+// into the edge frame (4l+1 rows: m = 0, then per m > 0 four rows by component, then part). The rows of each order m go
+// to every block that reads degree d: block j ([E, s, s * W_j], s = 1 for m = 0 else 2, W_j its degrees' channels
+// side by side) gets row q of order m at [e, q / s, (q % s) * W_j + offset of d + c]. One pass replaces a gather of E
+// rows, the rotation and one concatenation per block.
+static int64_t first_row(int64_t m) { return m == 0 ? 0 : 1 + 4 * (m - 1); }  // of order m in D_in
+
+struct Blocks {  // the blocks' layout, checked: per block its width, and per degree the (block, column offset) pairs
+  std::vector<int64_t> width;
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> readers;
+  Blocks(const std::vector<torch::Tensor>& Ds, const std::vector<int64_t>& channels, const std::vector<int64_t>& m,
+         const std::vector<std::vector<int64_t>>& degrees)
+      : readers(Ds.size()) {
+    TORCH_CHECK(m.size() == degrees.size(), "one order m per block");
+    for (size_t j = 0; j < m.size(); ++j) {
+      int64_t w = 0;
+      for (int64_t d : degrees[j]) {
+        TORCH_CHECK(d >= 0 && d < (int64_t)Ds.size(), "block ", j, " reads degree position ", d, " of ", Ds.size());
+        TORCH_CHECK(m[j] >= 0 && 4 * m[j] < Ds[d].size(1), "block ", j, ": order ", m[j], " exceeds degree position ",
+                    d, " (", Ds[d].size(1), " rows)");
+        readers[d].emplace_back(j, w);
+        w += channels[d];
+      }
+      width.push_back(w);
+    }
+  }
+};
+
+static void check_frames(const std::vector<torch::Tensor>& Ds, int64_t E) {
+  for (const auto& D : Ds)
+    TORCH_CHECK(D.scalar_type() == torch::kFloat && D.dim() == 3 && D.is_contiguous() && D.size(0) == E &&
+                    D.size(1) == 2 * D.size(2) - 1,
+                "D must be contiguous float32 [E, 4l+1, 2l+1] with E = ", E, ", got ", D.sizes());
+}
+
+template <typename T>
+static std::vector<T*> pointers(const std::vector<torch::Tensor>& ts) {  // raw data, looked up once
+  std::vector<T*> out;
+  for (const auto& t : ts) out.push_back(t.data_ptr<float>());
+  return out;
+}
+
+std::vector<torch::Tensor> frame_rotate_into_blocks(std::vector<torch::Tensor> Ds, std::vector<torch::Tensor> xs,
+                                                    torch::Tensor index, std::vector<int64_t> m,
+                                                    std::vector<std::vector<int64_t>> degrees) {
+  TORCH_CHECK(Ds.size() == xs.size() && !Ds.empty(), "one D [E, 4l+1, 2l+1] per x [N, 2l+1, C]");
+  const int64_t E = Ds[0].size(0);
+  check_frames(Ds, E);
+  std::vector<int64_t> channels;
+  for (size_t d = 0; d < Ds.size(); ++d) {
+    TORCH_CHECK(xs[d].scalar_type() == torch::kFloat && xs[d].dim() == 3 && xs[d].is_contiguous() &&
+                    xs[d].size(1) == Ds[d].size(2) && xs[d].size(0) == xs[0].size(0),
+                "x must be contiguous float32 [N, 2l+1, C] matching D ", Ds[d].sizes(), ", got ", xs[d].sizes());
+    channels.push_back(xs[d].size(2));
+  }
+  TORCH_CHECK(index.numel() == E || (index.numel() == 0 && xs[0].size(0) == E),
+              "one source row per edge (", E, "), or no index and one row of x per edge; got ", index.numel(),
+              " indices and ", xs[0].size(0), " rows");
+  const int64_t* src = checked_index(index, xs[0].size(0), "index");  // nullptr: row e of x
+  const Blocks layout(Ds, channels, m, degrees);
+  std::vector<torch::Tensor> out;
+  for (size_t j = 0; j < m.size(); ++j) {
+    const int64_t s = m[j] ? 2 : 1;
+    out.push_back(torch::empty({E, s, s * layout.width[j]}, xs[0].options()));
+  }
+  const auto Dp = pointers<const float>(Ds), xp = pointers<const float>(xs);
+  const auto yp = pointers<float>(out);
+  at::parallel_for(0, E, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e)
+      for (size_t d = 0; d < Ds.size(); ++d) {
+        const int64_t B = Ds[d].size(2), C = channels[d];
+        const float *De = Dp[d] + e * (2 * B - 1) * B, *xe = xp[d] + (src ? src[e] : e) * B * C;
+        for (const auto& [j, offset] : layout.readers[d]) {
+          const int64_t s = m[j] ? 2 : 1, W = layout.width[j];
+          float* row = yp[j] + e * s * s * W + offset;
+          for (int64_t q = 0; q < s * s; ++q)  // one row of D times x [B, C]
+            rotate_one(De + (first_row(m[j]) + q) * B, xe, row + q * W, 1, B, C, B, 1);
+        }
+      }
+  });
+  return out;
+}
+
+// The input gradient of frame_rotate_into_blocks per edge, rows first like x: gx_d[e, b, c] = sum over the blocks j
+// that read d and their rows q of D_d[e, row of q, b] g_j[e, row q at d's columns, c]. The caller adds the rows of
+// each source node (index_add_).
+std::vector<torch::Tensor> frame_rotate_from_blocks(std::vector<torch::Tensor> Ds, std::vector<torch::Tensor> grads,
+                                                    std::vector<int64_t> channels, std::vector<int64_t> m,
+                                                    std::vector<std::vector<int64_t>> degrees) {
+  TORCH_CHECK(Ds.size() == channels.size() && grads.size() == m.size() && !Ds.empty(),
+              "one D per degree, one gradient per block");
+  const int64_t E = Ds[0].size(0);
+  check_frames(Ds, E);
+  const Blocks layout(Ds, channels, m, degrees);
+  for (size_t j = 0; j < m.size(); ++j) {
+    const int64_t s = m[j] ? 2 : 1;
+    TORCH_CHECK(grads[j].scalar_type() == torch::kFloat && grads[j].is_contiguous() && grads[j].dim() == 3 &&
+                    grads[j].size(0) == E && grads[j].size(1) == s && grads[j].size(2) == s * layout.width[j],
+                "block ", j, ": gradient must be contiguous float32 [", E, ", ", s, ", ", s * layout.width[j],
+                "], got ", grads[j].sizes());
+  }
+  std::vector<torch::Tensor> gx;
+  for (size_t d = 0; d < Ds.size(); ++d) gx.push_back(torch::zeros({E, Ds[d].size(2), channels[d]}, Ds[d].options()));
+  const auto Dp = pointers<const float>(Ds), gp = pointers<const float>(grads);
+  const auto xp = pointers<float>(gx);
+  at::parallel_for(0, E, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e)
+      for (size_t d = 0; d < Ds.size(); ++d) {
+        const int64_t B = Ds[d].size(2), C = channels[d];
+        const float* De = Dp[d] + e * (2 * B - 1) * B;
+        float* acc = xp[d] + e * B * C;  // [B, C]
+        for (const auto& [j, offset] : layout.readers[d]) {
+          const int64_t s = m[j] ? 2 : 1, W = layout.width[j];
+          const float* g = gp[j] + e * s * s * W + offset;
+          for (int64_t q = 0; q < s * s; ++q) {
+            const float* Drow = De + (first_row(m[j]) + q) * B;
+            for (int64_t b = 0; b < B; ++b) {
+              const vec coef = vset1(Drow[b]);
+              int64_t c = 0;
+              for (; c + VW <= C; c += VW)
+                vstore(acc + b * C + c, vfma(coef, vload(g + q * W + c), vload(acc + b * C + c)));
+              for (; c < C; ++c) acc[b * C + c] += Drow[b] * g[q * W + c];
+            }
+          }
+        }
+      }
+  });
+  return gx;
+}
+
 std::string isa() { return kIsa; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -521,4 +652,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "row k: D[d_index[k]] x[x_index[k]] (or D^T); x and the result rows first (0), channels first (1) or in "
         "columns of a 2-D buffer (2) (D, x, transpose, d_index, x_index, x_layout, x_columns, out_layout, out, "
         "out_columns) -> [K, A, C], [K, C, A] or out");
+  m.def("frame_rotate_into_blocks", &frame_rotate_into_blocks,
+        "per block j: rows of order m[j] of D_d[e] x_d[index[e]] for its degrees side by side (Ds [E, 4l+1, 2l+1], "
+        "xs [N, 2l+1, C], index [E], m, degrees) -> per block [E, s, s * W]");
+  m.def("frame_rotate_from_blocks", &frame_rotate_from_blocks,
+        "the input gradient of frame_rotate_into_blocks per edge (Ds, grads, channels, m, degrees) -> per degree "
+        "[E, 2l+1, C]");
 }
