@@ -14,13 +14,9 @@ from torch import Tensor
 from .fiber import degree_to_dim
 from .basis import kernel_basis, spherical_harmonics, wigner_D
 from .graph import Graph
-from se3nb.frame_rotation import (
-    _RowPermutation,
-    frame_rotation,
-    frame_rotation_into_blocks,
-    frame_rotation_to_columns,
-)
-from .so2_product import so2_product
+from .backends import choose
+from .frame_rotation import _RowPermutation, frame_rotation, frame_rotation_into_blocks, frame_rotation_to_columns
+from .so2_product import _native_so2, so2_product
 
 # %% ../nbs/04a_so2.ipynb #f97125ed
 def edge_rotations(
@@ -110,6 +106,14 @@ def _edge_rows(
     return geometry._order_rows
 
 # %% ../nbs/04a_so2.ipynb #a6ad4633
+def _same_values(copy: Tensor, weight: Tensor) -> bool:  # with the C++ kernels: bit for bit, on all threads
+    # asked first, so that torch-only runs (SE3NB_BACKENDS=torch) never build the kernels for this
+    native = choose('so2_product', device=weight.device, dtype=weight.dtype) == 'native'
+    if native and copy.is_contiguous() and weight.is_contiguous():
+        return _native_so2()[0].same_bits(copy, weight)
+    return torch.equal(copy, weight)
+
+
 class SO2Plan:
     "Block layout of the SO(2) form of one kernel group (`in_degrees` -> `out_degrees`) and its fold matrix T."
 
@@ -163,9 +167,10 @@ class SO2Plan:
         if (torch.is_grad_enabled() and weight.requires_grad) or weight.device.type != 'cpu':
             return fold()
         # CPU inference: fold once per weight value. Not keyed on weight._version: fused optimizers and edits through
-        # .data change a weight without bumping it, so a copy is compared (~1 % of a forward; folding all groups: ~10 %)
+        # .data change a weight without bumping it, so a copy is compared (~1 % of a forward with `same_bits`, 4 % with
+        # torch.equal; folding all groups: ~10 %)
         cached = self._folded.get(key)
-        if cached is None or not torch.equal(cached[0], weight):
+        if cached is None or not _same_values(cached[0], weight):
             cached = self._folded[key] = (weight.detach().clone(), fold())
             cached[1]._se3nb_thetas = {}  # so2_product keeps its blocks' transposed copies here (`_kept_theta`)
         return cached[1]  # [num_weights, H]

@@ -304,6 +304,32 @@ def test_inference_folds_follow_weight_edits_that_keep_the_version(edit):
     torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("backend", ['native', 'torch'])
+def test_the_fold_cache_compares_weights_value_for_value(backend):
+    "The comparison behind the fold cache: any changed bit is a change; the C++ one compares bits (NaN payloads too)."
+    import se3nb.so2_product as sp
+    from se3nb.backends import override
+    from se3nb.so2 import _same_values
+
+    if backend == 'native' and sp._native_so2()[0] is None:
+        pytest.skip(f"no fused SO(2) kernels here: {sp._native_so2()[1]}")
+    weight = torch.randn(300_000)  # several of the kernel's 64 KB chunks
+    with override(so2_product=backend):
+        assert _same_values(weight.clone(), weight)
+        for at in (0, 123_457, 299_999):  # in the first, a middle and the last chunk
+            changed = weight.clone()
+            changed[at] = torch.nextafter(changed[at], torch.tensor(float('inf')))  # the smallest change
+            assert not _same_values(changed, weight)
+        assert not _same_values(weight[:-1].clone(), weight[:-1].clone().add_(1))
+        assert not _same_values(weight.view(1000, 300), weight.view(1000, 300).neg())
+        zeros = torch.zeros(4)
+        assert _same_values(zeros, -zeros) == (backend == 'torch')  # equal values, other bits: a refold at most
+    if backend == 'native':
+        with pytest.raises(RuntimeError, match="contiguous CPU tensors"):
+            sp._native_so2()[0].same_bits(weight[::2], weight[::2])
+        assert not sp._native_so2()[0].same_bits(weight, weight.view(1000, 300))  # another shape
+
+
 def test_inference_keeps_the_transposed_weight_blocks_of_cached_folds_only():
     """No-grad inference reuses the kernels' transposed weight blocks with the cached fold (the same tensors at the next
     call); weights passed to `so2_product` directly keep nothing."""

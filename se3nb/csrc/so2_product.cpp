@@ -27,6 +27,8 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cstring>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -635,6 +637,21 @@ std::vector<torch::Tensor> frame_rotate_from_blocks(std::vector<torch::Tensor> D
   return gx;
 }
 
+// same_bits: whether two CPU tensors hold the same bytes, for caches keyed on a tensor's values (SO2Plan.fold): bit
+// for bit, so equal NaNs match and -0 differs from 0 (a cache then only rebuilds). memcmp over chunks on all threads;
+// torch.equal compares element by element on one (0.9 MB: 54 us against about 10 on 2 cores).
+bool same_bits(torch::Tensor a, torch::Tensor b) {
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu() && a.is_contiguous() && b.is_contiguous(),
+              "same_bits compares contiguous CPU tensors");
+  if (a.sizes() != b.sizes() || a.scalar_type() != b.scalar_type()) return false;
+  const auto *pa = static_cast<const char*>(a.data_ptr()), *pb = static_cast<const char*>(b.data_ptr());
+  std::atomic<bool> same{true};
+  at::parallel_for(0, a.numel() * a.element_size(), 1 << 16, [&](int64_t begin, int64_t end) {
+    if (same.load(std::memory_order_relaxed) && std::memcmp(pa + begin, pb + begin, end - begin) != 0) same = false;
+  });
+  return same;
+}
+
 std::string isa() { return kIsa; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -652,6 +669,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "row k: D[d_index[k]] x[x_index[k]] (or D^T); x and the result rows first (0), channels first (1) or in "
         "columns of a 2-D buffer (2) (D, x, transpose, d_index, x_index, x_layout, x_columns, out_layout, out, "
         "out_columns) -> [K, A, C], [K, C, A] or out");
+  m.def("same_bits", &same_bits, "whether two contiguous CPU tensors of one shape and dtype hold the same bytes");
   m.def("frame_rotate_into_blocks", &frame_rotate_into_blocks,
         "per block j: rows of order m[j] of D_d[e] x_d[index[e]] for its degrees side by side (Ds [E, 4l+1, 2l+1], "
         "xs [N, 2l+1, C], index [E], m, degrees) -> per block [E, s, s * W]");
