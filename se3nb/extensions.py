@@ -27,6 +27,8 @@ from types import ModuleType
 
 import torch
 
+from .backends import add_report_line
+
 # %% ../nbs/00b_extensions.ipynb #0d3b24b6
 CPU_ISAS: dict[str, tuple[str, ...]] = {
     'avx512': ('-mavx512f', '-mavx512dq', '-mfma'),
@@ -238,3 +240,8 @@ def retain_freed_memory() -> str:
     kept = f"kept: mmap threshold {mb} MB, trim threshold {2 * mb} MB"
     _ALLOCATOR.append(kept if why_not is None else f"glibc's default ({why_not})")
     return _ALLOCATOR[0]
+
+
+add_report_line(
+    'CPU memory', lambda: _ALLOCATOR[0] if _ALLOCATOR else 'not set yet (set on the first CPU forward pass)'
+)

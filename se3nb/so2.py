@@ -113,7 +113,7 @@ def _same_values(copy: Tensor, weight: Tensor) -> bool:  # with the C++ kernels:
         return _native_so2()[0].same_bits(copy, weight)
     return torch.equal(copy, weight)
 
-
+# %% ../nbs/04a_so2.ipynb #8159fc97
 class SO2Plan:
     "Block layout of the SO(2) form of one kernel group (`in_degrees` -> `out_degrees`) and its fold matrix T."
 
@@ -166,9 +166,8 @@ class SO2Plan:
         # training folds every time, and so do GPUs: a fold is a few kernels there, and a comparison would wait for them
         if (torch.is_grad_enabled() and weight.requires_grad) or weight.device.type != 'cpu':
             return fold()
-        # CPU inference: fold once per weight value. Not keyed on weight._version: fused optimizers and edits through
-        # .data change a weight without bumping it, so a copy is compared (~1 % of a forward with `same_bits`, 4 % with
-        # torch.equal; folding all groups: ~10 %)
+        # CPU inference: fold once per weight value. Not keyed on weight._version: fused optimizers and .data edits do
+        # not bump it, so a copy is compared (`_same_values`: <1 % of a forward; folding all groups: ~10 %)
         cached = self._folded.get(key)
         if cached is None or not _same_values(cached[0], weight):
             cached = self._folded[key] = (weight.detach().clone(), fold())

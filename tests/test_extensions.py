@@ -133,7 +133,9 @@ pos = torch.randn(400, 3) * 3.0
 graph = radius_graph(pos, 2.5)
 model = SE3Transformer(2, Fiber({0: 8}), Fiber({0: 16, 1: 16, 2: 16}), Fiber({0: 8}), num_heads=4, channels_div=2,
                        return_type=0)
-before = backend_report().splitlines()[1]
+def memory_line():
+    return next(line for line in backend_report().splitlines() if line.startswith('CPU memory:'))
+before = memory_line()
 with torch.no_grad():
     for _ in range(2):  # the heap grows to what a pass needs
         model(graph, {0: torch.randn(400, 8, 1)})
@@ -141,7 +143,7 @@ with torch.no_grad():
     for _ in range(3):
         model(graph, {0: torch.randn(400, 8, 1)})
 faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 3
-print(json.dumps({'before': before, 'after': backend_report().splitlines()[1], 'faults': faults}))
+print(json.dumps({'before': before, 'after': memory_line(), 'faults': faults}))
 """
 
 
