@@ -549,6 +549,25 @@ static std::vector<T*> pointers(const std::vector<torch::Tensor>& ts) {  // raw 
   return out;
 }
 
+// f(e, d, D_e, row of D_e for q = 0 of block j, j, column offset, s, W) for every edge (in parallel), every degree d
+// and every block j that reads d: the loop both directions of frame_rotate_into_blocks share
+template <typename F>
+static void for_each_read(const Blocks& layout, const std::vector<torch::Tensor>& Ds, const std::vector<int64_t>& m,
+                          F&& f) {
+  const auto Dp = pointers<const float>(Ds);
+  at::parallel_for(0, Ds[0].size(0), 64, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e)
+      for (size_t d = 0; d < Ds.size(); ++d) {
+        const int64_t B = Ds[d].size(2);
+        const float* De = Dp[d] + e * (2 * B - 1) * B;
+        for (const auto& [j, offset] : layout.readers[d]) {
+          const int64_t s = m[j] ? 2 : 1;
+          f(e, d, De + first_row(m[j]) * B, j, offset, s, layout.width[j]);
+        }
+      }
+  });
+}
+
 std::vector<torch::Tensor> frame_rotate_into_blocks(std::vector<torch::Tensor> Ds, std::vector<torch::Tensor> xs,
                                                     torch::Tensor index, std::vector<int64_t> m,
                                                     std::vector<std::vector<int64_t>> degrees) {
@@ -572,20 +591,14 @@ std::vector<torch::Tensor> frame_rotate_into_blocks(std::vector<torch::Tensor> D
     const int64_t s = m[j] ? 2 : 1;
     out.push_back(torch::empty({E, s, s * layout.width[j]}, xs[0].options()));
   }
-  const auto Dp = pointers<const float>(Ds), xp = pointers<const float>(xs);
+  const auto xp = pointers<const float>(xs);
   const auto yp = pointers<float>(out);
-  at::parallel_for(0, E, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e)
-      for (size_t d = 0; d < Ds.size(); ++d) {
-        const int64_t B = Ds[d].size(2), C = channels[d];
-        const float *De = Dp[d] + e * (2 * B - 1) * B, *xe = xp[d] + (src ? src[e] : e) * B * C;
-        for (const auto& [j, offset] : layout.readers[d]) {
-          const int64_t s = m[j] ? 2 : 1, W = layout.width[j];
-          float* row = yp[j] + e * s * s * W + offset;
-          for (int64_t q = 0; q < s * s; ++q)  // one row of D times x [B, C]
-            rotate_one(De + (first_row(m[j]) + q) * B, xe, row + q * W, 1, B, C, B, 1);
-        }
-      }
+  for_each_read(layout, Ds, m, [&](int64_t e, size_t d, const float* D, int64_t j, int64_t offset, int64_t s,
+                                   int64_t W) {
+    const int64_t B = Ds[d].size(2), C = channels[d];
+    const float* xe = xp[d] + (src ? src[e] : e) * B * C;
+    float* row = yp[j] + e * s * s * W + offset;
+    for (int64_t q = 0; q < s * s; ++q) rotate_one(D + q * B, xe, row + q * W, 1, B, C, B, 1);  // a row of D times x
   });
   return out;
 }
@@ -610,28 +623,21 @@ std::vector<torch::Tensor> frame_rotate_from_blocks(std::vector<torch::Tensor> D
   }
   std::vector<torch::Tensor> gx;
   for (size_t d = 0; d < Ds.size(); ++d) gx.push_back(torch::zeros({E, Ds[d].size(2), channels[d]}, Ds[d].options()));
-  const auto Dp = pointers<const float>(Ds), gp = pointers<const float>(grads);
+  const auto gp = pointers<const float>(grads);
   const auto xp = pointers<float>(gx);
-  at::parallel_for(0, E, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e)
-      for (size_t d = 0; d < Ds.size(); ++d) {
-        const int64_t B = Ds[d].size(2), C = channels[d];
-        const float* De = Dp[d] + e * (2 * B - 1) * B;
-        float* acc = xp[d] + e * B * C;  // [B, C]
-        for (const auto& [j, offset] : layout.readers[d]) {
-          const int64_t s = m[j] ? 2 : 1, W = layout.width[j];
-          const float* g = gp[j] + e * s * s * W + offset;
-          for (int64_t q = 0; q < s * s; ++q) {
-            const float* Drow = De + (first_row(m[j]) + q) * B;
-            for (int64_t b = 0; b < B; ++b) {
-              const vec coef = vset1(Drow[b]);
-              int64_t c = 0;
-              for (; c + VW <= C; c += VW)
-                vstore(acc + b * C + c, vfma(coef, vload(g + q * W + c), vload(acc + b * C + c)));
-              for (; c < C; ++c) acc[b * C + c] += Drow[b] * g[q * W + c];
-            }
-          }
-        }
+  // each edge's rows are written by one thread only: the blocks of an edge are summed in place
+  for_each_read(layout, Ds, m, [&](int64_t e, size_t d, const float* D, int64_t j, int64_t offset, int64_t s,
+                                   int64_t W) {
+    const int64_t B = Ds[d].size(2), C = channels[d];
+    float* acc = xp[d] + e * B * C;  // [B, C]
+    const float* g = gp[j] + e * s * s * W + offset;
+    for (int64_t q = 0; q < s * s; ++q)
+      for (int64_t b = 0; b < B; ++b) {  // acc[b, :] += D[q, b] g[q, :]
+        const float coef = D[q * B + b];
+        int64_t c = 0;
+        for (; c + VW <= C; c += VW)
+          vstore(acc + b * C + c, vfma(vset1(coef), vload(g + q * W + c), vload(acc + b * C + c)));
+        for (; c < C; ++c) acc[b * C + c] += coef * g[q * W + c];
       }
   });
   return gx;
