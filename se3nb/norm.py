@@ -11,6 +11,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from .backends import choose, register
+from .extensions import cpu_isa, load_extension
 from .fiber import Fiber
 from .graph import Graph, graph_max_pool, graph_mean_pool
 
@@ -18,6 +20,45 @@ from .graph import Graph, graph_max_pool, graph_mean_pool
 NORM_CLAMP = 2**-24  # smallest positive float16 subnormal
 
 
+def _native_norm():  # (the kernels norm_nonlinearity_forward / _backward, None), or (None, why not)
+    return load_extension('norm_nonlinearity.cpp', cpu_isa())  # vectorized across nodes (AVX-512, AVX2, or plain)
+
+
+class _NativeNormNonlinearity(torch.autograd.Function):
+    "Norms, their layer norm, ReLU and the rescaling of every degree in one C++ pass per node; backward too."
+
+    @staticmethod
+    def forward(ctx, gamma: Tensor, beta: Tensor, eps: float, *xs: Tensor) -> tuple[Tensor, ...]:
+        xs = [x.contiguous() for x in xs]  # [N, C_l, 2l+1]
+        ctx.save_for_backward(gamma, beta, *xs)
+        ctx.eps = eps
+        return tuple(_native_norm()[0].norm_nonlinearity_forward(xs, gamma, beta, eps, NORM_CLAMP))
+
+    @staticmethod
+    def backward(ctx, *grads: Tensor | None):
+        gamma, beta, *xs = ctx.saved_tensors
+        grads = [torch.zeros_like(x) if g is None else g.contiguous() for x, g in zip(xs, grads)]
+        *grad_xs, grad_gamma, grad_beta = _native_norm()[0].norm_nonlinearity_backward(
+            xs, gamma, beta, ctx.eps, NORM_CLAMP, grads
+        )
+        return grad_gamma, grad_beta, None, *grad_xs
+
+
+def _native_accepts(device: str | None, dtype: torch.dtype | None) -> str | None:
+    ok = device in (None, 'cpu') and dtype in (None, torch.float32, torch.float64)
+    return None if ok else "float32 or float64 CPU tensors only"
+
+
+register(
+    'norm_nonlinearity',
+    'native',
+    available=lambda: _native_norm()[1],
+    accepts=_native_accepts,
+    shape_limits="ReLU, with the layer norms' learned scale and shift",
+)
+register('norm_nonlinearity', 'torch')
+
+# %% ../nbs/06_norm.ipynb #00c68ab2
 class NormNonlinearity(nn.Module):
     "Equivariant nonlinearity: layer-normalize and ReLU the norms of each degree's channels, keep the directions."
 
@@ -38,20 +79,34 @@ class NormNonlinearity(nn.Module):
     def _per_degree(self, norms: list[Tensor]) -> list[Tensor]:
         return [self.layer_norms[str(l)](n) for l, n in zip(self.fiber.degrees, norms)]
 
+    def _affine(self) -> tuple[Tensor, Tensor, float] | None:  # (gamma [sum C], beta [sum C], eps), or None
+        "The layer norms as one scale, shift and eps, where the C++ kernels compute them (ReLU, affine, one eps)."
+        norms = [self.group_norm] if hasattr(self, 'group_norm') else list(self.layer_norms.values())
+        if type(self.nonlinearity) is not nn.ReLU or any(n.weight is None or n.eps != norms[0].eps for n in norms):
+            return None
+        if len(norms) == 1:
+            return norms[0].weight, norms[0].bias, norms[0].eps
+        return torch.cat([n.weight for n in norms]), torch.cat([n.bias for n in norms]), norms[0].eps
+
     def forward(
         self,
         feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
     ) -> dict[int, Tensor]:  # {l: [N, C_l, 2l+1]}
         "Rescale every channel of every degree to its transformed norm."
-        dtype = torch.promote_types(
-            feats[self.fiber.degrees[0]].dtype, torch.float32
-        )  # norms in float32 under autocast
-        with torch.autocast(feats[self.fiber.degrees[0]].device.type, enabled=False):
-            norms = [feats[l].to(dtype).norm(dim=-1).clamp(min=NORM_CLAMP) for l in self.fiber.degrees]  # [N, C_l]
+        xs = [feats[l] for l in self.fiber.degrees]
+        affine = self._affine()
+        where = dict(device=xs[0].device, dtype=xs[0].dtype, shape_ok=affine is not None)
+        if all(x.dtype == xs[0].dtype for x in xs) and choose('norm_nonlinearity', **where) == 'native':
+            gamma, beta, eps = affine
+            ys = _NativeNormNonlinearity.apply(gamma.to(xs[0].dtype), beta.to(xs[0].dtype), eps, *xs)
+            return dict(zip(self.fiber.degrees, ys))
+        dtype = torch.promote_types(xs[0].dtype, torch.float32)  # norms in float32 under autocast
+        with torch.autocast(xs[0].device.type, enabled=False):
+            norms = [x.to(dtype).norm(dim=-1).clamp(min=NORM_CLAMP) for x in xs]  # [N, C_l]
             new_norms = [self.nonlinearity(n) for n in self._normalize(norms)]  # [N, C_l]
         return {
-            l: feats[l] * (new / norm).to(feats[l].dtype)[..., None]  # [N, C_l, 2l+1]
-            for l, norm, new in zip(self.fiber.degrees, norms, new_norms)
+            l: x * (new / norm).to(x.dtype)[..., None]  # [N, C_l, 2l+1]
+            for l, x, norm, new in zip(self.fiber.degrees, xs, norms, new_norms)
         }
 
 # %% ../nbs/06_norm.ipynb #3cc8b237
