@@ -44,6 +44,10 @@ OPS: dict[str, dict[str, str]] = {
         'native': "no grad, float32, AVX-512 CPUs: blocks of destination nodes, a fused C++ pass each (`04b_so2_conv`)",
         'torch': "the differentiable SO(2) path: messages of every edge, then sums or attention",
     },
+    'radial_hidden': {
+        'native': "both hidden layers of a radial MLP in one C++ pass per edge, forward and backward (`04_conv`)",
+        'torch': "`nn.Linear`, `nn.LayerNorm` and `nn.ReLU` one after another",
+    },
     'norm_nonlinearity': {
         'native': "one C++ pass per node for norms, layer norm, ReLU and rescaling, forward and backward (`06_norm`)",
         'torch': "norms, `GroupNorm` or `LayerNorm`, ReLU and the rescaling as torch operations",
@@ -56,6 +60,7 @@ REGISTERED_BY = {
     'segment_reduce': 'se3nb.graph',
     'frame_rotation': 'se3nb.frame_rotation',
     'so2_inference': 'se3nb.so2_conv',
+    'radial_hidden': 'se3nb.conv',
     'norm_nonlinearity': 'se3nb.norm',
 }  # the module that registers each op's backends when it is imported
 ENV_VAR = 'SE3NB_BACKENDS'  # the documented override, e.g. 'torch' or 'so2_product=torch,conv=reference'

@@ -13,10 +13,82 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from .backends import choose, register
+from .extensions import cpu_isa, load_extension
 from .fiber import Fiber, degree_to_dim
 from .basis import Bases, num_frequencies
 from .graph import Graph
-from .frame_rotation import _GatherRows
+from .frame_rotation import _GatherRows, _autocast_enabled
+
+# %% ../nbs/04_conv.ipynb #radnat01
+_NATIVE_WIDTHS = (16, 32, 64)  # hidden units the C++ pass is compiled for (NVIDIA's radial MLPs have 32)
+
+
+def _native_radial():  # (the kernels radial_hidden_forward / _backward, None), or (None, why not)
+    return load_extension('radial_mlp.cpp', cpu_isa())  # vectorized over the hidden units (AVX-512, AVX2, or plain)
+
+
+class _NativeRadialHidden(torch.autograd.Function):
+    "Both hidden layers (Linear, [LayerNorm], ReLU, twice) in one C++ pass per row; backward recomputes them."
+
+    @staticmethod
+    def forward(ctx, x: Tensor, norm: bool, eps: float, *weights: Tensor) -> Tensor:  # x [P, K] -> [P, M]
+        W1, b1, g1, s1, W2, b2, g2, s2 = weights
+        params = [W1, W1.t().contiguous(), b1, g1, s1, W2, W2.t().contiguous(), b2, g2, s2]
+        ctx.save_for_backward(x, *params)
+        ctx.norm, ctx.eps = norm, eps
+        return _native_radial()[0].radial_hidden_forward(x, params, norm, eps)
+
+    @staticmethod
+    def backward(ctx, grad_h: Tensor):
+        x, *params = ctx.saved_tensors
+        need_x = ctx.needs_input_grad[0]
+        grad_x, *grads = _native_radial()[0].radial_hidden_backward(
+            x, params, ctx.norm, ctx.eps, grad_h.contiguous(), need_x
+        )
+        if not ctx.norm:  # the layer norms' places held the biases: no gradient of their own
+            grads[2:4] = grads[6:8] = None, None
+        return grad_x if need_x else None, None, None, *grads
+
+
+@torch.compiler.disable  # a C++ extension: torch.compile runs it as it is, without a warning per call
+def _native_hidden(x: Tensor, native: tuple) -> Tensor:
+    return _NativeRadialHidden.apply(x, *native)
+
+
+def _native_radial_accepts(device: str | None, dtype: torch.dtype | None) -> str | None:
+    ok = device in (None, 'cpu') and dtype in (None, torch.float32, torch.float64)
+    return None if ok else "float32 or float64 CPU tensors only"
+
+
+register(
+    'radial_hidden',
+    'native',
+    available=lambda: _native_radial()[1],
+    accepts=_native_radial_accepts,
+    shape_limits="RadialProfile's layers (Linear, [LayerNorm], ReLU, twice), 16, 32 or 64 hidden units, no autocast",
+)
+register('radial_hidden', 'torch')
+
+# %% ../nbs/04_conv.ipynb #radnat02
+def _native_weights(profile: nn.Module, x: Tensor) -> tuple | None:  # (norm, eps, W1, b1, g1, s1, W2, b2, g2, s2)
+    "The hidden layers' parameters for the C++ pass, or None where it does not apply (other layers, dtype, autocast)."
+    layers = list(profile.net[:-1])
+    norm = len(layers) == 6
+    kinds = [nn.Linear, nn.LayerNorm, nn.ReLU] * 2 if norm else [nn.Linear, nn.ReLU] * 2
+    if [type(m) for m in layers] != kinds or _autocast_enabled(x.device.type):
+        return None
+    first, second = layers[0], layers[3 if norm else 2]
+    if first.out_features not in _NATIVE_WIDTHS:
+        return None
+    # without norms, the biases hold the norms' places (never read)
+    g1, s1 = (layers[1].weight, layers[1].bias) if norm else (first.bias, first.bias)
+    g2, s2 = (layers[4].weight, layers[4].bias) if norm else (second.bias, second.bias)
+    weights = (first.weight, first.bias, g1, s1, second.weight, second.bias, g2, s2)
+    eps = layers[1].eps if norm else 0.0
+    if any(w is None or w.dtype != x.dtype for w in weights) or (norm and layers[4].eps != eps):
+        return None
+    return norm, eps, *weights
 
 # %% ../nbs/04_conv.ipynb #7dd6be83
 class RadialProfile(nn.Module):
@@ -51,6 +123,12 @@ class RadialProfile(nn.Module):
         edge_invariants: Tensor,  # [E, edge_dim]
     ) -> Tensor:  # [E, mid_dim]
         "The MLP up to (not including) its last layer."
+        native = _native_weights(self, edge_invariants)
+        if (
+            native is not None
+            and choose('radial_hidden', device=edge_invariants.device, dtype=edge_invariants.dtype) == 'native'
+        ):
+            return _native_hidden(edge_invariants.contiguous(), native)  # [E, mid]
         return self.net[:-1](edge_invariants)  # [E, mid]
 
     def forward(

@@ -44,6 +44,11 @@ class _NativeNormNonlinearity(torch.autograd.Function):
         return grad_gamma, grad_beta, None, *grad_xs
 
 
+@torch.compiler.disable  # a C++ extension: torch.compile runs it as it is, without a warning per call
+def _native_norm_nonlinearity(gamma: Tensor, beta: Tensor, eps: float, xs: list[Tensor]) -> tuple[Tensor, ...]:
+    return _NativeNormNonlinearity.apply(gamma, beta, eps, *xs)
+
+
 def _native_accepts(device: str | None, dtype: torch.dtype | None) -> str | None:
     ok = device in (None, 'cpu') and dtype in (None, torch.float32, torch.float64)
     return None if ok else "float32 or float64 CPU tensors only"
@@ -98,7 +103,7 @@ class NormNonlinearity(nn.Module):
         where = dict(device=xs[0].device, dtype=xs[0].dtype, shape_ok=affine is not None)
         if all(x.dtype == xs[0].dtype for x in xs) and choose('norm_nonlinearity', **where) == 'native':
             gamma, beta, eps = affine
-            ys = _NativeNormNonlinearity.apply(gamma.to(xs[0].dtype), beta.to(xs[0].dtype), eps, *xs)
+            ys = _native_norm_nonlinearity(gamma.to(xs[0].dtype), beta.to(xs[0].dtype), eps, xs)
             return dict(zip(self.fiber.degrees, ys))
         dtype = torch.promote_types(xs[0].dtype, torch.float32)  # norms in float32 under autocast
         with torch.autocast(xs[0].device.type, enabled=False):

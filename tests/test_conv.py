@@ -5,7 +5,10 @@ import torch
 
 from model_helpers import F64, random_multigraph
 from se3nb.backends import override
-from se3nb.conv import edge_invariants, radial_kernel_product, radial_kernel_product_reference, random_features
+from se3nb.conv import (
+    RadialProfile, _native_radial, edge_invariants, radial_kernel_product, radial_kernel_product_reference,
+    random_features,
+)
 from se3nb.fiber import Fiber
 from se3nb.graph import fully_connected
 from se3nb.so2_conv import conv_class
@@ -44,6 +47,46 @@ def test_gradcheck_conv_attention_norm(backend):
     ):
         f, inputs = as_fn(call, feats)
         assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.skipif(_native_radial()[0] is None, reason="the C++ kernels did not build here")
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("layer_norm, mid", [(True, 32), (False, 32), (True, 16), (True, 64)])
+def test_native_radial_hidden_equals_torch(layer_norm, mid, dtype):
+    "The C++ hidden layers (rows 8 at a time: 45 leaves a tail) give torch's values and gradients, inputs' included."
+    torch.manual_seed(0)
+    profile = RadialProfile(2, 3, 4, edge_dim=5, mid_dim=mid, use_layer_norm=layer_norm).to(dtype)
+    with torch.no_grad():
+        for p in profile.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    rows = torch.randn(45, 5, dtype=dtype)
+    grad = torch.randn(45, mid, dtype=dtype)
+    results = []
+    for backend in ('native', 'torch'):
+        x = rows.clone().requires_grad_()
+        with override(radial_hidden=backend):
+            h = profile.hidden(x)
+        params = [p for p in profile.net[:-1].parameters()]
+        results.append([h, *torch.autograd.grad(h, [x, *params], grad)])
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **tol)
+    with override(radial_hidden='native'):  # no gradient asked for the rows: none computed, the weights' still are
+        h = profile.hidden(rows)
+        (g,) = torch.autograd.grad(h, [profile.net[0].weight], grad)
+    torch.testing.assert_close(g, results[1][2], **tol)
+
+
+def test_native_radial_hidden_falls_back_to_torch():
+    "Hidden widths the kernels lack, other layers, another dtype than the weights', autocast: torch's layers run."
+    profile = RadialProfile(1, 2, 2, edge_dim=3, mid_dim=24, use_layer_norm=True)
+    rows = torch.randn(10, 3)
+    torch.testing.assert_close(profile.hidden(rows), profile.net[:-1](rows))  # 24 units: torch
+    profile = RadialProfile(1, 2, 2, edge_dim=3, use_layer_norm=True)
+    profile.net[2] = torch.nn.SiLU()
+    torch.testing.assert_close(profile.hidden(rows), profile.net[:-1](rows))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert profile.hidden(rows).dtype == torch.bfloat16
 
 
 def test_fast_radial_product_matches_reference():
