@@ -44,6 +44,10 @@ OPS: dict[str, dict[str, str]] = {
         'native': "no grad, float32, AVX-512 CPUs: blocks of destination nodes, a fused C++ pass each (`04b_so2_conv`)",
         'torch': "the differentiable SO(2) path: messages of every edge, then sums or attention",
     },
+    'edge_frames': {
+        'native': "one C++ pass per edge: its rotation and Wigner D rows for the SO(2) path, no gradients (`04a_so2`)",
+        'torch': "`edge_rotations` and `wigner_D` as batched torch operations (positions that take gradients)",
+    },
     'radial_hidden': {
         'native': "both hidden layers of a radial MLP in one C++ pass per edge, forward and backward (`04_conv`)",
         'torch': "`nn.Linear`, `nn.LayerNorm` and `nn.ReLU` one after another",
@@ -60,6 +64,7 @@ REGISTERED_BY = {
     'segment_reduce': 'se3nb.graph',
     'frame_rotation': 'se3nb.frame_rotation',
     'so2_inference': 'se3nb.so2_conv',
+    'edge_frames': 'se3nb.so2',
     'radial_hidden': 'se3nb.conv',
     'norm_nonlinearity': 'se3nb.norm',
 }  # the module that registers each op's backends when it is imported

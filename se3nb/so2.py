@@ -7,14 +7,16 @@ __all__ = ['edge_rotations', 'SO2Plan', 'reverse_edge_pairs', 'EdgeFrames', 'so2
 
 # %% ../nbs/04a_so2.ipynb #73d38bd5
 from collections.abc import Mapping
+from functools import lru_cache
 
 import torch
 from torch import Tensor
 
 from .fiber import degree_to_dim
-from .basis import kernel_basis, spherical_harmonics, wigner_D
+from .basis import _step_coupling, kernel_basis, spherical_harmonics, wigner_D
 from .graph import Graph
-from .backends import choose
+from .backends import choose, register
+from .extensions import cpu_isa, load_extension
 from .frame_rotation import _RowPermutation, frame_rotation, frame_rotation_into_blocks, frame_rotation_to_columns
 from .so2_product import _native_so2, so2_product
 
@@ -236,6 +238,57 @@ def _frame_matrices(
         D_out.append(D[:, by_m].contiguous())
     return D_in, D_out
 
+# %% ../nbs/04a_so2.ipynb #edgeframes01
+def _native_frames():  # (the kernel frame_matrices, None), or (None, why not)
+    return load_extension('edge_frames.cpp', cpu_isa())  # plain C++ loops, compiled for this CPU; cached
+
+
+@lru_cache(maxsize=None)
+def _frame_layout(max_degree: int, dtype: torch.dtype) -> tuple[list[Tensor], ...]:  # couplings, extended, signs, by_m
+    "What `frame_matrices` needs besides the positions: the couplings of `wigner_D`, and `_m_rows` of every degree."
+    rows = [_m_rows(l) for l in range(max_degree + 1)]
+    couplings = [_step_coupling(l, dtype, torch.device('cpu')) for l in range(2, max_degree + 1)]
+    long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return (
+        couplings,
+        [long(extended) for _, extended, _ in rows],
+        [torch.tensor(signs, dtype=dtype) for _, _, signs in rows],
+        [long(by_m) for by_m, _, _ in rows],
+    )
+
+
+def _native_frames_accepts(device: str | None, dtype: torch.dtype | None) -> str | None:
+    ok = device in (None, 'cpu') and dtype in (None, torch.float32, torch.float64)
+    return None if ok else "float32 or float64 CPU positions only"
+
+
+register(
+    'edge_frames',
+    'native',
+    available=lambda: _native_frames()[1],
+    accepts=_native_frames_accepts,
+    shape_limits="positions that take no gradient (forces: torch builds the frames)",
+)
+register('edge_frames', 'torch')
+
+
+@torch.compiler.disable  # data-dependent slots and a C++ extension: built eagerly, also under torch.compile
+def _frames_of_rows(
+    rel_pos: Tensor,  # [E, 3]
+    rows: Tensor,  # [E'] the edge of each row
+    max_degree: int,
+) -> tuple[list[Tensor], list[Tensor]]:  # per degree: D_in [E', 4l+1, 2l+1], D_out [E', 2l+1, 2l+1]
+    "`_frame_matrices` of the edges `rows`: one C++ pass per edge where `choose('edge_frames')` allows, else torch."
+    takes_grad = torch.is_grad_enabled() and rel_pos.requires_grad
+    where = dict(device=rel_pos.device, dtype=rel_pos.dtype, shape_ok=not takes_grad)
+    if choose('edge_frames', **where) == 'native':
+        D_in, D_out = _native_frames()[0].frame_matrices(
+            rel_pos.contiguous(), rows.contiguous(), *_frame_layout(max_degree, rel_pos.dtype)
+        )
+        return D_in, D_out
+    R, _ = edge_rotations(rel_pos)  # [E, 3, 3]
+    return _frame_matrices(R[rows], max_degree)
+
 # %% ../nbs/04a_so2.ipynb #5acc9bf0
 class EdgeFrames:
     "Per-forward geometry of the SO(2) path: slots of edges sharing radial weights, and Wigner D matrices per slot row."
@@ -266,7 +319,7 @@ class EdgeFrames:
     def _build(self, graph: Graph, invariants: Tensor) -> None:
         self._pending, self.deferred = None, False
         with torch.autocast(graph.rel_pos.device.type, enabled=False):  # frames stay in full precision under AMP
-            R, zero = edge_rotations(graph.rel_pos)  # [E, 3, 3], [E]
+            zero = graph.rel_pos.norm(dim=-1) <= 1e-12  # [E] zero-length edges, as `edge_rotations` finds them
             a, b, singles, zeros = _slot_kinds(graph, invariants, zero)
             self.num_pairs, self.num_zero = a.shape[0], zeros.shape[0]  # pair slots first, zero-length slots last
             self.first = torch.cat([a, singles, zeros])  # [P] the edge whose invariants feed the radial MLP
@@ -275,7 +328,7 @@ class EdgeFrames:
             ids = torch.arange(self.num_edges, device=zero.device)
             self.position = torch.empty_like(ids).index_copy_(0, self.slot_edges, ids)  # [E] row of each edge
             self.src = graph.src[self.slot_edges]  # [E]
-            self.D_in, self.D_out = _frame_matrices(R[self.slot_edges], self.max_degree)  # in row order
+            self.D_in, self.D_out = _frames_of_rows(graph.rel_pos, self.slot_edges, self.max_degree)  # row order
 
     def to(self, device: torch.device | str) -> "EdgeFrames":
         "Move every tensor to `device` (e.g. frames built in a data loader worker)."

@@ -10,12 +10,33 @@ from se3nb.conv import FUSE_LEVELS, TFNConv, edge_invariants, random_features
 from se3nb.fiber import Fiber
 from se3nb.graph import Graph, radius_graph
 from se3nb.model import SE3Transformer
-from se3nb.so2 import EdgeFrames, SO2Plan, edge_rotations, reverse_edge_pairs
+from se3nb.so2 import EdgeFrames, SO2Plan, _native_frames, edge_rotations, reverse_edge_pairs
 from se3nb.so2_conv import SO2Conv
 from se3nb.benchmark import random_molecule_batch
 from se3nb.backends import override
 
 F64 = torch.float64
+
+
+@pytest.mark.skipif(_native_frames()[0] is None, reason="the C++ kernels did not build here")
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-6), (F64, 1e-12)])
+def test_native_edge_frames_equal_torch(dtype, tol):
+    "The C++ frames: zero-length edges, directions near x (the other helper axis), degrees 0-4, any row order."
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randn(30, 3, generator=g, dtype=dtype)
+    pos[3] = 0  # zero length
+    pos[4] = torch.tensor([2.0, 0.1, -0.3], dtype=dtype)  # |u_x| > 0.9
+    pos[5] = torch.tensor([-1.0, 0.4, 0.2], dtype=dtype)
+    graph = Graph(torch.stack([torch.arange(30), (torch.arange(30) + 1) % 30]), 30, rel_pos=pos)
+    frames = {}
+    for backend in ('native', 'torch'):
+        with override(edge_frames=backend):
+            frames[backend] = EdgeFrames(graph, 4, torch.ones(30, 1, dtype=dtype))
+    for a, b in zip(frames['native'].D_in + frames['native'].D_out, frames['torch'].D_in + frames['torch'].D_out):
+        assert a.shape == b.shape and a.dtype == b.dtype and (a - b).abs().max() < tol
+    with override(edge_frames='native'):  # even when asked for: positions that take gradients get torch's frames
+        moving = Graph(graph.edge_index, 30, rel_pos=pos.clone().requires_grad_())
+        assert all(D.requires_grad for D in EdgeFrames(moving, 2, torch.ones(30, 1, dtype=dtype)).D_in[1:])
 
 
 def mixed_graph(seed=0, dtype=F64, symmetric=True):
