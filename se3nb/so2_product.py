@@ -112,15 +112,25 @@ def _native_so2():  # (the kernels for this CPU's instruction set, None), or (No
     return load_extension('so2_product.cpp', cpu_isa() or 'avx2')  # cached: compiled once, loaded once per process
 
 
-def _native_shape_ok(
-    rows: int, I: int, H: int
-) -> bool:  # at most 4 rows, I and H multiples of the vector width, H <= 8 of it
+def _native_shape_ok(rows: int, H: int) -> bool:  # at most 4 rows, H a multiple of the vector width, <= 8 of it
     width = _VECTOR_WIDTH.get(cpu_isa(), 16)
-    return rows <= 4 and I % width == 0 and H % width == 0 and H <= 8 * width
+    return rows <= 4 and H % width == 0 and H <= 8 * width
 
 
-def _theta(w: Tensor, O: int, I: int) -> Tensor:  # [O, H, I] one m-block of the folded weights, i contiguous
-    return w.view(O, I, -1).transpose(1, 2).contiguous()
+def _padded(I: int) -> int:  # I rounded up to a multiple of the vector width: the kernels read zero-padded inputs
+    width = _VECTOR_WIDTH.get(cpu_isa(), 16)
+    return -(-I // width) * width
+
+
+def _pad_inputs(x: Tensor) -> Tensor:  # [P, R, I] -> [P, R, _padded(I)] contiguous, zeros appended
+    pad = _padded(x.shape[2]) - x.shape[2]
+    return x.contiguous() if pad == 0 else torch.nn.functional.pad(x, (0, pad))
+
+
+def _theta(w: Tensor, O: int, I: int) -> Tensor:  # [O, H, _padded(I)] an m-block of the folded weights, i contiguous
+    theta = w.view(O, I, -1).transpose(1, 2)  # [O, H, I]
+    pad = _padded(I) - I
+    return theta.contiguous() if pad == 0 else torch.nn.functional.pad(theta, (0, pad))
 
 
 def _kept_theta(weight: Tensor, off: int, O: int, I: int) -> Tensor:  # [O, H, I] the m-block at row `off`
@@ -166,7 +176,9 @@ def _tune(native, R: int, O: int, I: int, H: int, split: bool) -> dict:  # the f
     g, P = torch.Generator().manual_seed(0), _TUNE_SLOTS
     h, x = torch.rand(P, H, generator=g), torch.randn(P, R, I, generator=g)  # [P, H], [P, R, I]
     w, gy = torch.randn(O * I, H, generator=g) / H**0.5, torch.randn(P, R, O, generator=g)  # [O*I, H], [P, R, O]
-    theta, w3, variants = _theta(w, O, I), w.view(O, I, H), range(native.variants())  # [O, H, I], [O, I, H]
+    theta, variants = _theta(w, O, I), range(native.variants())  # [O, H, I'] with I' = _padded(I)
+    x_torch, x = x, _pad_inputs(x)  # torch's products take I columns, the kernels I' (padding is part of their cost)
+    w3 = torch.nn.functional.pad(w.view(O, I, H), (0, 0, 0, x.shape[2] - I))  # [O, I', H]
     fwd, fwd_s = _fastest(
         {(v, t): lambda v=v, t=t: native.so2_forward(h, theta, x, v, t, 64) for v in variants for t in {1, 4, O}}
     )
@@ -175,9 +187,9 @@ def _tune(native, R: int, O: int, I: int, H: int, split: bool) -> dict:  # the f
     )
     gw, gw_s = _fastest({c: lambda c=c: native.so2_grad_w(h, x, gy, c) for c in (16, 64, 256)})
     gh, gh_s = _fastest({b: lambda b=b: native.so2_grad_h(w3, x, gy, split, b) for b in {2, 8, O}})
-    torch_fwd = _seconds(lambda: _forward_torch(h, w, x, O))
+    torch_fwd = _seconds(lambda: _forward_torch(h, w, x_torch, O))
     grad_hs, grad_w = [torch.zeros(P, H) for _ in range(1 + split)], torch.empty_like(w)
-    torch_bwd = _seconds(lambda: _backward_torch(h, w, x, gy, grad_hs, grad_w, split=split, low=False))
+    torch_bwd = _seconds(lambda: _backward_torch(h, w, x_torch, gy, grad_hs, grad_w, split=split, low=False))
     return {
         'forward': list(fwd),
         'grad_x': list(gx),
@@ -231,7 +243,7 @@ register(
     'native',
     available=lambda: _native_so2()[1],
     accepts=_native_accepts,
-    shape_limits="at most 4 rows per slot, I and H multiples of 16 (AVX-512) or 8 (AVX2), H at most 8 times that",
+    shape_limits="at most 4 rows per slot, H a multiple of 16 (AVX-512) or 8 (AVX2) and at most 8 times that",
     autotuned=True,
     details=_tuning_lines,
 )
@@ -243,7 +255,7 @@ def _choose_products(h: Tensor, xs: Sequence[Tensor], sizes: Sequence[int], spli
     H, choices = h.shape[1], []
     for x, n in zip(xs, sizes):
         R, I = x.shape[1], x.shape[2]
-        where = dict(device=h.device, dtype=h.dtype, shape_ok=_native_shape_ok(R, I, H))
+        where = dict(device=h.device, dtype=h.dtype, shape_ok=_native_shape_ok(R, H))
         if choose('so2_product', **where) != 'native':
             choices.append(('torch', 'torch', None))
             continue
@@ -252,18 +264,24 @@ def _choose_products(h: Tensor, xs: Sequence[Tensor], sizes: Sequence[int], spli
     return tuple(choices)
 
 # %% ../nbs/03b_so2_product.ipynb #0bf21dcb
-def _backward_native(native, plan, h, w, x, gy, grad_hs, grad_w, *, split: bool) -> Tensor:  # [P, R, I] input gradient
+def _backward_native(native, plan, h, w, theta, x, gy, grad_hs, grad_w, *, split: bool) -> Tensor:  # [P, R, I] dx
     "One m-block with the C++ kernels: returns dx, adds dh to `grad_hs`, writes dTheta into `grad_w`."
     P, H, (O, I) = h.shape[0], h.shape[1], (gy.shape[2], x.shape[2])
-    theta, hc, xc = _theta(w, O, I), h.contiguous(), x.contiguous()  # [O, H, I]
-    gx = native.so2_grad_x(hc, theta, gy, *plan['grad_x'], 64)  # [P, R, I]
+    theta = _theta(w, O, I) if theta is None else theta  # [O, H, I'], the forward's when it ran the kernels
+    hc, xc = h.contiguous(), _pad_inputs(x)  # [P, H], [P, R, I']: I' = _padded(I), zero columns appended
+    gx = native.so2_grad_x(hc, theta, gy, *plan['grad_x'], 64)[..., :I]  # [P, R, I]
     if any(g is not None for g in grad_hs):
-        gh = native.so2_grad_h(w.view(O, I, H), xc, gy, split, plan['grad_h']).view(P, 1 + split, H)  # [P, 1 or 2, H]
+        w3 = (
+            w.view(O, I, H)
+            if xc.shape[2] == I
+            else torch.nn.functional.pad(w.view(O, I, H), (0, 0, 0, xc.shape[2] - I))
+        )
+        gh = native.so2_grad_h(w3, xc, gy, split, plan['grad_h']).view(P, 1 + split, H)  # [P, 1 or 2, H]
         for e, grad_h in enumerate(grad_hs):
             if grad_h is not None:
                 grad_h += gh[:, e]
-    if grad_w is not None:
-        grad_w.copy_(native.so2_grad_w(hc, xc, gy, plan['grad_w']).view(O * I, H))  # [O*I, H]: the weight's own layout
+    if grad_w is not None:  # [O, I', H] -> the weight's own layout [O*I, H]
+        grad_w.view(O, I, H).copy_(native.so2_grad_w(hc, xc, gy, plan['grad_w'])[:, :I])
     return gx
 
 # %% ../nbs/03b_so2_product.ipynb #16cb4e20
@@ -274,14 +292,16 @@ class _SO2Product(torch.autograd.Function):
     def forward(ctx, h, h_second, weight_full, sizes, backends, *xs):
         weight = weight_full.to(h.dtype)  # [n, H] the folded weight in h's dtype
         native = _native_so2()[0] if any('native' in c[:2] for c in backends) else None
-        ys = []
+        ys, ctx.thetas = [], []  # the kernels' transposed weight blocks, reused by backward
         for x, (off, n), (backend, _, plan) in zip(xs, _blocks(sizes), backends):  # one m-block at a time
             w, O = weight[off : off + n], n // x.shape[2]  # [O*I, H]
             if backend == 'native':  # W(h) in registers only
-                theta = _kept_theta(weight, off, O, x.shape[2])  # [O, H, I]
-                ys.append(native.so2_forward(h.contiguous(), theta, x.contiguous(), *plan['forward'], 64))  # [P, R, O]
+                theta = _kept_theta(weight, off, O, x.shape[2])  # [O, H, I']
+                ys.append(native.so2_forward(h.contiguous(), theta, _pad_inputs(x), *plan['forward'], 64))  # [P, R, O]
             else:
+                theta = None
                 ys.append(_forward_torch(h, w, x, O))  # [P, R, O]
+            ctx.thetas.append(theta)
         ctx.save_for_backward(h, weight, *xs)
         ctx.sizes, ctx.split, ctx.weight_dtype, ctx.backends = sizes, h_second is not None, weight_full.dtype, backends
         return tuple(ys)
@@ -297,10 +317,11 @@ class _SO2Product(torch.autograd.Function):
         grad_w = torch.empty_like(weight, dtype=acc) if need_w else None  # [n, H]
         native = _native_so2()[0] if any('native' in c[:2] for c in ctx.backends) else None
         grad_xs = []
-        for x, gy, (off, n), (_, backend, plan) in zip(xs, grad_ys, _blocks(ctx.sizes), ctx.backends):
+        blocks = zip(xs, grad_ys, _blocks(ctx.sizes), ctx.backends, ctx.thetas)
+        for x, gy, (off, n), (_, backend, plan), theta in blocks:
             gy, w, gw = gy.contiguous(), weight[off : off + n], None if grad_w is None else grad_w[off : off + n]
             if backend == 'native':  # the same sums, W(h) and its gradient in registers only
-                grad_xs.append(_backward_native(native, plan, h, w, x, gy, grad_hs, gw, split=ctx.split))
+                grad_xs.append(_backward_native(native, plan, h, w, theta, x, gy, grad_hs, gw, split=ctx.split))
             else:
                 grad_xs.append(_backward_torch(h, w, x, gy, grad_hs, gw, split=ctx.split, low=acc != weight.dtype))
         if grad_w is not None and h.shape[0] == 0:

@@ -108,7 +108,9 @@ def test_fused_cpu_kernels_equal_the_torch_products(P, split, isa):
         (4, 96, 192),
         (4, 32, 128),
         (2, 8, 24),
-    ]  # (rows, O, I); the last (16 does not divide I) runs in torch
+        (2, 16, 6),
+        (5, 8, 16),
+    ]  # (rows, O, I): the kernels pad I = 24 and 6 with zero columns; 5 rows are past their limit (torch)
     sizes = tuple(O * I for _, O, I in blocks)
     h = torch.relu(torch.randn(P, H, dtype=F64))
     inputs = [h, h.clone() if split else None, torch.randn(sum(sizes), H, dtype=F64) / 6] + [
@@ -121,7 +123,7 @@ def test_fused_cpu_kernels_equal_the_torch_products(P, split, isa):
         ('fused', torch.float32, 'native'),
     ):
         args = [None if t is None else t.to(dtype).requires_grad_() for t in inputs]
-        with override(so2_product=backend):  # native: the last block (16 does not divide I) falls back to torch
+        with override(so2_product=backend):  # native: the last block (5 rows) falls back to torch
             ys = sp.so2_product(args[0], args[2], args[3:], sizes=sizes, h_second=args[1])
         cotangents = [
             torch.randn(y.shape, generator=torch.Generator().manual_seed(i), dtype=F64).to(dtype)
@@ -362,7 +364,7 @@ def test_fused_cpu_kernels_can_be_switched_off(monkeypatch):
     # float64 and bfloat16 always run the torch products, and so do blocks outside the kernels' limits
     assert _backends(h.double(), tuple(x.double() for x in xs)) == [('torch', 'torch')]
     assert _backends(h.bfloat16(), tuple(x.bfloat16() for x in xs)) == [('torch', 'torch')]
-    assert _backends(h, (torch.zeros(1, 4, 20),)) == [('torch', 'torch')]
+    assert _backends(h, (torch.zeros(1, 5, 32),)) == [('torch', 'torch')]  # 5 rows per slot
     with override(so2_product='native'), pytest.raises(RuntimeError, match="float32 on CPU only"):
         choose('so2_product', device='cpu', dtype=F64)
 
