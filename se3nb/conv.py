@@ -73,7 +73,7 @@ register('radial_hidden', 'torch')
 # %% ../nbs/04_conv.ipynb #radnat02
 def _native_weights(profile: nn.Module, x: Tensor) -> tuple | None:  # (norm, eps, W1, b1, g1, s1, W2, b2, g2, s2)
     "The hidden layers' parameters for the C++ pass, or None where it does not apply (other layers, dtype, autocast)."
-    layers = list(profile.net[:-1])
+    layers = list(profile.net)[:-1]  # (slicing the Sequential would build a new module at every call)
     norm = len(layers) == 6
     kinds = [nn.Linear, nn.LayerNorm, nn.ReLU] * 2 if norm else [nn.Linear, nn.ReLU] * 2
     if [type(m) for m in layers] != kinds or _autocast_enabled(x.device.type):
