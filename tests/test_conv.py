@@ -6,7 +6,11 @@ import torch
 from model_helpers import F64, random_multigraph
 from se3nb.backends import override
 from se3nb.conv import (
-    RadialProfile, _native_radial, edge_invariants, radial_kernel_product, radial_kernel_product_reference,
+    RadialProfile,
+    _native_radial,
+    edge_invariants,
+    radial_kernel_product,
+    radial_kernel_product_reference,
     random_features,
 )
 from se3nb.fiber import Fiber

@@ -128,9 +128,9 @@ def input_gradients_match(fx, model, atol, gtol):
 
 
 def routed_as_nvidia(fx, model, atol, gtol) -> None:
-    """`input_gradients_match`; where rounding routed a tie unlike NVIDIA's, once more with torch's layers for the radial
-    MLPs and norms (the C++ passes round differently; their gradients equal torch's: `test_conv`, `test_norm`). The
-    parameter gradients of the run that routed as NVIDIA's did stay in the model; if neither did, the test skips."""
+    """`input_gradients_match`; where rounding routed a tie unlike NVIDIA's, once more with torch's layers for the
+    radial MLPs and norms (the C++ passes round differently; their gradients equal torch's: `test_conv`, `test_norm`).
+    The parameter gradients of the run that routed as NVIDIA's did stay in the model; if neither did, the test skips."""
     if input_gradients_match(dict(fx), model, atol, gtol):
         return
     model.zero_grad(set_to_none=True)
