@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch import Tensor, nn
 
 from .backends import choose, register
@@ -40,6 +41,7 @@ class _NativeRadialHidden(torch.autograd.Function):
         return _native_radial()[0].radial_hidden_forward(x, params, norm, eps)
 
     @staticmethod
+    @once_differentiable  # C++ / Triton: no second derivatives (a clear error, not a silent zero)
     def backward(ctx, grad_h: Tensor):
         x, *params = ctx.saved_tensors
         need_x = ctx.needs_input_grad[0]

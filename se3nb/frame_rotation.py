@@ -9,6 +9,7 @@ __all__ = ['frame_rotation', 'frame_rotation_to_columns', 'frame_rotation_into_b
 from collections.abc import Sequence
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 from .backends import choose, register
@@ -59,6 +60,7 @@ class _FrameRotation(torch.autograd.Function):
         return _rotate_rows(D, x, transpose)
 
     @staticmethod
+    @once_differentiable  # C++ / Triton: no second derivatives (a clear error, not a silent zero)
     def backward(ctx, grad: Tensor):  # [E, A, C] -> [E, B, C]
         (D,) = ctx.saved_tensors
         return None, _rotate_rows(D, grad.contiguous(), not ctx.transpose), None
@@ -74,6 +76,7 @@ class _FrameRotationToRows(torch.autograd.Function):
         return _rotate_rows(D, x, transpose, d_index=index, x_index=index, layout=_CHANNELS_FIRST)
 
     @staticmethod
+    @once_differentiable  # C++ / Triton: no second derivatives (a clear error, not a silent zero)
     def backward(ctx, grad: Tensor):  # [K, C, A] -> [E, B, C]: edge e reads row inverse[e]
         D, inverse = ctx.saved_tensors
         gx = _rotate_rows(D, grad.contiguous(), not ctx.transpose, x_index=inverse, x_layout=_CHANNELS_FIRST)
@@ -93,6 +96,7 @@ class _FrameRotationToColumns(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # C++ / Triton: no second derivatives (a clear error, not a silent zero)
     def backward(ctx, grad: Tensor):  # [K, W] -> per degree [E, 2l+1, C_l]
         inverse, *Ds = ctx.saved_tensors
         grad = grad.contiguous()
@@ -202,6 +206,7 @@ class _FrameRotationIntoBlocks(torch.autograd.Function):
         return tuple(_native_so2()[0].frame_rotate_into_blocks(list(Ds), list(xs), index, orders, degrees))
 
     @staticmethod
+    @once_differentiable  # C++ / Triton: no second derivatives (a clear error, not a silent zero)
     def backward(ctx, *grads: Tensor):  # per block [E, s, s * W] -> per degree [N, 2l+1, C]
         index, *Ds = ctx.saved_tensors
         grads = [g.contiguous() for g in grads]

@@ -9,6 +9,7 @@ __all__ = ['NORM_CLAMP', 'POOLINGS', 'NormNonlinearity', 'GraphPooling']
 from collections.abc import Mapping
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch import Tensor, nn
 
 from .backends import choose, register
@@ -35,6 +36,7 @@ class _NativeNormNonlinearity(torch.autograd.Function):
         return tuple(_native_norm()[0].norm_nonlinearity_forward(xs, gamma, beta, eps, NORM_CLAMP))
 
     @staticmethod
+    @once_differentiable  # C++ / Triton: no second derivatives (a clear error, not a silent zero)
     def backward(ctx, *grads: Tensor | None):
         gamma, beta, *xs = ctx.saved_tensors
         grads = [torch.zeros_like(x) if g is None else g.contiguous() for x, g in zip(xs, grads)]

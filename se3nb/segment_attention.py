@@ -10,6 +10,7 @@ import functools
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 from .backends import choose, register
@@ -192,6 +193,7 @@ class _FusedSegmentAttention(torch.autograd.Function):
         return z
 
     @staticmethod
+    @once_differentiable  # C++ / Triton: no second derivatives (a clear error, not a silent zero)
     def backward(ctx, grad_z: Tensor):
         key, query, value, envelope, offsets, z, M, S = ctx.saved_tensors
         (E, H, d_k), N, d_v = key.shape, query.shape[0], value.shape[2]
@@ -227,6 +229,7 @@ class _NativeSegmentAttention(torch.autograd.Function):
         return z
 
     @staticmethod
+    @once_differentiable  # C++ / Triton: no second derivatives (a clear error, not a silent zero)
     def backward(ctx, grad_z: Tensor):
         key, query, value, envelope, offsets, z, M, S = ctx.saved_tensors
         envelope_grad = envelope is not None and ctx.needs_input_grad[3]

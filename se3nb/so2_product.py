@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch import Tensor
 
 from .backends import choose, register
@@ -307,6 +308,7 @@ class _SO2Product(torch.autograd.Function):
         return tuple(ys)
 
     @staticmethod
+    @once_differentiable  # C++ / Triton: no second derivatives (a clear error, not a silent zero)
     def backward(ctx, *grad_ys):
         h, weight, *xs = ctx.saved_tensors
         need_h, need_h2, need_w = ctx.needs_input_grad[:3]

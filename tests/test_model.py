@@ -211,3 +211,15 @@ def test_bad_inputs_give_clear_errors():
         small_model(conv='reference')(graph, nf, ef, Bases(graph.rel_pos[:5], 3))
     with pytest.raises(ValueError, match="unknown conv backend 'fast'; the conv backends are so2, reference"):
         small_model(conv='fast')
+
+
+def test_second_derivatives_raise_instead_of_dropping_terms():
+    """Training on forces (dE/dpos with create_graph=True, then a loss on the forces) needs second derivatives. The C++
+    kernels have none: autograd must raise, not silently leave out their terms (it did before they were marked)."""
+    torch.manual_seed(0)
+    model = SE3Transformer(1, Fiber({0: 4}), Fiber({0: 8, 1: 8}), Fiber({0: 1}), 2, 2, return_type=0)
+    pos = torch.randn(6, 3, requires_grad=True)
+    energy = model(fully_connected(pos), {0: torch.ones(6, 4, 1)}).sum()
+    (forces,) = torch.autograd.grad(energy, pos, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice|out=... arguments don't support automatic"):
+        forces.square().sum().backward()
