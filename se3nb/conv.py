@@ -26,7 +26,7 @@ _NATIVE_WIDTHS = (16, 32, 64)  # hidden units the C++ pass is compiled for (NVID
 
 
 def _native_radial():  # (the kernels radial_hidden_forward / _backward, None), or (None, why not)
-    return load_extension('radial_mlp.cpp', cpu_isa())  # vectorized over the hidden units (AVX-512, AVX2, or plain)
+    return load_extension('layer_kernels.cpp', cpu_isa())  # one build for frames, radial MLPs and norms; cached
 
 
 class _NativeRadialHidden(torch.autograd.Function):

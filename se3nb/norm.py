@@ -22,7 +22,7 @@ NORM_CLAMP = 2**-24  # smallest positive float16 subnormal
 
 
 def _native_norm():  # (the kernels norm_nonlinearity_forward / _backward, None), or (None, why not)
-    return load_extension('norm_nonlinearity.cpp', cpu_isa())  # vectorized across nodes (AVX-512, AVX2, or plain)
+    return load_extension('layer_kernels.cpp', cpu_isa())  # one build for frames, radial MLPs and norms; cached
 
 
 class _NativeNormNonlinearity(torch.autograd.Function):

@@ -240,7 +240,7 @@ def _frame_matrices(
 
 # %% ../nbs/04a_so2.ipynb #edgeframes01
 def _native_frames():  # (the kernel frame_matrices, None), or (None, why not)
-    return load_extension('edge_frames.cpp', cpu_isa())  # plain C++ loops, compiled for this CPU; cached
+    return load_extension('layer_kernels.cpp', cpu_isa())  # one build for frames, radial MLPs and norms; cached
 
 
 @lru_cache(maxsize=None)

@@ -1,0 +1,621 @@
+// CPU kernels of the model's small layers, one extension (one ~20 s build on first use instead of three):
+//   1. edge frames (nbs/04a_so2.ipynb, op `edge_frames`),
+//   2. the radial MLPs' hidden layers (nbs/04_conv.ipynb, op `radial_hidden`),
+//   3. the norm nonlinearity (nbs/06_norm.ipynb, op `norm_nonlinearity`).
+// Plain C++ loops, compiled for the CPU's vector instruction set (`load_extension`); float32 and float64.
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <vector>
+
+// ---------------------------------------------------------------------------------------------------------------------
+// 1. The edge frames (nbs/04a_so2.ipynb, backend `native` of the op `edge_frames`): for every row r of the SO(2)
+// layout and its edge e = slot_edges[r], the rotation R taking the edge direction to y (rows: x, y, z axes of the
+// frame, as `edge_rotations`), its Wigner D matrices D_0 = 1, D_1 = R, D_l = C_l^T (D_{l-1} (x) R) C_l (`wigner_D`),
+// per degree the rows the SO(2) path reads: D_in (rows by m, part-b rows repeated with signs) and D_out (rows by m).
+// One pass per edge, without the ~30 batched torch operations (outer products, index copies) of the reference.
+// No gradients: frames of positions that need them are built by torch. float32 and float64.
+
+namespace frames {
+
+// R (row-major 3 x 3) of edge vector p: rows ex, u, ex x u with u = p / |p| (y for |p| <= 1e-12)
+template <typename T>
+void edge_rotation(const T* p, T* R) {
+  const T r = std::sqrt(p[0] * p[0] + p[1] * p[1] + p[2] * p[2]);
+  T u[3] = {0, 1, 0};
+  if (r > T(1e-12)) u[0] = p[0] / r, u[1] = p[1] / r, u[2] = p[2] / r;
+  const bool near_x = std::abs(u[0]) > T(0.9);  // helper axis far from u: a well-conditioned frame
+  T ex[3] = {near_x ? T(0) : T(1), 0, near_x ? T(1) : T(0)};  // the helper axis: z, or x
+  const T dot = ex[0] * u[0] + ex[1] * u[1] + ex[2] * u[2];
+  for (int i = 0; i < 3; ++i) ex[i] -= dot * u[i];
+  const T n = std::sqrt(ex[0] * ex[0] + ex[1] * ex[1] + ex[2] * ex[2]);
+  for (int i = 0; i < 3; ++i) ex[i] /= n;
+  const T ez[3] = {ex[1] * u[2] - ex[2] * u[1], ex[2] * u[0] - ex[0] * u[2], ex[0] * u[1] - ex[1] * u[0]};
+  for (int i = 0; i < 3; ++i) R[i] = ex[i], R[3 + i] = u[i], R[6 + i] = ez[i];
+}
+
+// D (n x n, n = 2l+1) from prev (m x m, m = 2l-1), R and C [3m, n]:
+// D[i][j] = sum C[(a,c), i] prev[a][b] R[c][d] C[(b,d), j]
+template <typename T>
+void next_wigner(const T* prev, const T* R, const T* C, int64_t m, int64_t n, T* U, T* Tm, T* D) {
+  for (int64_t b = 0; b < m; ++b)  // U[b][c][j] = sum_d R[c][d] C[(b,d), j]
+    for (int c = 0; c < 3; ++c)
+      for (int64_t j = 0; j < n; ++j) {
+        T s = 0;
+        for (int d = 0; d < 3; ++d) s += R[c * 3 + d] * C[(b * 3 + d) * n + j];
+        U[(b * 3 + c) * n + j] = s;
+      }
+  for (int64_t a = 0; a < m; ++a)  // T[a][c][j] = sum_b prev[a][b] U[b][c][j]
+    for (int64_t cj = 0; cj < 3 * n; ++cj) {
+      T s = 0;
+      for (int64_t b = 0; b < m; ++b) s += prev[a * m + b] * U[b * 3 * n + cj];
+      Tm[a * 3 * n + cj] = s;
+    }
+  for (int64_t i = 0; i < n; ++i)  // D[i][j] = sum_{(a,c)} C[(a,c), i] T[a][c][j]
+    for (int64_t j = 0; j < n; ++j) {
+      T s = 0;
+      for (int64_t ac = 0; ac < 3 * m; ++ac) s += C[ac * n + i] * Tm[ac * n + j];
+      D[i * n + j] = s;
+    }
+}
+
+
+// (D_in per degree [E, 4l+1, 2l+1], D_out per degree [E, 2l+1, 2l+1]) in the rows of slot_edges.
+// couplings: C_l [3(2l-1), 2l+1] for l = 2..max_degree; extended / signs / by_m: per degree, the rows of D_in (with
+// their signs) and of D_out, as indices into D_l's rows.
+std::vector<std::vector<torch::Tensor>> frame_matrices(torch::Tensor rel_pos, torch::Tensor slot_edges,
+                                                       std::vector<torch::Tensor> couplings,
+                                                       std::vector<torch::Tensor> extended,
+                                                       std::vector<torch::Tensor> signs,
+                                                       std::vector<torch::Tensor> by_m) {
+  const int64_t L = static_cast<int64_t>(extended.size()) - 1, E = slot_edges.size(0);
+  TORCH_CHECK(L >= 0 && signs.size() == extended.size() && by_m.size() == extended.size() &&
+                  static_cast<int64_t>(couplings.size()) == std::max<int64_t>(L - 1, 0),
+              "expected per degree 0..L the extended rows, their signs and the rows by m; couplings for l = 2..L");
+  TORCH_CHECK(rel_pos.dim() == 2 && rel_pos.size(1) == 3 && rel_pos.is_contiguous() && rel_pos.device().is_cpu(),
+              "expected contiguous CPU rel_pos [E, 3]");
+  TORCH_CHECK(slot_edges.dim() == 1 && slot_edges.scalar_type() == at::kLong && slot_edges.is_contiguous(),
+              "expected slot_edges [E] int64");
+  const int64_t num_edges = rel_pos.size(0);
+  for (int64_t l = 0; l <= L; ++l) {
+    TORCH_CHECK(extended[l].numel() == 4 * l + 1 && by_m[l].numel() == 2 * l + 1 && signs[l].numel() == 4 * l + 1 &&
+                    extended[l].scalar_type() == at::kLong && by_m[l].scalar_type() == at::kLong &&
+                    signs[l].scalar_type() == rel_pos.scalar_type() && extended[l].is_contiguous() &&
+                    by_m[l].is_contiguous() && signs[l].is_contiguous(),
+                "degree ", l, ": expected 4l+1 extended rows and signs, 2l+1 rows by m");
+    if (l >= 2)
+      TORCH_CHECK(couplings[l - 2].sizes() == at::IntArrayRef({3 * (2 * l - 1), 2 * l + 1}) &&
+                      couplings[l - 2].scalar_type() == rel_pos.scalar_type() && couplings[l - 2].is_contiguous(),
+                  "coupling of degree ", l, " must be [3(2l-1), 2l+1] of rel_pos's dtype");
+  }
+  std::vector<torch::Tensor> D_in, D_out;
+  for (int64_t l = 0; l <= L; ++l) {
+    D_in.push_back(torch::empty({E, 4 * l + 1, 2 * l + 1}, rel_pos.options()));
+    D_out.push_back(torch::empty({E, 2 * l + 1, 2 * l + 1}, rel_pos.options()));
+  }
+  const int64_t* edge = slot_edges.data_ptr<int64_t>();
+  for (int64_t r = 0; r < E; ++r)
+    TORCH_CHECK(edge[r] >= 0 && edge[r] < num_edges, "slot_edges holds ", edge[r], ", not an edge of ", num_edges);
+  AT_DISPATCH_FLOATING_TYPES(rel_pos.scalar_type(), "frame_matrices", [&] {
+    using T = scalar_t;
+    const T* pos = rel_pos.data_ptr<T>();
+    const int64_t n_max = 2 * L + 1;
+    std::vector<const T*> C, sg;  // raw pointers per degree, looked up once
+    std::vector<const int64_t*> ext, bm;
+    std::vector<T*> din, dout;
+    for (int64_t l = 0; l <= L; ++l) {
+      C.push_back(l >= 2 ? couplings[l - 2].data_ptr<T>() : nullptr), sg.push_back(signs[l].data_ptr<T>());
+      ext.push_back(extended[l].data_ptr<int64_t>()), bm.push_back(by_m[l].data_ptr<int64_t>());
+      din.push_back(D_in[l].data_ptr<T>()), dout.push_back(D_out[l].data_ptr<T>());
+    }
+    at::parallel_for(0, E, 64, [&](int64_t r0, int64_t r1) {
+      std::vector<T> Ds(2 * n_max * n_max), U(3 * n_max * n_max), Tm(3 * n_max * n_max);
+      for (int64_t r = r0; r < r1; ++r) {
+        T R[9];
+        edge_rotation(pos + edge[r] * 3, R);
+        T *prev = Ds.data(), *cur = Ds.data() + n_max * n_max;
+        for (int64_t l = 0; l <= L; ++l) {
+          const int64_t n = 2 * l + 1;
+          if (l == 0) cur[0] = 1;
+          if (l == 1) std::copy(R, R + 9, cur);
+          if (l >= 2) next_wigner(prev, R, C[l], n - 2, n, U.data(), Tm.data(), cur);
+          T *in = din[l] + r * (2 * n - 1) * n, *out = dout[l] + r * n * n;
+          for (int64_t k = 0; k < 2 * n - 1; ++k)
+            for (int64_t j = 0; j < n; ++j) in[k * n + j] = sg[l][k] * cur[ext[l][k] * n + j];
+          for (int64_t k = 0; k < n; ++k)
+            for (int64_t j = 0; j < n; ++j) out[k * n + j] = cur[bm[l][k] * n + j];
+          std::swap(prev, cur);
+        }
+      }
+    });
+  });
+  return {D_in, D_out};
+}
+
+}  // namespace frames
+
+// ---------------------------------------------------------------------------------------------------------------------
+// 2. The radial MLPs' hidden layers (nbs/04_conv.ipynb, backend `native` of the op `radial_hidden`). Per
+// row x [K] of the edge invariants:
+//   y1 = LN1(W1 x + b1),  a1 = relu(y1),  y2 = LN2(W2 a1 + b2),  h = relu(y2)
+// where LN is a layer norm over the M hidden units with a learned scale and shift (or nothing, without layer norms).
+// One pass per row with every intermediate in L1; backward recomputes them from x, and sums the parameter gradients
+// per thread, then over threads in a fixed order. torch spends ~20 us per operation on these small shapes (1,209 rows
+// of 32 units): the MLP's ~12 operations and their backward cost more than its arithmetic. float32 and float64.
+
+namespace radial {
+
+
+constexpr int ROWS = 8;  // rows per block: each weight vector loaded once for all of them, 2 x ROWS accumulators
+
+// u[r] = W x[r] + b for the rows of a block, Wt [J, MM] (row j: the weights of input j for all MM outputs)
+template <typename T, int MM>
+inline void affine(const T* Wt, const T* b, const T* x, int64_t x_stride, int64_t J, int nr, T (*u)[MM]) {
+  for (int r = 0; r < ROWS; ++r)
+#pragma omp simd
+    for (int m = 0; m < MM; ++m) u[r][m] = b[m];
+  for (int64_t j = 0; j < J; ++j) {
+    const T* w = Wt + j * MM;
+    for (int r = 0; r < ROWS; ++r) {
+      const T xj = r < nr ? x[r * x_stride + j] : T(0);
+#pragma omp simd
+      for (int m = 0; m < MM; ++m) u[r][m] += w[m] * xj;
+    }
+  }
+}
+
+// One layer for a block of rows: z (normalized pre-activation; without norms the pre-activation itself) and
+// a = relu(g z + s) (or relu(z)); rstd[r] = 1 / std of row r
+template <typename T, int MM>
+inline void layer(const T* Wt, const T* b, const T* g, const T* s, bool norm, T eps, const T* x, int64_t x_stride,
+                  int64_t J, int nr, T (*z)[MM], T (*a)[MM], T* rstd) {
+  affine<T, MM>(Wt, b, x, x_stride, J, nr, z);
+  for (int r = 0; r < ROWS; ++r) {
+    rstd[r] = T(1);
+    if (norm) {
+      T mean = 0, var = 0;
+#pragma omp simd reduction(+ : mean)
+      for (int m = 0; m < MM; ++m) mean += z[r][m];
+      mean /= MM;
+#pragma omp simd reduction(+ : var)
+      for (int m = 0; m < MM; ++m) var += (z[r][m] - mean) * (z[r][m] - mean);
+      rstd[r] = T(1) / std::sqrt(var / MM + eps);
+#pragma omp simd
+      for (int m = 0; m < MM; ++m) z[r][m] = (z[r][m] - mean) * rstd[r];
+    }
+#pragma omp simd
+    for (int m = 0; m < MM; ++m) {
+      const T y = norm ? g[m] * z[r][m] + s[m] : z[r][m];
+      a[r][m] = y > 0 ? y : T(0);
+    }
+  }
+}
+
+// Backward of one layer for one row: from da (gradient of its output a) to du (gradient of its pre-activation),
+// adding the scale and shift gradients of its norm to dg, ds.
+template <typename T, int MM>
+inline void layer_backward(const T* g, const T* s, bool norm, T rstd, const T* z, const T* da, T* du, T* dg, T* ds) {
+  if (!norm) {
+#pragma omp simd
+    for (int m = 0; m < MM; ++m) du[m] = z[m] > 0 ? da[m] : T(0);
+    return;
+  }
+  T mean_dz = 0, mean_dzz = 0;
+#pragma omp simd reduction(+ : mean_dz, mean_dzz)
+  for (int m = 0; m < MM; ++m) {
+    const T dy = g[m] * z[m] + s[m] > 0 ? da[m] : T(0);
+    dg[m] += dy * z[m], ds[m] += dy;
+    du[m] = dy * g[m];  // dz for now
+    mean_dz += du[m], mean_dzz += du[m] * z[m];
+  }
+  mean_dz /= MM, mean_dzz /= MM;
+#pragma omp simd
+  for (int m = 0; m < MM; ++m) du[m] = rstd * (du[m] - mean_dz - z[m] * mean_dzz);
+}
+
+template <typename T>
+struct Mlp {  // raw parameters: W1 [M, K], W1t [K, M], W2 [M, M], W2t [M, M] (transposed: outputs contiguous)
+  const T *W1, *W1t, *b1, *g1, *s1, *W2, *W2t, *b2, *g2, *s2;
+  int64_t K, M;
+  bool norm;
+  T eps;
+};
+
+// The hidden layers of rows p0..p0+nr into h (row stride MM)
+template <typename T, int MM>
+void forward_block(const Mlp<T>& q, const T* x, int nr, T* h) {
+  alignas(64) T z[ROWS][MM], a[ROWS][MM], rstd[ROWS];
+  layer<T, MM>(q.W1t, q.b1, q.g1, q.s1, q.norm, q.eps, x, q.K, q.K, nr, z, a, rstd);
+  layer<T, MM>(q.W2t, q.b2, q.g2, q.s2, q.norm, q.eps, &a[0][0], MM, MM, ROWS, z, a, rstd);
+  for (int r = 0; r < nr; ++r)
+#pragma omp simd
+    for (int m = 0; m < MM; ++m) h[r * MM + m] = a[r][m];
+}
+
+// Backward of rows p0..p0+nr from dh (row stride MM): adds to the parameter gradients at dW1 (laid out as dW1^T
+// [K, MM], db1, dg1, ds1, dW2, db2, dg2, ds2) and writes dx (row stride K) when gx is not null.
+template <typename T, int MM>
+void backward_block(const Mlp<T>& q, const T* x, int nr, const T* gh, T* dW1, T* gx) {
+  const int64_t K = q.K;
+  T *db1 = dW1 + MM * K, *dg1 = db1 + MM, *ds1 = dg1 + MM, *dW2 = ds1 + MM, *db2 = dW2 + MM * MM, *dg2 = db2 + MM;
+  T* ds2 = dg2 + MM;
+  alignas(64) T z1[ROWS][MM], a1[ROWS][MM], z2[ROWS][MM], h[ROWS][MM], du[ROWS][MM], da[ROWS][MM];
+  T r1[ROWS], r2[ROWS];
+  layer<T, MM>(q.W1t, q.b1, q.g1, q.s1, q.norm, q.eps, x, K, K, nr, z1, a1, r1);
+  layer<T, MM>(q.W2t, q.b2, q.g2, q.s2, q.norm, q.eps, &a1[0][0], MM, MM, ROWS, z2, h, r2);
+  for (int r = 0; r < ROWS; ++r) {
+    alignas(64) T g[MM];
+#pragma omp simd
+    for (int m = 0; m < MM; ++m) g[m] = r < nr ? gh[r * MM + m] : T(0);  // rows past the end: no gradient
+    layer_backward<T, MM>(q.g2, q.s2, q.norm, r2[r], z2[r], g, du[r], dg2, ds2);
+  }
+  for (int r = 0; r < ROWS; ++r)
+#pragma omp simd
+    for (int j = 0; j < MM; ++j) da[r][j] = 0;
+  for (int m = 0; m < MM; ++m) {  // dW2 += du a1^T, da = W2^T du: each row of W2 read once for the block
+    alignas(64) T acc[MM];
+    const T* w = q.W2 + m * MM;
+#pragma omp simd
+    for (int j = 0; j < MM; ++j) acc[j] = 0;
+    T bias = 0;
+    for (int r = 0; r < ROWS; ++r) {
+      const T d = du[r][m];
+      bias += d;
+#pragma omp simd
+      for (int j = 0; j < MM; ++j) acc[j] += d * a1[r][j], da[r][j] += w[j] * d;
+    }
+    db2[m] += bias;
+#pragma omp simd
+    for (int j = 0; j < MM; ++j) dW2[m * MM + j] += acc[j];
+  }
+  for (int r = 0; r < ROWS; ++r) layer_backward<T, MM>(q.g1, q.s1, q.norm, r1[r], z1[r], da[r], du[r], dg1, ds1);
+  for (int r = 0; r < nr; ++r) {  // dW1 += du x^T, kept transposed ([K, MM]: vectors over m)
+#pragma omp simd
+    for (int m = 0; m < MM; ++m) db1[m] += du[r][m];
+    for (int64_t k = 0; k < K; ++k) {
+      const T xk = x[r * K + k];
+#pragma omp simd
+      for (int m = 0; m < MM; ++m) dW1[k * MM + m] += du[r][m] * xk;
+    }
+  }
+  if (gx == nullptr) return;
+  for (int r = 0; r < nr; ++r)  // dx = W1^T du
+    for (int64_t k = 0; k < K; ++k) {
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int m = 0; m < MM; ++m) acc += q.W1t[k * MM + m] * du[r][m];
+      gx[r * K + k] = acc;
+    }
+}
+
+// f.template operator()<MM>() for the supported widths M
+template <typename F>
+void with_width(int64_t M, F&& f) {
+  switch (M) {
+    case 16: return f(std::integral_constant<int, 16>{});
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    default: TORCH_CHECK(false, "the C++ radial MLP handles 16, 32 or 64 hidden units, not ", M);
+  }
+}
+
+template <typename T>
+Mlp<T> mlp_of(const std::vector<torch::Tensor>& p, bool norm, double eps) {
+  return {p[0].data_ptr<T>(), p[1].data_ptr<T>(), p[2].data_ptr<T>(), p[3].data_ptr<T>(), p[4].data_ptr<T>(),
+          p[5].data_ptr<T>(), p[6].data_ptr<T>(), p[7].data_ptr<T>(), p[8].data_ptr<T>(), p[9].data_ptr<T>(),
+          p[1].size(0), p[0].size(0), norm, T(eps)};
+}
+
+void check(const torch::Tensor& x, const std::vector<torch::Tensor>& p) {
+  TORCH_CHECK(p.size() == 10, "expected W1, W1t, b1, g1, s1, W2, W2t, b2, g2, s2");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "expected contiguous CPU rows x [P, K]");
+  const int64_t M = p[0].size(0), K = x.size(1);
+  const std::vector<std::vector<int64_t>> shapes = {{M, K}, {K, M}, {M}, {M}, {M}, {M, M}, {M, M}, {M}, {M}, {M}};
+  for (size_t i = 0; i < p.size(); ++i)
+    TORCH_CHECK(p[i].sizes() == at::IntArrayRef(shapes[i]) && p[i].is_contiguous() &&
+                    p[i].scalar_type() == x.scalar_type(),
+                "parameter ", i, " must be contiguous, of the rows' dtype and shape ", at::IntArrayRef(shapes[i]));
+}
+
+
+// h [P, M] from x [P, K] and the parameters (W1, W1t, b1, g1, s1, W2, W2t, b2, g2, s2; g and s unused without norms)
+torch::Tensor radial_hidden_forward(torch::Tensor x, std::vector<torch::Tensor> params, bool norm, double eps) {
+  check(x, params);
+  const int64_t P = x.size(0), M = params[0].size(0);
+  with_width(M, [](auto) {});  // 16, 32 or 64 hidden units, else a clear error
+  auto h = torch::empty({P, M}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "radial_hidden_forward", [&] {
+    using T = scalar_t;
+    const Mlp<T> q = mlp_of<T>(params, norm, eps);
+    const T* xp = x.data_ptr<T>();
+    T* hp = h.data_ptr<T>();
+    const int64_t blocks = (P + ROWS - 1) / ROWS;
+    with_width(M, [&](auto width) {
+      constexpr int MM = decltype(width)::value;
+      at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t p = b * ROWS;
+          forward_block<T, MM>(q, xp + p * q.K, int(std::min<int64_t>(ROWS, P - p)), hp + p * MM);
+        }
+      });
+    });
+  });
+  return h;
+}
+
+// (dx [P, K] or undefined, dW1, db1, dg1, ds1, dW2, db2, dg2, ds2) from x, the parameters and dh [P, M]
+std::vector<torch::Tensor> radial_hidden_backward(torch::Tensor x, std::vector<torch::Tensor> params, bool norm,
+                                                  double eps, torch::Tensor grad_h, bool need_x) {
+  check(x, params);
+  const int64_t P = x.size(0), M = params[0].size(0), K = x.size(1);
+  TORCH_CHECK(grad_h.sizes() == at::IntArrayRef({P, M}) && grad_h.is_contiguous() &&
+                  grad_h.scalar_type() == x.scalar_type(),
+              "expected a contiguous gradient [P, M] of the rows' dtype");
+  const int64_t sizes[8] = {M * K, M, M, M, M * M, M, M, M};  // dW1, db1, dg1, ds1, dW2, db2, dg2, ds2
+  int64_t total = 0;
+  for (int64_t s : sizes) total += s;
+  auto partial = torch::zeros({at::get_num_threads(), total}, x.options());
+  auto grad_x = need_x ? torch::empty_like(x) : torch::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "radial_hidden_backward", [&] {
+    using T = scalar_t;
+    const Mlp<T> q = mlp_of<T>(params, norm, eps);
+    const T *xp = x.data_ptr<T>(), *gp = grad_h.data_ptr<T>();
+    T *gxp = need_x ? grad_x.data_ptr<T>() : nullptr, *partial_p = partial.data_ptr<T>();
+    const int64_t blocks = (P + ROWS - 1) / ROWS;
+    with_width(M, [&](auto width) {
+      constexpr int MM = decltype(width)::value;
+      at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+        T* dW1 = partial_p + at::get_thread_num() * total;  // this thread's sums
+        for (int64_t b = b0; b < b1; ++b) {
+          const int64_t p = b * ROWS;
+          T* gx = gxp == nullptr ? nullptr : gxp + p * K;
+          backward_block<T, MM>(q, xp + p * K, int(std::min<int64_t>(ROWS, P - p)), gp + p * MM, dW1, gx);
+        }
+      });
+    });
+  });
+  std::vector<torch::Tensor> out = {grad_x};
+  auto summed = partial.sum(0);
+  int64_t offset = 0;
+  for (int64_t s : sizes) out.push_back(summed.narrow(0, offset, s)), offset += s;
+  out[1] = out[1].view({K, M}).t().contiguous(), out[5] = out[5].view({M, M});
+  return out;
+}
+
+}  // namespace radial
+
+// ---------------------------------------------------------------------------------------------------------------------
+// 3. NormNonlinearity (nbs/06_norm.ipynb, backend `native` of the op `norm_nonlinearity`). For every node n
+// and degree l, with x_l [N, C_l, D_l] and its channels c:
+//   r_c = |x_c|,  v_c = max(r_c, clamp),  z_c = (v_c - mean_c v) / sqrt(var_c v + eps),  a_c = gamma_c z_c + beta_c,
+//   y_c = x_c relu(a_c) / v_c
+// (the per-degree layer norm of the norms, ReLU, each vector rescaled to its new norm), in one pass per node for all
+// degrees and no intermediate tensor. Backward recomputes the statistics from x. float32 and float64; plain C++.
+
+namespace norms {
+
+void check(const std::vector<torch::Tensor>& xs, const torch::Tensor& gamma, const torch::Tensor& beta) {
+  TORCH_CHECK(!xs.empty(), "expected at least one degree");
+  int64_t channels = 0;
+  for (const auto& x : xs) {
+    TORCH_CHECK(x.dim() == 3 && x.size(0) == xs[0].size(0) && x.scalar_type() == xs[0].scalar_type() &&
+                    x.is_contiguous() && x.device().is_cpu(),
+                "expected contiguous CPU tensors x_l [N, C_l, D_l] of one dtype and one N");
+    channels += x.size(1);
+  }
+  TORCH_CHECK(gamma.dim() == 1 && beta.dim() == 1 && gamma.size(0) == channels && beta.size(0) == channels &&
+                  gamma.scalar_type() == xs[0].scalar_type() && beta.scalar_type() == xs[0].scalar_type() &&
+                  gamma.is_contiguous() && beta.is_contiguous(),
+              "expected gamma and beta [sum C_l] of the features' dtype");
+}
+
+constexpr int64_t LANES = 16;  // nodes side by side: every per-channel step is a vector operation across nodes
+
+template <typename T>
+struct Degrees {  // raw pointers and sizes, looked up once
+  std::vector<const T*> x, gy;
+  std::vector<T*> out;
+  std::vector<int64_t> C, D;
+  Degrees(const std::vector<torch::Tensor>& xs, const std::vector<torch::Tensor>& outs,
+          const std::vector<torch::Tensor>& grads) {
+    for (size_t l = 0; l < xs.size(); ++l) {
+      x.push_back(xs[l].data_ptr<T>()), out.push_back(outs[l].data_ptr<T>());
+      gy.push_back(grads.empty() ? nullptr : grads[l].data_ptr<T>());
+      C.push_back(xs[l].size(1)), D.push_back(xs[l].size(2));
+    }
+  }
+};
+
+// One degree of nodes n0..n0+nb (lane n): r = |x_c|, v = max(r, clamp), z, a = gamma z + beta per channel ([C][LANES]
+// each), and 1 / std per lane. x of node n0 + n is at x + n * C * D (lanes read with stride C * D).
+template <typename T>
+void degree_stats(const T* x, int64_t nb, int64_t C, int64_t D, const T* gamma, const T* beta, T eps, T clamp, T* r,
+                  T* v, T* z, T* a, T* rstd) {
+  const int64_t CD = C * D;
+  T mean[LANES] = {}, var[LANES] = {};
+  for (int64_t c = 0; c < C; ++c) {
+    T* rc = r + c * LANES;
+#pragma omp simd
+    for (int64_t n = 0; n < LANES; ++n) rc[n] = 0;
+    for (int64_t d = 0; d < D; ++d)
+#pragma omp simd
+      for (int64_t n = 0; n < nb; ++n) rc[n] += x[n * CD + c * D + d] * x[n * CD + c * D + d];
+#pragma omp simd
+    for (int64_t n = 0; n < LANES; ++n) {
+      rc[n] = std::sqrt(rc[n]);
+      v[c * LANES + n] = rc[n] > clamp ? rc[n] : clamp;
+      mean[n] += v[c * LANES + n];
+    }
+  }
+#pragma omp simd
+  for (int64_t n = 0; n < LANES; ++n) mean[n] /= C;
+  for (int64_t c = 0; c < C; ++c)
+#pragma omp simd
+    for (int64_t n = 0; n < LANES; ++n) var[n] += (v[c * LANES + n] - mean[n]) * (v[c * LANES + n] - mean[n]);
+#pragma omp simd
+  for (int64_t n = 0; n < LANES; ++n) rstd[n] = T(1) / std::sqrt(var[n] / C + eps);
+  for (int64_t c = 0; c < C; ++c)
+#pragma omp simd
+    for (int64_t n = 0; n < LANES; ++n) {
+      z[c * LANES + n] = (v[c * LANES + n] - mean[n]) * rstd[n];
+      a[c * LANES + n] = gamma[c] * z[c * LANES + n] + beta[c];
+    }
+}
+
+template <typename T>
+void forward_kernel(const std::vector<torch::Tensor>& xs, const std::vector<torch::Tensor>& ys,
+                    const torch::Tensor& gamma, const torch::Tensor& beta, T eps, T clamp, int64_t max_c) {
+  const int64_t N = xs[0].size(0), blocks = (N + LANES - 1) / LANES;
+  const Degrees<T> deg(xs, ys, {});
+  const T *gp = gamma.data_ptr<T>(), *bp = beta.data_ptr<T>();
+  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+    std::vector<T> buf(4 * max_c * LANES + LANES);
+    T *r = buf.data(), *v = r + max_c * LANES, *z = v + max_c * LANES, *a = z + max_c * LANES;
+    T* rstd = a + max_c * LANES;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * LANES, nb = std::min(LANES, N - n0);
+      int64_t off = 0;
+      for (size_t l = 0; l < deg.C.size(); ++l) {
+        const int64_t C = deg.C[l], D = deg.D[l], CD = C * D;
+        const T* x = deg.x[l] + n0 * CD;
+        T* y = deg.out[l] + n0 * CD;
+        degree_stats<T>(x, nb, C, D, gp + off, bp + off, T(eps), T(clamp), r, v, z, a, rstd);
+        for (int64_t c = 0; c < C; ++c) {
+          T s[LANES];
+#pragma omp simd
+          for (int64_t n = 0; n < LANES; ++n) {
+            const int64_t k = c * LANES + n;
+            s[n] = (a[k] > 0 ? a[k] : T(0)) / v[k];  // new norm / old norm
+          }
+          for (int64_t d = 0; d < D; ++d)
+#pragma omp simd
+            for (int64_t n = 0; n < nb; ++n) y[n * CD + c * D + d] = x[n * CD + c * D + d] * s[n];
+        }
+        off += C;
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_kernel(const std::vector<torch::Tensor>& xs, const std::vector<torch::Tensor>& gxs,
+                     const std::vector<torch::Tensor>& grads, const torch::Tensor& gamma, const torch::Tensor& beta,
+                     const torch::Tensor& partial, T eps, T clamp, int64_t max_c) {
+  const int64_t N = xs[0].size(0), channels = gamma.size(0), blocks = (N + LANES - 1) / LANES;
+  const Degrees<T> deg(xs, gxs, grads);
+  const T *gp = gamma.data_ptr<T>(), *bp = beta.data_ptr<T>();
+  T* partial_p = partial.data_ptr<T>();
+  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+    std::vector<T> buf(6 * max_c * LANES + LANES);
+    T *r = buf.data(), *v = r + max_c * LANES, *z = v + max_c * LANES, *a = z + max_c * LANES;
+    T *gv = a + max_c * LANES, *gz = gv + max_c * LANES, *rstd = gz + max_c * LANES;
+    T* sums = partial_p + at::get_thread_num() * 2 * channels;  // [2, channels]
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * LANES, nb = std::min(LANES, N - n0);
+      int64_t off = 0;
+      for (size_t l = 0; l < deg.C.size(); ++l) {
+        const int64_t C = deg.C[l], D = deg.D[l], CD = C * D;
+        const T *x = deg.x[l] + n0 * CD, *gy = deg.gy[l] + n0 * CD, *g = gp + off;
+        T* gx = deg.out[l] + n0 * CD;
+        degree_stats<T>(x, nb, C, D, g, bp + off, T(eps), T(clamp), r, v, z, a, rstd);
+        T mean_gz[LANES] = {}, mean_gzz[LANES] = {};
+        for (int64_t c = 0; c < C; ++c) {
+          T dot[LANES] = {};  // d/ds of y = x s: sum over the components of gy x
+          for (int64_t d = 0; d < D; ++d)
+#pragma omp simd
+            for (int64_t n = 0; n < nb; ++n) dot[n] += gy[n * CD + c * D + d] * x[n * CD + c * D + d];
+          T sum_gz = 0, sum_ga = 0;
+#pragma omp simd reduction(+ : sum_gz, sum_ga)
+          for (int64_t n = 0; n < LANES; ++n) {
+            const int64_t k = c * LANES + n;
+            const T ga = a[k] > 0 ? dot[n] / v[k] : T(0);  // through s = relu(a) / v
+            gv[k] = -dot[n] * (a[k] > 0 ? a[k] : T(0)) / (v[k] * v[k]);
+            sum_gz += n < nb ? ga * z[k] : T(0);
+            sum_ga += n < nb ? ga : T(0);
+            gz[k] = ga * g[c];
+            mean_gz[n] += gz[k];
+            mean_gzz[n] += gz[k] * z[k];
+          }
+          sums[off + c] += sum_gz, sums[channels + off + c] += sum_ga;
+        }
+#pragma omp simd
+        for (int64_t n = 0; n < LANES; ++n) mean_gz[n] /= C, mean_gzz[n] /= C;
+        for (int64_t c = 0; c < C; ++c) {
+          T s[LANES], k[LANES];
+#pragma omp simd
+          for (int64_t n = 0; n < LANES; ++n) {
+            const int64_t i = c * LANES + n;  // layer norm's backward, then d|x|/dx = x / |x| (none where clamped)
+            const T grad_v = gv[i] + rstd[n] * (gz[i] - mean_gz[n] - z[i] * mean_gzz[n]);
+            k[n] = r[i] >= clamp ? grad_v / r[i] : T(0);
+            s[n] = (a[i] > 0 ? a[i] : T(0)) / v[i];
+          }
+          for (int64_t d = 0; d < D; ++d)
+#pragma omp simd
+            for (int64_t n = 0; n < nb; ++n) {
+              const int64_t e = n * CD + c * D + d;
+              gx[e] = gy[e] * s[n] + x[e] * k[n];
+            }
+        }
+        off += C;
+      }
+    }
+  });
+}
+
+
+std::vector<torch::Tensor> norm_nonlinearity_forward(std::vector<torch::Tensor> xs, torch::Tensor gamma,
+                                                     torch::Tensor beta, double eps, double clamp) {
+  check(xs, gamma, beta);
+  std::vector<torch::Tensor> ys;
+  int64_t max_c = 0;
+  for (const auto& x : xs) ys.push_back(torch::empty_like(x)), max_c = std::max(max_c, x.size(1));
+  AT_DISPATCH_FLOATING_TYPES(xs[0].scalar_type(), "norm_nonlinearity_forward", [&] {
+    forward_kernel<scalar_t>(xs, ys, gamma, beta, scalar_t(eps), scalar_t(clamp), max_c);
+  });
+  return ys;
+}
+
+// Returns the gradients of every x_l, then of gamma and beta ([sum C_l] each).
+std::vector<torch::Tensor> norm_nonlinearity_backward(std::vector<torch::Tensor> xs, torch::Tensor gamma,
+                                                      torch::Tensor beta, double eps, double clamp,
+                                                      std::vector<torch::Tensor> grads) {
+  check(xs, gamma, beta);
+  TORCH_CHECK(grads.size() == xs.size(), "expected one gradient per degree");
+  std::vector<torch::Tensor> gxs;
+  int64_t max_c = 0;
+  for (size_t l = 0; l < xs.size(); ++l) {
+    TORCH_CHECK(grads[l].sizes() == xs[l].sizes() && grads[l].is_contiguous() &&
+                    grads[l].scalar_type() == xs[l].scalar_type(),
+                "each gradient must be contiguous, of its degree's shape and dtype");
+    gxs.push_back(torch::empty_like(xs[l]));
+    max_c = std::max(max_c, xs[l].size(1));
+  }
+  const int64_t channels = gamma.size(0);
+  // per thread: sums of the gamma and beta gradients over its nodes (no atomics; summed in a fixed order below)
+  auto partial = torch::zeros({at::get_num_threads(), 2, channels}, gamma.options());
+  AT_DISPATCH_FLOATING_TYPES(xs[0].scalar_type(), "norm_nonlinearity_backward", [&] {
+    backward_kernel<scalar_t>(xs, gxs, grads, gamma, beta, partial, scalar_t(eps), scalar_t(clamp), max_c);
+  });
+  auto param_grads = partial.sum(0);  // [2, channels]
+  gxs.push_back(param_grads[0]);
+  gxs.push_back(param_grads[1]);
+  return gxs;
+}
+
+}  // namespace norms
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("frame_matrices", &frames::frame_matrices,
+        "(D_in, D_out) per degree (rel_pos [E, 3], slot_edges [E], couplings, extended rows, signs, rows by m)");
+  m.def("radial_hidden_forward", &radial::radial_hidden_forward,
+        "h [P, M] (x [P, K], [W1, W1t, b1, g1, s1, W2, W2t, b2, g2, s2], norm, eps)");
+  m.def("radial_hidden_backward", &radial::radial_hidden_backward,
+        "[dx or undefined, dW1, db1, dg1, ds1, dW2, db2, dg2, ds2] (x, parameters, norm, eps, dh, need_x)");
+  m.def("norm_nonlinearity_forward", &norms::norm_nonlinearity_forward,
+        "y_l (x_l [N, C_l, D_l] per degree, gamma [sum C], beta [sum C], eps, clamp)");
+  m.def("norm_nonlinearity_backward", &norms::norm_nonlinearity_backward,
+        "(dx_l per degree, dgamma, dbeta) from (x_l, gamma, beta, eps, clamp, dy_l)");
+}
