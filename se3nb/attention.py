@@ -16,7 +16,7 @@ from .fiber import Fiber, degree_to_dim
 from .basis import Bases
 from .graph import Graph
 from .frame_rotation import _rotates_natively
-from .segment_attention import segment_attention
+from .segment_attention import _side_by_side, segment_attention
 from .conv import EquivariantLinear
 from .so2 import EdgeFrames
 from .so2_conv import SO2Conv, _block_csr, _destination_blocks, _fused_messages, _no_grad_plain, conv_class
@@ -140,6 +140,10 @@ class _KeyValueViews(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_key: Tensor | None, grad_value: Tensor | None):
+        base = getattr(grad_value, '_base', None)  # the C++ attention writes both into one buffer: taken as it is
+        if base is not None and grad_key is not None and grad_key._base is base and _side_by_side(grad_value, grad_key):
+            if base.shape == ctx.shape and base.data_ptr() == grad_value.data_ptr():
+                return base, None
         parts = [grad_value, grad_key]
         if any(g is None for g in parts):
             like = next(g for g in parts if g is not None)

@@ -213,6 +213,15 @@ def _native_attention():  # (the kernels segment_attention_forward / _backward, 
     return load_extension('segment_attention.cpp', None)  # portable C++: any CPU with a compiler; cached
 
 # %% ../nbs/03a_segment_attention.ipynb #ed7b8802
+def _side_by_side(first: Tensor, second: Tensor) -> bool:  # [E, H, a], [E, H, b]: the columns of one [E, H, a + b]
+    a, b, size = first.shape[2], second.shape[2], first.element_size()
+    return (
+        first.stride() == second.stride() == (first.shape[1] * (a + b), a + b, 1)
+        and second.data_ptr() == first.data_ptr() + a * size
+        and first.untyped_storage().data_ptr() == second.untyped_storage().data_ptr()
+    )
+
+
 class _NativeSegmentAttention(torch.autograd.Function):
     "`segment_attention_reference` in one C++ pass per node (`se3nb/csrc/segment_attention.cpp`); backward too."
 
@@ -225,7 +234,7 @@ class _NativeSegmentAttention(torch.autograd.Function):
         envelope = None if envelope is None else envelope.contiguous()
         z, M, S = native.segment_attention_forward(key, query, value, offsets, envelope, scale)  # [N, H, d_v]
         ctx.save_for_backward(key, query, value, envelope, offsets, z, M, S)
-        ctx.scale = scale
+        ctx.scale, ctx.one_buffer = scale, _side_by_side(value, key)
         return z
 
     @staticmethod
@@ -233,9 +242,14 @@ class _NativeSegmentAttention(torch.autograd.Function):
     def backward(ctx, grad_z: Tensor):
         key, query, value, envelope, offsets, z, M, S = ctx.saved_tensors
         envelope_grad = envelope is not None and ctx.needs_input_grad[3]
+        outs = (None, None)
+        if ctx.one_buffer:  # the gradients side by side as well: the producer of [values | keys] takes it as it is
+            grad_kv = value.new_empty(value.shape[0], value.shape[1], value.shape[2] + key.shape[2])
+            outs = (grad_kv[..., value.shape[2] :], grad_kv[..., : value.shape[2]])  # keys, values
         grad_k, grad_q, grad_v, grad_u = _native_attention()[0].segment_attention_backward(
-            key, query, value, offsets, envelope, ctx.scale, z, M, S, grad_z, envelope_grad
+            key, query, value, offsets, envelope, ctx.scale, z, M, S, grad_z, envelope_grad, *outs
         )
+        grad_k, grad_v = (grad_k, grad_v) if outs[0] is None else outs  # views of grad_kv
         return grad_k, grad_q, grad_v, grad_u if envelope_grad else None, None, None
 
 # %% ../nbs/03a_segment_attention.ipynb #af079231

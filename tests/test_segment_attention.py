@@ -187,3 +187,26 @@ def test_attention_uses_the_kernel_on_cuda(monkeypatch):
     k, q, v, u = _inputs(csr, H=8, d_k=32, d_v=32, dtype=torch.float16, envelope=True)
     z = segment_attention(k, q, v, csr, scale=0.2, envelope=u)
     assert calls and z.dtype == torch.float16
+
+
+@pytest.mark.skipif(sa._native_attention()[0] is None, reason="the C++ kernels did not build here")
+@pytest.mark.parametrize("envelope", [False, True])
+def test_native_kernel_takes_keys_and_values_as_one_tensor(envelope):
+    """Keys and values as column slices of one [E, H, d_v + d_k] tensor (how `_attend_in_heads` gets them): the C++
+    backward writes both gradients into one buffer, and the tensor's gradient equals the composition's."""
+    from se3nb.attention import _KeyValueViews
+
+    torch.manual_seed(0)
+    csr = DestinationCSR(torch.randint(0, 8, (50,)), 9)
+    kv = torch.randn(50, 2, 5 + 3, dtype=F64, requires_grad=True)  # values (5), then keys (3)
+    query, u = torch.randn(9, 2, 3, dtype=F64, requires_grad=True), torch.rand(50, dtype=F64) if envelope else None
+    grads = {}
+    for backend in ('native', 'torch'):
+        key, value = _KeyValueViews.apply(kv, 5)
+        with override(segment_attention=backend):
+            z = segment_attention(key, query, value, csr, scale=0.5, envelope=u)
+        grads[backend] = torch.autograd.grad((z * torch.linspace(-1, 1, z.numel()).view_as(z)).sum(), (kv, query))
+    for a, b in zip(grads['native'], grads['torch']):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    key, value = _KeyValueViews.apply(kv, 5)
+    assert sa._side_by_side(value, key) and not sa._side_by_side(key, value)  # the buffer is found, in its order

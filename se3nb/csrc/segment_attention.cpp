@@ -94,14 +94,22 @@ std::vector<torch::Tensor> segment_attention_forward(torch::Tensor key, torch::T
 std::vector<torch::Tensor> segment_attention_backward(torch::Tensor key, torch::Tensor query, torch::Tensor value,
                                                       torch::Tensor offsets, c10::optional<torch::Tensor> envelope_opt,
                                                       double scale, torch::Tensor z, torch::Tensor M, torch::Tensor S,
-                                                      torch::Tensor grad_z, bool envelope_grad) {
+                                                      torch::Tensor grad_z, bool envelope_grad,
+                                                      c10::optional<torch::Tensor> grad_key_out,
+                                                      c10::optional<torch::Tensor> grad_value_out) {
   const torch::Tensor envelope = envelope_opt.has_value() ? *envelope_opt : torch::Tensor();
   check(key, query, value, offsets, envelope);
   grad_z = grad_z.contiguous();
-  key = key.contiguous();
-  value = value.contiguous();
   const int64_t N = query.size(0), E = key.size(0), H = key.size(1), dk = key.size(2), dv = value.size(2);
-  auto gk = torch::empty_like(key), gq = torch::zeros_like(query), gv = torch::empty_like(value);
+  // dkey and dvalue may be given: e.g. column slices of one buffer (the gradient of one tensor of keys and values)
+  auto given = [](const c10::optional<torch::Tensor>& out, const torch::Tensor& like, const char* what) {
+    if (!out.has_value()) return torch::empty_like(like, at::MemoryFormat::Contiguous);
+    TORCH_CHECK(out->sizes() == like.sizes() && out->scalar_type() == like.scalar_type() && out->stride(2) == 1,
+                what, " must have the shape and dtype of its input, its last dimension contiguous");
+    return *out;
+  };
+  auto gk = given(grad_key_out, key, "grad_key_out"), gv = given(grad_value_out, value, "grad_value_out");
+  auto gq = torch::zeros_like(query);
   const bool want_u = envelope.defined() && envelope_grad;
   auto gu = want_u ? torch::zeros({E}, key.options()) : torch::Tensor();
   const int64_t* off = offsets.data_ptr<int64_t>();
@@ -111,6 +119,8 @@ std::vector<torch::Tensor> segment_attention_backward(torch::Tensor key, torch::
     const scalar_t *zp = z.data_ptr<scalar_t>(), *mp = M.data_ptr<scalar_t>(), *sp = S.data_ptr<scalar_t>();
     const scalar_t* g = grad_z.data_ptr<scalar_t>();
     scalar_t *gkp = gk.data_ptr<scalar_t>(), *gqp = gq.data_ptr<scalar_t>(), *gvp = gv.data_ptr<scalar_t>();
+    const int64_t ks0 = key.stride(0), ks1 = key.stride(1), vs0 = value.stride(0), vs1 = value.stride(1);
+    const int64_t gks0 = gk.stride(0), gks1 = gk.stride(1), gvs0 = gv.stride(0), gvs1 = gv.stride(1);
     scalar_t* gup = want_u ? gu.data_ptr<scalar_t>() : nullptr;
     const scalar_t eps = u ? scalar_t(1e-12) : scalar_t(0), sc = scalar_t(scale);
     at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
@@ -123,7 +133,7 @@ std::vector<torch::Tensor> segment_attention_backward(torch::Tensor key, torch::
           const scalar_t m = mp[n * H + h], denominator = sp[n * H + h] + eps;
           scalar_t* dq = gqp + (n * H + h) * dk;
           for (int64_t e = e0; e < e1; ++e) {
-            const scalar_t *ke = k + (e * H + h) * dk, *ve = v + (e * H + h) * dv;
+            const scalar_t *ke = k + e * ks0 + h * ks1, *ve = v + e * vs0 + h * vs1;
             scalar_t dot = 0, delta = 0;
             for (int64_t i = 0; i < dk; ++i) dot += ke[i] * qn[i];
             for (int64_t i = 0; i < dv; ++i) delta += ve[i] * gn[i];
@@ -138,7 +148,7 @@ std::vector<torch::Tensor> segment_attention_backward(torch::Tensor key, torch::
               alpha = p;
               ds = p * (delta - D);
             }
-            scalar_t *dve = gvp + (e * H + h) * dv, *dke = gkp + (e * H + h) * dk;
+            scalar_t *dve = gvp + e * gvs0 + h * gvs1, *dke = gkp + e * gks0 + h * gks1;
             for (int64_t i = 0; i < dv; ++i) dve[i] = alpha * gn[i];
             for (int64_t i = 0; i < dk; ++i) {
               dke[i] = sc * ds * qn[i];
