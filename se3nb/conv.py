@@ -14,7 +14,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch import Tensor, nn
 
-from .backends import choose, register
+from .backends import choose, cpu_float32_or_float64, register
 from .extensions import cpu_isa, load_extension
 from .fiber import Fiber, degree_to_dim
 from .basis import Bases, num_frequencies
@@ -58,16 +58,11 @@ def _native_hidden(x: Tensor, native: tuple) -> Tensor:
     return _NativeRadialHidden.apply(x, *native)
 
 
-def _native_radial_accepts(device: str | None, dtype: torch.dtype | None) -> str | None:
-    ok = device in (None, 'cpu') and dtype in (None, torch.float32, torch.float64)
-    return None if ok else "float32 or float64 CPU tensors only"
-
-
 register(
     'radial_hidden',
     'native',
     available=lambda: _native_radial()[1],
-    accepts=_native_radial_accepts,
+    accepts=cpu_float32_or_float64,
     shape_limits="RadialProfile's layers (Linear, [LayerNorm], ReLU, twice), 16, 32 or 64 hidden units, no autocast",
 )
 register('radial_hidden', 'torch')
@@ -81,7 +76,7 @@ def _native_weights(profile: nn.Module, x: Tensor) -> tuple | None:  # (norm, ep
     if [type(m) for m in layers] != kinds or _autocast_enabled(x.device.type):
         return None
     first, second = layers[0], layers[3 if norm else 2]
-    if first.out_features not in _NATIVE_WIDTHS:
+    if first.out_features not in _NATIVE_WIDTHS or tuple(second.weight.shape) != (first.out_features,) * 2:
         return None
     # without norms, the biases hold the norms' places (never read)
     g1, s1 = (layers[1].weight, layers[1].bias) if norm else (first.bias, first.bias)

@@ -12,7 +12,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch import Tensor, nn
 
-from .backends import choose, register
+from .backends import choose, cpu_float32_or_float64, register
 from .extensions import cpu_isa, load_extension
 from .fiber import Fiber
 from .graph import Graph, graph_max_pool, graph_mean_pool
@@ -51,16 +51,11 @@ def _native_norm_nonlinearity(gamma: Tensor, beta: Tensor, eps: float, xs: list[
     return _NativeNormNonlinearity.apply(gamma, beta, eps, *xs)
 
 
-def _native_accepts(device: str | None, dtype: torch.dtype | None) -> str | None:
-    ok = device in (None, 'cpu') and dtype in (None, torch.float32, torch.float64)
-    return None if ok else "float32 or float64 CPU tensors only"
-
-
 register(
     'norm_nonlinearity',
     'native',
     available=lambda: _native_norm()[1],
-    accepts=_native_accepts,
+    accepts=cpu_float32_or_float64,
     shape_limits="ReLU, with the layer norms' learned scale and shift",
 )
 register('norm_nonlinearity', 'torch')
@@ -89,7 +84,9 @@ class NormNonlinearity(nn.Module):
     def _affine(self) -> tuple[Tensor, Tensor, float] | None:  # (gamma [sum C], beta [sum C], eps), or None
         "The layer norms as one scale, shift and eps, where the C++ kernels compute them (ReLU, affine, one eps)."
         norms = [self.group_norm] if hasattr(self, 'group_norm') else list(self.layer_norms.values())
-        if type(self.nonlinearity) is not nn.ReLU or any(n.weight is None or n.eps != norms[0].eps for n in norms):
+        if type(self.nonlinearity) is not nn.ReLU or any(
+            n.weight is None or n.bias is None or n.eps != norms[0].eps for n in norms
+        ):  # another nonlinearity, norms without a learned scale or shift, or different eps: torch's operations
             return None
         if len(norms) == 1:
             return norms[0].weight, norms[0].bias, norms[0].eps

@@ -13,7 +13,7 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch import Tensor
 
-from .backends import choose, register
+from .backends import choose, cpu_float32_or_float64, register
 from .extensions import load_extension
 from .graph import DestinationCSR
 
@@ -272,12 +272,7 @@ register(
 )
 
 
-def _native_accepts(device: str | None, dtype: torch.dtype | None) -> str | None:
-    ok = device in (None, 'cpu') and dtype in (None, torch.float32, torch.float64)
-    return None if ok else "float32 or float64 CPU tensors only"
-
-
-register('segment_attention', 'native', available=lambda: _native_attention()[1], accepts=_native_accepts)
+register('segment_attention', 'native', available=lambda: _native_attention()[1], accepts=cpu_float32_or_float64)
 register('segment_attention', 'torch')
 
 # %% ../nbs/03a_segment_attention.ipynb #2384100b

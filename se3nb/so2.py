@@ -15,7 +15,7 @@ from torch import Tensor
 from .fiber import degree_to_dim
 from .basis import _step_coupling, kernel_basis, spherical_harmonics, wigner_D
 from .graph import Graph
-from .backends import choose, register
+from .backends import choose, cpu_float32_or_float64, register
 from .extensions import cpu_isa, load_extension
 from .frame_rotation import _RowPermutation, frame_rotation, frame_rotation_into_blocks, frame_rotation_to_columns
 from .so2_product import _native_so2, so2_product
@@ -257,16 +257,11 @@ def _frame_layout(max_degree: int, dtype: torch.dtype) -> tuple[list[Tensor], ..
     )
 
 
-def _native_frames_accepts(device: str | None, dtype: torch.dtype | None) -> str | None:
-    ok = device in (None, 'cpu') and dtype in (None, torch.float32, torch.float64)
-    return None if ok else "float32 or float64 CPU positions only"
-
-
 register(
     'edge_frames',
     'native',
     available=lambda: _native_frames()[1],
-    accepts=_native_frames_accepts,
+    accepts=cpu_float32_or_float64,
     shape_limits="positions that take no gradient (forces: torch builds the frames)",
 )
 register('edge_frames', 'torch')
