@@ -242,5 +242,4 @@ class AttentionBlock(nn.Module):
             z = self.attention(
                 value, key, self.to_query(node_feats), graph, envelope, edges_by_destination=True
             )  # {l: [N, C_v, 2l+1]}
-        z = {l: torch.cat([v, node_feats[l]], dim=1) if l in node_feats else v for l, v in z.items()}  # skip connection
-        return self.project(z)
+        return self.project(z, node_feats)  # the skip connection: node_feats[l]'s channels after z[l]'s

@@ -56,6 +56,10 @@ OPS: dict[str, dict[str, str]] = {
         'native': "one C++ pass per node for norms, layer norm, ReLU and rescaling, forward and backward (`06_norm`)",
         'torch': "norms, `GroupNorm` or `LayerNorm`, ReLU and the rescaling as torch operations",
     },
+    'channel_mix': {
+        'native': "one C++ pass per block of nodes for all degrees, in the [N, C, 2l+1] layout (`03d_channel_mix`)",
+        'torch': "one matrix product per degree over the rows transposed to [N (2l+1), C]",
+    },
 }  # {op: {backend: what it is}}, each op's backends in the order of the automatic choice
 REGISTERED_BY = {
     'conv': 'se3nb.so2_conv',
@@ -67,6 +71,7 @@ REGISTERED_BY = {
     'edge_frames': 'se3nb.so2',
     'radial_hidden': 'se3nb.conv',
     'norm_nonlinearity': 'se3nb.norm',
+    'channel_mix': 'se3nb.channel_mix',
 }  # the module that registers each op's backends when it is imported
 ENV_VAR = 'SE3NB_BACKENDS'  # the documented override, e.g. 'torch' or 'so2_product=torch,conv=reference'
 

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['FUSE_LEVELS', 'RadialProfile', 'radial_kernel_product_reference', 'radial_kernel_product', 'smooth_cutoff',
-           'kernel_groups', 'edge_invariants', 'channel_mix', 'TFNConv', 'EquivariantLinear', 'random_features']
+           'kernel_groups', 'edge_invariants', 'TFNConv', 'EquivariantLinear', 'random_features']
 
 # %% ../nbs/04_conv.ipynb #882b9e12
 import math
@@ -20,6 +20,7 @@ from .fiber import Fiber, degree_to_dim
 from .basis import Bases, num_frequencies
 from .graph import Graph
 from .frame_rotation import _GatherRows, _autocast_enabled
+from .channel_mix import channel_mix, channel_mixes
 
 # %% ../nbs/04_conv.ipynb #radnat01
 _NATIVE_WIDTHS = (16, 32, 64)  # hidden units the C++ pass is compiled for (NVIDIA's radial MLPs have 32)
@@ -331,16 +332,6 @@ def _reference_messages(
     return out if order is None else {l: y.index_select(0, order) for l, y in out.items()}
 
 # %% ../nbs/04_conv.ipynb #9d3127c4
-def channel_mix(
-    W: Tensor,  # [C_out, C_in]
-    x: Tensor,  # [N, C_in, D]
-) -> Tensor:  # [N, C_out, D] contiguous
-    "`W @ x` for every row as one matrix product over all rows and components."
-    # torch's broadcast matmul runs one tiny product per row when no gradient is recorded: 3-10x slower on 2 cores
-    N, C, D = x.shape
-    return (x.transpose(1, 2).reshape(N * D, C) @ W.to(x.dtype).T).view(N, D, -1).transpose(1, 2).contiguous()
-
-
 def _add_self_interaction(
     out: dict[int, Tensor],  # {l: [rows, C_out, 2l+1]} pooled (rows = nodes) or per edge in `csr` order
     node_feats: Mapping[int, Tensor],  # {l: [N, C_l, 2l+1]}
@@ -429,9 +420,12 @@ class EquivariantLinear(nn.Module):
     def forward(
         self,
         feats: Mapping[int, Tensor],  # {l: [N, C_in_l, 2l+1]}
+        *appended: Mapping[int, Tensor],  # {l: [N, C, 2l+1]}: channels concatenated after feats[l]'s, where present
     ) -> dict[int, Tensor]:  # {l: [N, C_out_l, 2l+1]}
-        "Mix channels degree by degree."
-        return {int(l): channel_mix(W, feats[int(l)]) for l, W in self.weights.items()}  # [N, C_out, 2l+1]
+        "Mix channels degree by degree (`channel_mixes`: every degree in one C++ pass, without concatenating)."
+        degrees = [int(l) for l in self.weights]
+        parts = [[feats[l]] + [more[l] for more in appended if l in more] for l in degrees]  # per degree [N, C, 2l+1]
+        return dict(zip(degrees, channel_mixes(list(self.weights.values()), parts)))  # [N, C_out, 2l+1]
 
 # %% ../nbs/04_conv.ipynb #9b680c70
 def random_features(
