@@ -20,7 +20,7 @@ from .fiber import Fiber, degree_to_dim
 from .basis import Bases, num_frequencies
 from .graph import Graph
 from .frame_rotation import _GatherRows, _autocast_enabled
-from .channel_mix import channel_mix, channel_mixes
+from .channel_mix import channel_mix, channel_mixes  # noqa: F401 (channel_mix: still importable from here)
 
 # %% ../nbs/04_conv.ipynb #radnat01
 _NATIVE_WIDTHS = (16, 32, 64)  # hidden units the C++ pass is compiled for (NVIDIA's radial MLPs have 32)
@@ -342,14 +342,16 @@ def _add_self_interaction(
     pool: bool,
 ) -> dict[int, Tensor]:
     "Add the destination's own features mixed by `weights`, once per incoming edge."
-    for key, W in weights.items():
-        l = int(key)
-        x_dst = node_feats[l] if pool else node_feats[l].index_select(0, dst)  # [rows, C_in, 2l+1]
+    degrees, x_dst = [int(key) for key in weights], []
+    for l in degrees:
+        x = node_feats[l] if pool else node_feats[l].index_select(0, dst)  # [rows, C_in, 2l+1]
         if pool:  # per-edge self-interaction summed over incoming edges = in-degree times the node term
             csr = graph.csr
-            count = csr.in_degree.to(x_dst.dtype) if edge_scale is None else csr.sum(edge_scale.to(x_dst.dtype))  # [N]
-            x_dst = x_dst * count[:, None, None]
-        out[l] = out[l] + channel_mix(W, x_dst)  # [rows, C_out, 2l+1]
+            count = csr.in_degree.to(x.dtype) if edge_scale is None else csr.sum(edge_scale.to(x.dtype))  # [N]
+            x = x * count[:, None, None]
+        x_dst.append([x])
+    for l, mixed in zip(degrees, channel_mixes(list(weights.values()), x_dst)):  # every degree in one pass
+        out[l] = out[l] + mixed  # [rows, C_out, 2l+1]
     return out
 
 # %% ../nbs/04_conv.ipynb #8763a12b2bbd4a93a75aff182afb95dc
