@@ -4,18 +4,19 @@
 
 # %% auto #0
 __all__ = ['OPS', 'REGISTERED_BY', 'ENV_VAR', 'register', 'cpu_float32_or_float64', 'parse_backends', 'override', 'choose',
-           'add_report_line', 'backend_report']
+           'add_report_line', 'backend_report', 'differentiable_backward']
 
 # %% ../nbs/00a_backends.ipynb #9a614aee
 import importlib
 import importlib.util
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 # %% ../nbs/00a_backends.ipynb #fb5f5758
 OPS: dict[str, dict[str, str]] = {
@@ -323,3 +324,23 @@ def backend_report(
             details = _RULES[op, name].details if (op, name) in _RULES and state == "available" else None
             lines.extend(f"               {line}" for line in (details() if details else []))
     return '\n'.join(lines)
+
+# %% ../nbs/00a_backends.ipynb #11596eef
+def differentiable_backward(
+    reference: Callable[..., Tensor | Sequence[Tensor]],  # the op's outputs from `inputs` by torch's operations
+    inputs: Sequence[Tensor | None],  # the tensors `reference` takes, as the op's forward received them
+    needs: Sequence[bool],  # per input: whether its gradient is wanted (`ctx.needs_input_grad`)
+    grads: Sequence[Tensor | None],  # per output of `reference`: its gradient (None: unused)
+) -> list[Tensor | None]:  # per input: its gradient, differentiable again; None where not wanted or not reached
+    "A kernel's backward while autograd records it: `reference` recomputed and differentiated with a graph."
+    with torch.enable_grad():
+        outputs = reference(*inputs)
+    outputs = [outputs] if isinstance(outputs, Tensor) else list(outputs)
+    wanted = [x for x, need in zip(inputs, needs) if need]
+    used = [(y, g) for y, g in zip(outputs, grads) if g is not None and y.requires_grad]
+    found = [None] * len(wanted)
+    if used and wanted:
+        ys, gs = zip(*used)
+        found = torch.autograd.grad(ys, wanted, gs, create_graph=True, allow_unused=True)
+    found = iter(found)
+    return [next(found) if need else None for need in needs]

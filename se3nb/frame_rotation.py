@@ -9,10 +9,9 @@ __all__ = ['frame_rotation', 'frame_rotation_to_columns', 'frame_rotation_into_b
 from collections.abc import Sequence
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch import Tensor
 
-from .backends import choose, register
+from .backends import choose, differentiable_backward, override, register
 from .so2_product import _native_accepts, _native_so2
 
 # %% ../nbs/03c_frame_rotation.ipynb #d27b5d98
@@ -60,9 +59,10 @@ class _FrameRotation(torch.autograd.Function):
         return _rotate_rows(D, x, transpose)
 
     @staticmethod
-    @once_differentiable  # C++ / Triton: no second derivatives (a clear error, not a silent zero)
     def backward(ctx, grad: Tensor):  # [E, A, C] -> [E, B, C]
         (D,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a linear map of grad, by torch's product (recorded)
+            return None, (D if ctx.transpose else D.transpose(1, 2)) @ grad, None
         return None, _rotate_rows(D, grad.contiguous(), not ctx.transpose), None
 
 # %% ../nbs/03c_frame_rotation.ipynb #9191c3c2
@@ -76,9 +76,11 @@ class _FrameRotationToRows(torch.autograd.Function):
         return _rotate_rows(D, x, transpose, d_index=index, x_index=index, layout=_CHANNELS_FIRST)
 
     @staticmethod
-    @once_differentiable  # C++ / Triton: no second derivatives (a clear error, not a silent zero)
     def backward(ctx, grad: Tensor):  # [K, C, A] -> [E, B, C]: edge e reads row inverse[e]
         D, inverse = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a linear map of grad, by torch's operations (recorded)
+            rows = grad.index_select(0, inverse).transpose(1, 2)  # [E, A, C]
+            return None, (D if ctx.transpose else D.transpose(1, 2)) @ rows, None, None, None
         gx = _rotate_rows(D, grad.contiguous(), not ctx.transpose, x_index=inverse, x_layout=_CHANNELS_FIRST)
         return None, gx, None, None, None
 
@@ -96,9 +98,14 @@ class _FrameRotationToColumns(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable  # C++ / Triton: no second derivatives (a clear error, not a silent zero)
     def backward(ctx, grad: Tensor):  # [K, W] -> per degree [E, 2l+1, C_l]
         inverse, *Ds = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: a linear map of grad, by torch's operations (recorded)
+            rows, grads = grad.index_select(0, inverse), []  # [E, W]
+            for D, cols in zip(Ds, ctx.columns):  # each channel's 2l+1 columns, then rotated back
+                at = (cols[:, None] + torch.arange(D.shape[-1], device=cols.device)).flatten()  # [C_l * (2l+1)]
+                grads.append(D @ rows[:, at].view(rows.shape[0], cols.shape[0], -1).transpose(1, 2))
+            return (None,) * 5 + tuple(grads)
         grad = grad.contiguous()
         return (None,) * 5 + tuple(
             _rotate_rows(D, grad, False, x_index=inverse, x_layout=_COLUMNS, x_columns=cols)
@@ -206,9 +213,18 @@ class _FrameRotationIntoBlocks(torch.autograd.Function):
         return tuple(_native_so2()[0].frame_rotate_into_blocks(list(Ds), list(xs), index, orders, degrees))
 
     @staticmethod
-    @once_differentiable  # C++ / Triton: no second derivatives (a clear error, not a silent zero)
     def backward(ctx, *grads: Tensor):  # per block [E, s, s * W] -> per degree [N, 2l+1, C]
         index, *Ds = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: linear in the inputs, so torch's blocks of zeros, recorded
+            zeros = [Ds[0].new_zeros(shape).requires_grad_() for shape in ctx.shapes]  # [N, 2l+1, C] each
+
+            def reference(*rows: Tensor) -> list[Tensor]:
+                with override(frame_rotation='torch'):
+                    xs = [x.transpose(1, 2) for x in rows]  # channels first, as frame_rotation_into_blocks takes them
+                    blocks = list(zip(ctx.orders, ctx.degrees))
+                    return frame_rotation_into_blocks(Ds, xs, index if ctx.gathered else None, blocks)
+
+            return (None,) * 4 + tuple(differentiable_backward(reference, zeros, [True] * len(zeros), grads))
         grads = [g.contiguous() for g in grads]
         channels = [shape[2] for shape in ctx.shapes]
         per_edge = _native_so2()[0].frame_rotate_from_blocks(Ds, grads, channels, ctx.orders, ctx.degrees)

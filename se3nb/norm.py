@@ -9,10 +9,9 @@ __all__ = ['NORM_CLAMP', 'POOLINGS', 'NormNonlinearity', 'GraphPooling']
 from collections.abc import Mapping
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch import Tensor, nn
 
-from .backends import choose, cpu_float32_or_float64, register
+from .backends import choose, cpu_float32_or_float64, differentiable_backward, register
 from .extensions import cpu_isa, load_extension
 from .fiber import Fiber
 from .graph import Graph, graph_max_pool, graph_mean_pool
@@ -25,20 +24,38 @@ def _native_norm():  # (the kernels norm_nonlinearity_forward / _backward, None)
     return load_extension('layer_kernels.cpp', cpu_isa())  # one build for frames, radial MLPs and norms; cached
 
 
+def _norm_reference(gamma: Tensor, beta: Tensor, eps: float, xs) -> list[Tensor]:  # per degree [N, C_l, 2l+1]
+    "The C++ pass by torch's operations (the reference of second derivatives): per degree, the same as the module's."
+    out, start = [], 0
+    for x in xs:
+        C = x.shape[1]
+        norm = x.norm(dim=-1).clamp(min=NORM_CLAMP)  # [N, C]
+        z = torch.nn.functional.layer_norm(norm, (C,), gamma[start : start + C], beta[start : start + C], eps)
+        out.append(x * (torch.relu(z) / norm)[..., None])
+        start += C
+    return out
+
+
 class _NativeNormNonlinearity(torch.autograd.Function):
     "Norms, their layer norm, ReLU and the rescaling of every degree in one C++ pass per node; backward too."
 
     @staticmethod
     def forward(ctx, gamma: Tensor, beta: Tensor, eps: float, *xs: Tensor) -> tuple[Tensor, ...]:
-        xs = [x.contiguous() for x in xs]  # [N, C_l, 2l+1]
-        ctx.save_for_backward(gamma, beta, *xs)
+        ctx.save_for_backward(gamma, beta, *xs)  # as given: a second derivative differentiates with respect to them
         ctx.eps = eps
+        xs = [x.contiguous() for x in xs]  # [N, C_l, 2l+1]
         return tuple(_native_norm()[0].norm_nonlinearity_forward(xs, gamma, beta, eps, NORM_CLAMP))
 
     @staticmethod
-    @once_differentiable  # C++ / Triton: no second derivatives (a clear error, not a silent zero)
     def backward(ctx, *grads: Tensor | None):
         gamma, beta, *xs = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True (e.g. training on forces): torch's operations, recorded
+            needs = ctx.needs_input_grad[:2] + ctx.needs_input_grad[3:]
+            found = differentiable_backward(
+                lambda g, b, *xs: _norm_reference(g, b, ctx.eps, xs), [gamma, beta, *xs], needs, grads
+            )
+            return found[0], found[1], None, *found[2:]
+        xs = [x.contiguous() for x in xs]
         grads = [torch.zeros_like(x) if g is None else g.contiguous() for x, g in zip(xs, grads)]
         *grad_xs, grad_gamma, grad_beta = _native_norm()[0].norm_nonlinearity_backward(
             xs, gamma, beta, ctx.eps, NORM_CLAMP, grads

@@ -10,10 +10,9 @@ import functools
 import os
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch import Tensor
 
-from .backends import choose, cpu_float32_or_float64, register
+from .backends import choose, cpu_float32_or_float64, differentiable_backward, override, register
 from .extensions import load_extension
 from .graph import DestinationCSR
 
@@ -165,6 +164,18 @@ def _backward_kernel():  # one program per node and head: the scores recomputed 
     return triton.jit(attention_backward)
 
 # %% ../nbs/03a_segment_attention.ipynb #b631b9aa
+def _recorded_backward(ctx, inputs: tuple, grad_z: Tensor) -> list[Tensor | None]:  # (key, query, value, envelope)
+    "Gradients by `segment_attention_reference`, recorded: the backward of both kernels under `create_graph=True`."
+    envelope = inputs[3]
+
+    def reference(key, query, value, u):
+        with override(segment_reduce='index_add'):  # sums whose backward is differentiable again on every device
+            return segment_attention_reference(key, query, value, ctx.csr, scale=ctx.scale, envelope=u)
+
+    needs = ctx.needs_input_grad[:3] + (envelope is not None and ctx.needs_input_grad[3],)
+    return differentiable_backward(reference, inputs, needs, [grad_z])
+
+
 def _launch(kernel, num_nodes: int, num_heads: int, d_k: int, d_v: int, args: tuple, **constants):
     triton = _triton()
     blocks = dict(BLOCK_E=16, BLOCK_DK=triton.next_power_of_2(d_k), BLOCK_DV=triton.next_power_of_2(d_v))
@@ -176,8 +187,9 @@ class _FusedSegmentAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, key: Tensor, query: Tensor, value: Tensor, envelope: Tensor | None, offsets: Tensor, scale: float
+        ctx, key: Tensor, query: Tensor, value: Tensor, envelope: Tensor | None, offsets: Tensor, scale: float, csr
     ) -> Tensor:
+        given, ctx.csr = (key, query, value), csr  # the inputs as given: a second derivative recomputes from them
         key, query, value = key.contiguous(), query.contiguous(), value.contiguous()
         (_E, H, d_k), N, d_v = key.shape, query.shape[0], value.shape[2]
         f64 = torch.float64 in (key.dtype, query.dtype)
@@ -188,14 +200,15 @@ class _FusedSegmentAttention(torch.autograd.Function):
         u = envelope.contiguous() if envelope is not None else key  # any pointer when there is no envelope
         args = (key, query, value, u, offsets, z, M, S, scale, eps, H, d_k, d_v)
         _launch(_forward_kernel(), N, H, d_k, d_v, args, HAS_ENVELOPE=envelope is not None, F64=f64)
-        ctx.save_for_backward(key, query, value, envelope, offsets, z, M, S)
+        ctx.save_for_backward(key, query, value, envelope, offsets, z, M, S, *given)
         ctx.scale, ctx.eps, ctx.f64 = scale, eps, f64
         return z
 
     @staticmethod
-    @once_differentiable  # C++ / Triton: no second derivatives (a clear error, not a silent zero)
     def backward(ctx, grad_z: Tensor):
-        key, query, value, envelope, offsets, z, M, S = ctx.saved_tensors
+        key, query, value, envelope, offsets, z, M, S, *given = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True (e.g. training on forces): torch's operations, recorded
+            return (*_recorded_backward(ctx, (*given, envelope), grad_z), None, None, None)
         (E, H, d_k), N, d_v = key.shape, query.shape[0], value.shape[2]
         envelope_grad = envelope is not None and ctx.needs_input_grad[3]
         grad_k, grad_q, grad_v = torch.empty_like(key), torch.empty_like(query), torch.empty_like(value)
@@ -206,7 +219,7 @@ class _FusedSegmentAttention(torch.autograd.Function):
         constants = dict(HAS_ENVELOPE=envelope is not None, ENVELOPE_GRAD=envelope_grad, F64=ctx.f64)
         _launch(_backward_kernel(), N, H, d_k, d_v, args, **constants)
         grad_u = grad_u.sum(1).to(envelope.dtype) if envelope_grad else None
-        return grad_k, grad_q, grad_v, grad_u, None, None
+        return grad_k, grad_q, grad_v, grad_u, None, None, None
 
 # %% ../nbs/03a_segment_attention.ipynb #6df44b02
 def _native_attention():  # (the kernels segment_attention_forward / _backward, None), or (None, why not)
@@ -226,21 +239,22 @@ class _NativeSegmentAttention(torch.autograd.Function):
     "`segment_attention_reference` in one C++ pass per node (`se3nb/csrc/segment_attention.cpp`); backward too."
 
     @staticmethod
-    def forward(ctx, key: Tensor, query: Tensor, value: Tensor, envelope: Tensor | None, offsets: Tensor, scale: float):
-        native = _native_attention()[0]
+    def forward(ctx, key, query, value, envelope: Tensor | None, offsets: Tensor, scale: float, csr) -> Tensor:
+        native, given, ctx.csr = _native_attention()[0], (key, query, value), csr  # given: for a second derivative
         # key and value may be column slices of one tensor (rows strided, last dimension contiguous)
         key, value = (t if t.stride(2) == 1 else t.contiguous() for t in (key, value))
         query = query.contiguous()
         envelope = None if envelope is None else envelope.contiguous()
         z, M, S = native.segment_attention_forward(key, query, value, offsets, envelope, scale)  # [N, H, d_v]
-        ctx.save_for_backward(key, query, value, envelope, offsets, z, M, S)
+        ctx.save_for_backward(key, query, value, envelope, offsets, z, M, S, *given)
         ctx.scale, ctx.one_buffer = scale, _side_by_side(value, key)
         return z
 
     @staticmethod
-    @once_differentiable  # C++ / Triton: no second derivatives (a clear error, not a silent zero)
     def backward(ctx, grad_z: Tensor):
-        key, query, value, envelope, offsets, z, M, S = ctx.saved_tensors
+        key, query, value, envelope, offsets, z, M, S, *given = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True (e.g. training on forces): torch's operations, recorded
+            return (*_recorded_backward(ctx, (*given, envelope), grad_z), None, None, None)
         envelope_grad = envelope is not None and ctx.needs_input_grad[3]
         outs = (None, None)
         if ctx.one_buffer:  # the gradients side by side as well: the producer of [values | keys] takes it as it is
@@ -250,7 +264,7 @@ class _NativeSegmentAttention(torch.autograd.Function):
             key, query, value, offsets, envelope, ctx.scale, z, M, S, grad_z, envelope_grad, *outs
         )
         grad_k, grad_v = (grad_k, grad_v) if outs[0] is None else outs  # views of grad_kv
-        return grad_k, grad_q, grad_v, grad_u if envelope_grad else None, None, None
+        return grad_k, grad_q, grad_v, grad_u if envelope_grad else None, None, None, None
 
 # %% ../nbs/03a_segment_attention.ipynb #af079231
 def _triton_available() -> str | None:
@@ -278,14 +292,14 @@ register('segment_attention', 'torch')
 # %% ../nbs/03a_segment_attention.ipynb #2384100b
 @torch.compiler.disable
 def _fused(key, query, value, csr, scale, envelope):
-    return _FusedSegmentAttention.apply(key, query, value, envelope, csr.offsets, scale)
+    return _FusedSegmentAttention.apply(key, query, value, envelope, csr.offsets, scale, csr)
 
 
 @torch.compiler.disable
 def _native(key, query, value, csr, scale, envelope):
     dtype = key.dtype
     envelope = None if envelope is None else envelope.to(dtype)
-    return _NativeSegmentAttention.apply(key, query.to(dtype), value.to(dtype), envelope, csr.offsets, scale)
+    return _NativeSegmentAttention.apply(key, query.to(dtype), value.to(dtype), envelope, csr.offsets, scale, csr)
 
 
 def segment_attention(

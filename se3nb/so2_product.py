@@ -14,10 +14,9 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch import Tensor
 
-from .backends import choose, register
+from .backends import choose, differentiable_backward, register
 from .extensions import cpu_id, cpu_isa, load_extension, read_tuning, record_tuning
 
 # %% ../nbs/03b_so2_product.ipynb #54434cf0
@@ -285,6 +284,23 @@ def _backward_native(native, plan, h, w, theta, x, gy, grad_hs, grad_w, *, split
         grad_w.view(O, I, H).copy_(native.so2_grad_w(hc, xc, gy, plan['grad_w'])[:, :I])
     return gx
 
+# %% ../nbs/03b_so2_product.ipynb #9b647f78
+def _product_reference(h, h_second, weight, sizes, xs) -> tuple[Tensor, ...]:  # per m-block [P, R, O]
+    "The products by differentiable torch operations, W(h) of every slot stored: the reference of second derivatives."
+    ys = []
+    for x, (off, n) in zip(xs, _blocks(sizes)):
+        P, R, I = x.shape
+        w = weight[off : off + n].to(h.dtype)  # [O*I, H]
+
+        def apply(hs: Tensor, rows: Tensor) -> Tensor:  # [P, H], [P, r, I] -> [P, r, O]
+            return rows @ (hs @ w.T).view(P, n // I, I).transpose(1, 2)
+
+        # with h_second, a slot's second half of rows belongs to its second edge and takes that edge's h
+        half = R // 2
+        y = apply(h, x) if h_second is None else torch.cat([apply(h, x[:, :half]), apply(h_second, x[:, half:])], 1)
+        ys.append(y)
+    return tuple(ys)
+
 # %% ../nbs/03b_so2_product.ipynb #16cb4e20
 class _SO2Product(torch.autograd.Function):
     "y_m = x_m W_m(h)^T for every m-block, W(h) built block by block and never stored (rebuilt in backward)."
@@ -303,14 +319,22 @@ class _SO2Product(torch.autograd.Function):
                 theta = None
                 ys.append(_forward_torch(h, w, x, O))  # [P, R, O]
             ctx.thetas.append(theta)
-        ctx.save_for_backward(h, weight, *xs)
+        ctx.save_for_backward(h, h_second, weight_full, *xs)
         ctx.sizes, ctx.split, ctx.weight_dtype, ctx.backends = sizes, h_second is not None, weight_full.dtype, backends
         return tuple(ys)
 
     @staticmethod
-    @once_differentiable  # C++ / Triton: no second derivatives (a clear error, not a silent zero)
     def backward(ctx, *grad_ys):
-        h, weight, *xs = ctx.saved_tensors
+        h, h_second, weight_full, *xs = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True (e.g. training on forces): torch's operations, recorded
+            grads = differentiable_backward(
+                lambda *args: _product_reference(*args[:3], ctx.sizes, args[3:]),
+                [h, h_second, weight_full, *xs],
+                ctx.needs_input_grad[:3] + ctx.needs_input_grad[5:],
+                grad_ys,
+            )
+            return (*grads[:3], None, None, *grads[3:])
+        weight = weight_full.to(h.dtype)
         need_h, need_h2, need_w = ctx.needs_input_grad[:3]
         acc = torch.promote_types(weight.dtype, torch.float32)  # float16 / bfloat16: sums over slot blocks in float32
         # with `split`, h of the slot's second edge is an input of its own: its gradient comes from that edge only

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from se3nb.backends import choose, override
-from se3nb.channel_mix import _native_mix, channel_mix, channel_mixes
-from se3nb.conv import EquivariantLinear, random_features
+from se3nb.channel_mix import EquivariantLinear, _native_mix, channel_mix, channel_mixes
+from se3nb.conv import random_features
 from se3nb.fiber import Fiber
 
 F64 = torch.float64
@@ -98,3 +98,13 @@ def test_equivariant_linear_with_appended_channels_equals_the_concatenation():
             want = layer(joined)
         for l in want:
             torch.testing.assert_close(got[l], want[l])
+
+
+@needs_native
+def test_native_channel_mix_second_derivatives():
+    "Under `create_graph=True` the backward is recorded by torch's operations: finite differences agree."
+    torch.manual_seed(0)
+    W = torch.randn(3, 5, dtype=F64, requires_grad=True)
+    a, b = torch.randn(4, 2, 3, dtype=F64, requires_grad=True), torch.randn(4, 3, 3, dtype=F64, requires_grad=True)
+    with override(channel_mix='native'):
+        assert torch.autograd.gradgradcheck(lambda W, a, b: channel_mixes([W], [[a, b]])[0], (W, a, b))

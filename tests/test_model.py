@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from model_helpers import F64, random_inputs, small_model
+from se3nb.backends import override
 from se3nb.basis import Bases
 from se3nb.conv import FUSE_LEVELS, edge_invariants, random_features
 from se3nb.equivariance import equivariance_error, translation_error
@@ -213,13 +214,52 @@ def test_bad_inputs_give_clear_errors():
         small_model(conv='fast')
 
 
-def test_second_derivatives_raise_instead_of_dropping_terms():
-    """Training on forces (dE/dpos with create_graph=True, then a loss on the forces) needs second derivatives. The C++
-    kernels have none: autograd must raise, not silently leave out their terms (it did before they were marked)."""
+ALL_TORCH = {  # every op with a C++ or Triton backend on torch's
+    op: 'torch' for op in ('so2_product', 'radial_hidden', 'norm_nonlinearity', 'channel_mix', 'segment_attention')
+}
+
+
+def _force_model(dtype):
     torch.manual_seed(0)
-    model = SE3Transformer(1, Fiber({0: 4}), Fiber({0: 8, 1: 8}), Fiber({0: 1}), 2, 2, return_type=0)
-    pos = torch.randn(6, 3, requires_grad=True)
-    energy = model(fully_connected(pos), {0: torch.ones(6, 4, 1)}).sum()
-    (forces,) = torch.autograd.grad(energy, pos, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice|out=... arguments don't support automatic"):
+    return SE3Transformer(1, Fiber({0: 4}), Fiber({0: 8, 1: 8}), Fiber({0: 1}), 2, 2, return_type=0).to(dtype)
+
+
+def _force_loss_gradients(dtype, **backends) -> torch.Tensor:  # parameter gradients of a loss on the forces, joined
+    pos = torch.randn(6, 3, generator=torch.Generator().manual_seed(1)).to(dtype).requires_grad_()
+    with override(**backends):  # conv is chosen when the model is built
+        model = _force_model(dtype)
+        energy = model(fully_connected(pos), {0: torch.ones(6, 4, 1, dtype=dtype)}).sum()
+        (forces,) = torch.autograd.grad(energy, pos, create_graph=True)
         forces.square().sum().backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_second_derivatives_train_on_forces():
+    """Training on forces (dE/dpos with create_graph=True, then a loss on the forces) needs second derivatives: each C++
+    kernel's backward hands over to torch's operations while autograd records it. The Hessian matches finite
+    differences; the SO(2) path matches the reference convolution; float32 (the C++ SO(2) products) matches float64."""
+    model, feats = _force_model(F64), {0: torch.ones(5, 4, 1, dtype=F64)}
+    pos = torch.randn(5, 3, dtype=F64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda p: model(fully_connected(p), feats).sum(), (pos,))
+    reference = _force_loss_gradients(F64, conv='reference', **ALL_TORCH)
+    assert reference.abs().max() > 0
+    for backends in ({}, {'conv': 'reference'}, ALL_TORCH):
+        torch.testing.assert_close(_force_loss_gradients(F64, **backends), reference, rtol=1e-9, atol=1e-12)
+    single = _force_loss_gradients(torch.float32)
+    assert (single.double() - reference).norm() < 1e-4 * reference.norm()
+
+
+def test_second_derivatives_through_the_frame_rotation_kernels():
+    "Fixed positions, second derivatives in the features: the float32 C++ rotations' recorded backward equals torch's."
+    results = []
+    for backend in ('native', 'torch'):
+        model = _force_model(torch.float32)
+        pos = torch.randn(6, 3, generator=torch.Generator().manual_seed(1))
+        x = torch.randn(6, 4, 1, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        with override(frame_rotation=backend):
+            energy = model(fully_connected(pos), {0: x}).sum()
+            (grad_x,) = torch.autograd.grad(energy, x, create_graph=True)
+            grad_x.square().sum().backward()
+        results.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert results[0].abs().max() > 0
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-6)

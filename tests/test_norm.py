@@ -67,6 +67,16 @@ def test_native_norm_nonlinearity_equals_torch(fiber, dtype):
     assert (native[0][1][3] == 0).all() and torch.isfinite(native[1][1]).all()
 
 
+@needs_native
+def test_native_norm_nonlinearity_second_derivatives():
+    "Under `create_graph=True` the backward is recorded by torch's operations: finite differences agree."
+    torch.manual_seed(0)
+    norm = NormNonlinearity(Fiber({0: 3, 1: 2})).double()
+    x = {l: v.requires_grad_() for l, v in random_features(Fiber({0: 3, 1: 2}), 4, dtype=F64).items()}
+    with override(norm_nonlinearity='native'):
+        assert torch.autograd.gradgradcheck(lambda a, b: tuple(norm({0: a, 1: b}).values()), (x[0], x[1]))
+
+
 def test_norm_nonlinearity_backend_choice():
     "Another nonlinearity than ReLU, or float16 features, run the torch operations."
     fiber = Fiber({0: 4, 1: 4})

@@ -210,3 +210,19 @@ def test_native_kernel_takes_keys_and_values_as_one_tensor(envelope):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     key, value = _KeyValueViews.apply(kv, 5)
     assert sa._side_by_side(value, key) and not sa._side_by_side(key, value)  # the buffer is found, in its order
+
+
+@pytest.mark.parametrize("backend", ['triton', 'native', 'torch'])
+def test_second_derivatives_of_every_backend(backend):
+    "Under `create_graph=True` the kernels' backward is recorded by torch's operations: finite differences agree."
+    if backend == 'triton' and (sa._triton() is None or not (torch.cuda.is_available() or sa._interpreting())):
+        pytest.skip("needs Triton 3 and a GPU, or Triton's interpreter")
+    if backend == 'native' and (DEVICE != 'cpu' or sa._native_attention()[0] is None):
+        pytest.skip("the C++ kernels run on CPU tensors, and need to have built")
+    torch.manual_seed(0)
+    csr = _graph(num_nodes=5, num_edges=12)
+    k, q, v, u = _inputs(csr, 2, 3, 4, F64, envelope=True)
+    with override(segment_attention=backend):
+        assert torch.autograd.gradgradcheck(
+            lambda k, q, v, u: segment_attention(k, q, v, csr, scale=0.5, envelope=u), (k, q, v, u)
+        )

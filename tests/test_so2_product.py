@@ -473,3 +473,13 @@ def test_a_read_only_extension_cache_does_not_stop_the_product(isa, monkeypatch)
         sp._PLANS.pop(key, None)
         if saved is not None:
             sp._PLANS[key] = saved
+
+
+def test_so2_product_second_derivatives():
+    "Under `create_graph=True` the backward is recorded by torch's operations: finite differences agree."
+    torch.manual_seed(0)
+    sizes = [3 * 4, 2 * 8]  # O * I of two m-blocks
+    h, w = torch.randn(5, 16, dtype=torch.float64), torch.randn(sum(sizes), 16, dtype=torch.float64)
+    xs = [torch.randn(5, 2, 4, dtype=torch.float64), torch.randn(5, 4, 8, dtype=torch.float64)]
+    inputs = [t.requires_grad_() for t in (h, w, *xs)]
+    assert torch.autograd.gradgradcheck(lambda h, w, *xs: sp.so2_product(h, w, xs, sizes=sizes), inputs)
