@@ -433,9 +433,11 @@ static const int64_t* checked_index(const torch::Tensor& index, int64_t rows, co
   if (index.numel() == 0) return nullptr;
   TORCH_CHECK(index.scalar_type() == torch::kLong && index.dim() == 1 && index.is_contiguous(), what,
               " must be a contiguous int64 vector");
-  TORCH_CHECK(index.min().item<int64_t>() >= 0 && index.max().item<int64_t>() < rows, what, " out of range [0, ",
-              rows, ")");
-  return index.data_ptr<int64_t>();
+  const int64_t* at = index.data_ptr<int64_t>();
+  bool inside = true;  // a plain loop: torch's min() and max() would cost two reductions and allocations per call
+  for (int64_t i = 0; i < index.numel(); ++i) inside &= at[i] >= 0 && at[i] < rows;
+  TORCH_CHECK(inside, what, " out of range [0, ", rows, ")");
+  return at;
 }
 
 // The layouts of x and of the result: rows first ([., B, C]), channels first ([., C, B]), or columns of a 2-D buffer
