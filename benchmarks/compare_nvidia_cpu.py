@@ -89,6 +89,19 @@ def load_batch(kind: str):
     return graph, {0: b['node_feats']['0']}, {0: b['edge_feats']['0']}
 
 
+def build_model(config: str, **options):
+    "NVIDIA's configuration `config` as se3nb's pooled model (arguments se3nb at 9afe565 has too, and `options`)."
+    from se3nb.fiber import Fiber
+    from se3nb.model import SE3TransformerPooled
+
+    c = CONFIGS[config]
+    return SE3TransformerPooled(
+        Fiber({0: 6}), Fiber({0: c['out_channels']}), Fiber({0: 4}), num_degrees=c['num_degrees'],
+        num_channels=c['num_channels'], output_dim=1, num_layers=c['num_layers'], num_heads=c['num_heads'],
+        channels_div=2, pooling='max', norm=True, use_layer_norm=True, **options,
+    )  # fmt: skip
+
+
 def optimizer(name: str, params, fused: bool):
     "(torch's `name` optimizer, its kernels): fused as se3nb's trainer (`se3nb.recipe.adamw`) where torch has it."
     import torch
@@ -107,17 +120,11 @@ def run_case(a: argparse.Namespace, mode: str) -> dict:
     import resource
 
     import torch
-    from se3nb.fiber import Fiber
-    from se3nb.model import SE3TransformerPooled
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     c = CONFIGS[a.config]
-    model = SE3TransformerPooled(
-        Fiber({0: 6}), Fiber({0: c['out_channels']}), Fiber({0: 4}), num_degrees=c['num_degrees'],
-        num_channels=c['num_channels'], output_dim=1, num_layers=c['num_layers'], num_heads=c['num_heads'],
-        channels_div=2, pooling='max', norm=True, use_layer_norm=True, low_memory=a.low_memory, fuse_level=a.fuse_level,
-    )  # fmt: skip
+    model = build_model(a.config, low_memory=a.low_memory, fuse_level=a.fuse_level)
     graph, node, edge = load_batch(a.batch)
     target = torch.randn(graph.num_graphs)
     opt, kernels = optimizer(c['optimizer'], model.parameters(), fused=a.optimizer == 'trainer')

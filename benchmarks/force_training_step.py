@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_nvidia_cpu import BATCHES, CONFIGS, load_batch, optimizer  # noqa: E402
+from compare_nvidia_cpu import BATCHES, CONFIGS, build_model, load_batch, optimizer  # noqa: E402
 
 
 def run_case(a: argparse.Namespace) -> dict:
@@ -28,18 +28,11 @@ def run_case(a: argparse.Namespace) -> dict:
     import resource
 
     import torch
-    from se3nb.fiber import Fiber
     from se3nb.graph import Graph
-    from se3nb.model import SE3TransformerPooled
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
-    c = CONFIGS[a.config]
-    model = SE3TransformerPooled(
-        Fiber({0: 6}), Fiber({0: c['out_channels']}), Fiber({0: 4}), num_degrees=c['num_degrees'],
-        num_channels=c['num_channels'], output_dim=1, num_layers=c['num_layers'], num_heads=c['num_heads'],
-        channels_div=2, pooling='max', norm=True, use_layer_norm=True,
-    )  # fmt: skip
+    model = build_model(a.config)
     batch, node_feats, edge_feats = load_batch(a.batch)  # Graph, {0: [N, 6, 1]}, {0: [E, 4, 1]}
     opt, kernels = optimizer('AdamW', model.parameters(), fused=True)
     target, forces = torch.randn(batch.num_graphs), a.case == 'forces'
