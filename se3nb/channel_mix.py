@@ -8,6 +8,7 @@ __all__ = ['channel_mix', 'channel_mixes', 'EquivariantLinear']
 # %% ../nbs/03d_channel_mix.ipynb #183325f3
 import math
 from collections.abc import Mapping, Sequence
+from itertools import accumulate
 
 import torch
 from torch import Tensor, nn
@@ -121,10 +122,9 @@ def channel_mixes(
     xs = [x for parts in inputs for x in parts]
     if xs and _mixes_natively(weights, xs):
         outputs, offsets = [], []
-        for j, parts in enumerate(inputs):
-            starts = torch.tensor([0] + [x.shape[1] for x in parts[:-1]]).cumsum(0).tolist()
+        for j, parts in enumerate(inputs):  # each part's first column in its weight
             outputs += [j] * len(parts)
-            offsets += starts
+            offsets += [0, *accumulate(x.shape[1] for x in parts[:-1])]
         return list(_NativeChannelMix.apply(tuple(outputs), tuple(offsets), len(weights), *weights, *xs))
     return [
         channel_mix(W, parts[0] if len(parts) == 1 else torch.cat(list(parts), 1)) for W, parts in zip(weights, inputs)
