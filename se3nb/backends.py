@@ -61,6 +61,10 @@ OPS: dict[str, dict[str, str]] = {
         'native': "one C++ pass per block of nodes for all degrees, in the [N, C, 2l+1] layout (`03d_channel_mix`)",
         'torch': "one matrix product per degree over the rows transposed to [N (2l+1), C]",
     },
+    'so2_fold': {
+        'native': "the last radial layers folded into SO(2) weights in one C++ pass, and their gradient (`04a_so2`)",
+        'torch': "a batched product of the fold matrix per channel pair, then the rows moved into block order",
+    },
 }  # {op: {backend: what it is}}, each op's backends in the order of the automatic choice
 REGISTERED_BY = {
     'conv': 'se3nb.so2_conv',
@@ -73,6 +77,7 @@ REGISTERED_BY = {
     'radial_hidden': 'se3nb.conv',
     'norm_nonlinearity': 'se3nb.norm',
     'channel_mix': 'se3nb.channel_mix',
+    'so2_fold': 'se3nb.so2',
 }  # the module that registers each op's backends when it is imported
 ENV_VAR = 'SE3NB_BACKENDS'  # the documented override, e.g. 'torch' or 'so2_product=torch,conv=reference'
 

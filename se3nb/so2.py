@@ -115,6 +115,55 @@ def _same_values(copy: Tensor, weight: Tensor) -> bool:  # with the C++ kernels:
         return _native_so2()[0].same_bits(copy, weight)
     return torch.equal(copy, weight)
 
+# %% ../nbs/04a_so2.ipynb #foldrows01
+def _native_frames():  # (the extension with frame_matrices and combine_rows, None), or (None, why not)
+    return load_extension('layer_kernels.cpp', cpu_isa())  # one build for frames, folds, radial MLPs, norms; cached
+
+
+class _CombineRows(torch.autograd.Function):
+    "out[r] = sum_j coef[r, j] x[index[r, j]] in C++; the gradient is the same with the transposed table, at any order."
+
+    @staticmethod
+    def forward(ctx, x, table, transposed):  # x [S, H]; table (index, coef) [R, J] each, transposed [S, J']
+        ctx.tables = table, transposed
+        return _native_frames()[0].combine_rows(x.contiguous(), *table)  # [R, H]
+
+    @staticmethod
+    def backward(ctx, grad):  # [R, H] -> [S, H]: recorded when a second derivative is asked for
+        table, transposed = ctx.tables
+        return _CombineRows.apply(grad, transposed, table), None, None
+
+
+def _fold_tables(
+    T: Tensor,  # [F, F] the fold of one channel pair
+    order: Tensor,  # [R] of each output row, its row b F + f in (channel pair b, f) order
+    inverse: Tensor,  # [R] the inverse permutation
+) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:  # (index, coef) [R, F] of the fold, and of its transpose
+    "The fold as rows of sums: output row r = sum_g T[f, g] (weight row b F + g); its gradient: T^T, rows moved back."
+    F = T.shape[0]
+    g = torch.arange(F, device=order.device)  # [F]
+    pair, f = order // F, order % F  # [R]
+    rows = torch.arange(order.numel(), device=order.device)  # [R] weight rows s = b F + g
+    fold = (pair[:, None] * F + g, T[f])  # row r: sum over g
+    gradient = (inverse[(rows // F)[:, None] * F + g], T[:, rows % F].T)  # row s: sum over f
+    return _nonzero_terms(*fold), _nonzero_terms(*gradient)
+
+
+def _nonzero_terms(index: Tensor, coef: Tensor) -> tuple[Tensor, Tensor]:  # [R, F] -> [R, J]: J the most nonzeros
+    "A table without the zeros of T (at most 3 of up to 19 terms are nonzero); rows with fewer keep zero terms."
+    first = torch.argsort((coef == 0).to(torch.int8), dim=1, stable=True)  # [R, F] nonzero terms first
+    J = int((coef != 0).sum(1).max()) if coef.numel() else 0
+    return index.gather(1, first[:, :J]).contiguous(), coef.gather(1, first[:, :J]).contiguous()
+
+
+register(
+    'so2_fold',
+    'native',
+    available=lambda: _native_frames()[1],
+    accepts=cpu_float32_or_float64,
+)
+register('so2_fold', 'torch')
+
 # %% ../nbs/04a_so2.ipynb #8159fc97
 class SO2Plan:
     "Block layout of the SO(2) form of one kernel group (`in_degrees` -> `out_degrees`) and its fold matrix T."
@@ -136,9 +185,7 @@ class SO2Plan:
         J_of_f = torch.tensor([J for lo in outs for li in ins for J in range(abs(li - lo), li + lo + 1)])
         self.T, self.T_zero_length = T, T * (J_of_f == 0)  # [F, F]; an edge of length 0 keeps only J = 0
         self._order = order  # [num_weights] position in (c_out, c_in, g) order of each weight in block order
-        self._constants: dict[
-            tuple, tuple[Tensor, Tensor, Tensor]
-        ] = {}  # (zero_length, dtype, device) -> T, order, inverse
+        self._constants: dict[tuple, tuple] = {}  # (zero_length, dtype, device) -> T, order, inverse, C++ tables
         self._folded: dict[tuple, tuple] = {}  # same key -> (the weight folded, a copy; folded weight), for inference
 
     def fold(
@@ -153,16 +200,15 @@ class SO2Plan:
                 (self.T_zero_length if zero_length else self.T).to(weight.device, weight.dtype),
                 self._order.to(weight.device),
             )
-            self._constants[key] = (
-                T,
-                order,
-                torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device)),
-            )
-        T, order, inverse = self._constants[key]
+            inverse = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
+            self._constants[key] = (T, order, inverse, _fold_tables(T, order, inverse))
+        T, order, inverse, tables = self._constants[key]
         H = weight.shape[1]
 
-        # T per channel pair, then whole rows moved into block order: no transposed copies (slow here: ~4 GB/s)
         def fold():
+            if choose('so2_fold', device=weight.device, dtype=weight.dtype) == 'native':  # one C++ pass
+                return _CombineRows.apply(weight, *tables)
+            # T per channel pair, then whole rows moved into block order: no transposed copies (slow here: ~4 GB/s)
             return _RowPermutation.apply(torch.matmul(T, weight.view(-1, T.shape[1], H)).view(-1, H), order, inverse)
 
         # training folds every time, and so do GPUs: a fold is a few kernels there, and a comparison would wait for them
@@ -239,10 +285,6 @@ def _frame_matrices(
     return D_in, D_out
 
 # %% ../nbs/04a_so2.ipynb #edgeframes01
-def _native_frames():  # (the kernel frame_matrices, None), or (None, why not)
-    return load_extension('layer_kernels.cpp', cpu_isa())  # one build for frames, radial MLPs and norms; cached
-
-
 @lru_cache(maxsize=None)
 def _frame_layout(max_degree: int, dtype: torch.dtype) -> tuple[list[Tensor], ...]:  # couplings, extended, signs, by_m
     "What `frame_matrices` needs besides the positions: the couplings of `wigner_D`, and `_m_rows` of every degree."

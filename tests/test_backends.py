@@ -39,6 +39,7 @@ def test_environment_variable(monkeypatch):
     assert parse_backends('torch') == {
         'so2_product': 'torch', 'segment_attention': 'torch', 'frame_rotation': 'torch', 'so2_inference': 'torch',
         'edge_frames': 'torch', 'radial_hidden': 'torch', 'norm_nonlinearity': 'torch', 'channel_mix': 'torch',
+        'so2_fold': 'torch',
     }  # fmt: skip
     assert parse_backends('conv=reference, segment_reduce=csr') == {'conv': 'reference', 'segment_reduce': 'csr'}
     assert parse_backends('torch,so2_product=native')['so2_product'] == 'native'  # op=backend beats a bare name

@@ -215,7 +215,8 @@ def test_bad_inputs_give_clear_errors():
 
 
 ALL_TORCH = {  # every op with a C++ or Triton backend on torch's
-    op: 'torch' for op in ('so2_product', 'radial_hidden', 'norm_nonlinearity', 'channel_mix', 'segment_attention')
+    op: 'torch'
+    for op in ('so2_product', 'radial_hidden', 'norm_nonlinearity', 'channel_mix', 'segment_attention', 'so2_fold')
 }
 
 

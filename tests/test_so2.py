@@ -198,6 +198,29 @@ def test_fold_is_invertible_per_degree_pair(l_in, l_out):
     assert T.shape == (plan.num_weights, 2 * min(l_in, l_out) + 1) and torch.linalg.matrix_rank(T) == T.shape[0]
 
 
+@pytest.mark.skipif(_native_frames()[0] is None, reason="the C++ kernels did not build here")
+@pytest.mark.parametrize("ins, outs", [((0, 1, 2), (0, 1, 2)), ((1,), (2,)), ((0,), (0,)), ((0, 1), (1, 2))])
+@pytest.mark.parametrize("zero_length", [False, True])
+def test_native_fold_equals_torch_at_every_order(ins, outs, zero_length):
+    """The C++ fold (rows as sums of the nonzero terms of T) gives torch's fold and gradient, float32 and float64, and
+    differentiates twice (its gradient is the same pass with the transposed table)."""
+    g = torch.Generator().manual_seed(0)
+    plan = SO2Plan(ins, outs, 3, 2)
+    for dtype, tol in [(torch.float32, 1e-6), (F64, 1e-14)]:
+        w = torch.randn(2 * 3 * plan.T.shape[0], 16, generator=g, dtype=dtype, requires_grad=True)
+        gy = torch.randn(plan.num_weights, 16, generator=g, dtype=dtype)
+        folds = {}
+        for backend in ('native', 'torch'):
+            with override(so2_fold=backend):
+                y = plan.fold(w, zero_length)
+                folds[backend] = (y, *torch.autograd.grad(y, w, gy))
+        for a, b in zip(folds['native'], folds['torch']):
+            assert torch.allclose(a, b, atol=tol, rtol=0)
+    with override(so2_fold='native'):
+        w = torch.randn(2 * 3 * plan.T.shape[0], 4, generator=g, dtype=F64, requires_grad=True)
+        assert torch.autograd.gradgradcheck(lambda w: plan.fold(w, zero_length), (w,))
+
+
 def test_fast_path_equivariance_and_gradcheck():
     from se3nb.equivariance import equivariance_error
 

@@ -2,7 +2,8 @@
 //   1. edge frames (nbs/04a_so2.ipynb, op `edge_frames`),
 //   2. the radial MLPs' hidden layers (nbs/04_conv.ipynb, op `radial_hidden`),
 //   3. the norm nonlinearity (nbs/06_norm.ipynb, op `norm_nonlinearity`),
-//   4. channel mixing, the TFN self-interaction (nbs/04_conv.ipynb, op `channel_mix`).
+//   4. channel mixing, the TFN self-interaction (nbs/04_conv.ipynb, op `channel_mix`),
+//   5. the fold of the last radial layers into SO(2) weights (nbs/04a_so2.ipynb, op `so2_fold`).
 // Plain C++ loops, compiled for the CPU's vector instruction set (`load_extension`); float32 and float64.
 
 #include <ATen/Dispatch.h>
@@ -830,6 +831,47 @@ std::vector<torch::Tensor> channel_mix_backward(std::vector<torch::Tensor> xs, s
 
 }  // namespace mixing
 
+// ---------------------------------------------------------------------------------------------------------------------
+// 5. Rows as weighted sums of rows (nbs/04a_so2.ipynb, backend `native` of the op `so2_fold`):
+//   out[r, :] = sum_j coef[r, j] x[index[r, j], :]      index, coef [R, J]
+// The fold of a last radial layer into SO(2) weights is one (T per channel pair, then rows moved into block order), and
+// so is its gradient (T transposed, rows moved back): a table each, made once per plan. torch did it with a batched
+// product of 3 x 3 to 9 x 9 matrices per channel pair and a gather (~0.15 ms per group and step in training).
+
+namespace folding {
+
+torch::Tensor combine_rows(torch::Tensor x, torch::Tensor index, torch::Tensor coef) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(), "expected a contiguous CPU x [S, H]");
+  TORCH_CHECK(index.dim() == 2 && index.is_contiguous() && index.scalar_type() == torch::kLong,
+              "expected a contiguous int64 index [R, J]");
+  TORCH_CHECK(coef.sizes() == index.sizes() && coef.is_contiguous() && coef.scalar_type() == x.scalar_type(),
+              "expected coefficients [R, J] of x's dtype, like the index ", index.sizes(), "; got ", coef.sizes());
+  const int64_t R = index.size(0), J = index.size(1), S = x.size(0), H = x.size(1);
+  const int64_t* idx = index.data_ptr<int64_t>();
+  bool inside = true;  // a plain loop: torch's min() and max() cost two reductions and allocations per call
+  for (int64_t k = 0; k < R * J; ++k) inside &= idx[k] >= 0 && idx[k] < S;
+  TORCH_CHECK(inside, "index out of range [0, ", S, ")");
+  auto out = torch::empty({R, H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "combine_rows", [&] {
+    const scalar_t *xp = x.data_ptr<scalar_t>(), *cp = coef.data_ptr<scalar_t>();
+    scalar_t* yp = out.data_ptr<scalar_t>();
+    at::parallel_for(0, R, 256, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        scalar_t* y = yp + r * H;
+        for (int64_t h = 0; h < H; ++h) y[h] = 0;
+        for (int64_t j = 0; j < J; ++j) {
+          const scalar_t c = cp[r * J + j];
+          const scalar_t* row = xp + idx[r * J + j] * H;
+          for (int64_t h = 0; h < H; ++h) y[h] += c * row[h];
+        }
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace folding
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("frame_matrices", &frames::frame_matrices,
         "(D_in, D_out) per degree (rel_pos [E, 3], slot_edges [E], couplings, extended rows, signs, rows by m)");
@@ -845,4 +887,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y_j per output (x_t [N, C_t, D_t], weights W_j [O_j, cols_j], each input's output and column offset)");
   m.def("channel_mix_backward", &mixing::channel_mix_backward,
         "(dx_t per input if need_x, dW_j per output if need_w) (x_t, W_j [O_j, cols_j], outputs, offsets, dy_j, ...)");
+  m.def("combine_rows", &folding::combine_rows,
+        "out [R, H]: out[r] = sum_j coef[r, j] x[index[r, j]] (x [S, H], index [R, J] int64, coef [R, J])");
 }
