@@ -264,25 +264,26 @@ def _choose_products(h: Tensor, xs: Sequence[Tensor], sizes: Sequence[int], spli
     return tuple(choices)
 
 # %% ../nbs/03b_so2_product.ipynb #0bf21dcb
-def _backward_native(native, plan, h, w, theta, x, gy, grad_hs, grad_w, *, split: bool) -> Tensor:  # [P, R, I] dx
-    "One m-block with the C++ kernels: returns dx, adds dh to `grad_hs`, writes dTheta into `grad_w`."
-    P, H, (O, I) = h.shape[0], h.shape[1], (gy.shape[2], x.shape[2])
+def _backward_native(
+    native, plan, h, w, theta, x, gy, grad_h: Tensor | None, grad_w: Tensor | None, *, split: bool, need_h: bool
+) -> tuple[Tensor, Tensor | None]:  # dx [P, R, I], the sum of dh so far [P or 2P, H] (per edge of the slot with split)
+    "One m-block with the C++ kernels: returns dx and `grad_h` plus this block's dh; writes dTheta into `grad_w`."
+    H, (O, I) = h.shape[1], (gy.shape[2], x.shape[2])
     theta = _theta(w, O, I) if theta is None else theta  # [O, H, I'], the forward's when it ran the kernels
     hc, xc = h.contiguous(), _pad_inputs(x)  # [P, H], [P, R, I']: I' = _padded(I), zero columns appended
     gx = native.so2_grad_x(hc, theta, gy, *plan['grad_x'], 64)[..., :I]  # [P, R, I]
-    if any(g is not None for g in grad_hs):
+    if need_h:  # the kernel adds to the previous blocks' sum: no zero fill, no separate addition
         w3 = (
             w.view(O, I, H)
             if xc.shape[2] == I
             else torch.nn.functional.pad(w.view(O, I, H), (0, 0, 0, xc.shape[2] - I))
         )
-        gh = native.so2_grad_h(w3, xc, gy, split, plan['grad_h']).view(P, 1 + split, H)  # [P, 1 or 2, H]
-        for e, grad_h in enumerate(grad_hs):
-            if grad_h is not None:
-                grad_h += gh[:, e]
-    if grad_w is not None:  # [O, I', H] -> the weight's own layout [O*I, H]
+        grad_h = native.so2_grad_h(w3, xc, gy, split, plan['grad_h'], grad_h, grad_h is not None)
+    if grad_w is not None and xc.shape[2] == I:  # straight into the weight's own layout [O*I, H]
+        native.so2_grad_w(hc, xc, gy, plan['grad_w'], grad_w.view(O, I, H))
+    elif grad_w is not None:  # [O, I', H] without the padding
         grad_w.view(O, I, H).copy_(native.so2_grad_w(hc, xc, gy, plan['grad_w'])[:, :I])
-    return gx
+    return gx, grad_h
 
 # %% ../nbs/03b_so2_product.ipynb #9b647f78
 def _product_reference(h, h_second, weight, sizes, xs) -> tuple[Tensor, ...]:  # per m-block [P, R, O]
@@ -339,19 +340,28 @@ class _SO2Product(torch.autograd.Function):
         acc = torch.promote_types(weight.dtype, torch.float32)  # float16 / bfloat16: sums over slot blocks in float32
         # with `split`, h of the slot's second edge is an input of its own: its gradient comes from that edge only
         needs = (need_h, need_h2) if ctx.split else (need_h,)
-        grad_hs = [torch.zeros_like(h, dtype=acc) if need else None for need in needs]  # [P, H] each
+        some_torch = any(c[1] != 'native' for c in ctx.backends)  # torch's blocks add into zeroed sums
+        grad_hs = [torch.zeros_like(h, dtype=acc) if need and some_torch else None for need in needs]  # [P, H] each
         grad_w = torch.empty_like(weight, dtype=acc) if need_w else None  # [n, H]
         native = _native_so2()[0] if any('native' in c[:2] for c in ctx.backends) else None
-        grad_xs = []
+        grad_xs, summed = [], None  # summed: the kernels' dh [P or 2P, H], every native block added
         blocks = zip(xs, grad_ys, _blocks(ctx.sizes), ctx.backends, ctx.thetas)
         for x, gy, (off, n), (_, backend, plan), theta in blocks:
             gy, w, gw = gy.contiguous(), weight[off : off + n], None if grad_w is None else grad_w[off : off + n]
             if backend == 'native':  # the same sums, W(h) and its gradient in registers only
-                grad_xs.append(_backward_native(native, plan, h, w, theta, x, gy, grad_hs, gw, split=ctx.split))
+                gx, summed = _backward_native(
+                    native, plan, h, w, theta, x, gy, summed, gw, split=ctx.split, need_h=any(needs)
+                )
+                grad_xs.append(gx)
             else:
                 grad_xs.append(_backward_torch(h, w, x, gy, grad_hs, gw, split=ctx.split, low=acc != weight.dtype))
         if grad_w is not None and h.shape[0] == 0:
             grad_w.zero_()
+        if summed is not None:  # per edge of the slot: a view each, added to torch's blocks if there were any
+            parts = summed.view(h.shape[0], len(needs), h.shape[1]).unbind(1)
+            grad_hs = [
+                g if not need else part if g is None else g + part for g, part, need in zip(grad_hs, parts, needs)
+            ]
         grad_hs = [None if g is None else g.to(h.dtype) for g in grad_hs] + [None] * (1 - ctx.split)
         return (*grad_hs, None if grad_w is None else grad_w.to(ctx.weight_dtype), None, None, *grad_xs)
 

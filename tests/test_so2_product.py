@@ -163,6 +163,30 @@ def test_every_register_tile_computes_the_same_products(R, isa):
                 assert (got.double() - want).abs().max() < 1e-4 * want.abs().max(), (variant, tile)
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_gradient_kernels_write_into_and_add_to_given_tensors(split, isa):
+    "dh added to the previous blocks' sum (`accumulate`), dTheta written into a block of the weight's gradient."
+    native, (P, O, I, H) = _native_kernels(), (37, 20, 48, 32)
+    g = torch.Generator().manual_seed(1)
+    h, w3 = torch.rand(P, H, generator=g), torch.randn(O, I, H, generator=g)  # [P, H], [O, I, H]
+    x, gy = torch.randn(P, 2, I, generator=g), torch.randn(P, 2, O, generator=g)  # [P, R, I], [P, R, O]
+    fresh = native.so2_grad_h(w3, x, gy, split, 8)  # [P or 2P, H]
+    before = torch.randn(fresh.shape, generator=g)
+    out = before.clone()
+    assert native.so2_grad_h(w3, x, gy, split, 8, out, True) is not None
+    assert torch.allclose(out, before + fresh, atol=1e-5)
+    assert torch.equal(native.so2_grad_h(w3, x, gy, split, 8, out, False), fresh) and torch.equal(out, fresh)
+    grad_w = torch.full((2 * O * I, H), float('nan'))  # two blocks; the kernel writes the second
+    native.so2_grad_w(h, x, gy, 64, grad_w[O * I :].view(O, I, H))
+    assert torch.equal(grad_w[O * I :].view(O, I, H), native.so2_grad_w(h, x, gy, 64)) and grad_w[: O * I].isnan().all()
+    with pytest.raises(RuntimeError, match="out must be contiguous float32"):
+        native.so2_grad_h(w3, x, gy, split, 8, torch.zeros(P + 1, H), True)
+    with pytest.raises(RuntimeError, match="accumulate needs out"):
+        native.so2_grad_h(w3, x, gy, split, 8, None, True)
+    with pytest.raises(RuntimeError, match="out must be contiguous float32"):
+        native.so2_grad_w(h, x, gy, 64, torch.zeros(O, I, H).transpose(0, 1))
+
+
 @pytest.mark.parametrize("E", [0, 1, 300])
 @pytest.mark.parametrize("A,B,C,transpose", [(9, 5, 16, False), (5, 5, 16, True), (13, 7, 21, False), (3, 3, 6, True)])
 def test_native_frame_rotation_equals_the_batched_product(E, A, B, C, transpose, isa):

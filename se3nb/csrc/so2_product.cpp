@@ -285,7 +285,8 @@ static void grad_w_rows(const float* h, const float* G, int64_t g_stride, float*
   for (; i0 < I; ++i0) block(i0, std::integral_constant<int, 1>{});
 }
 
-torch::Tensor so2_grad_w(torch::Tensor h, torch::Tensor x, torch::Tensor gy, int64_t slot_chunk) {
+torch::Tensor so2_grad_w(torch::Tensor h, torch::Tensor x, torch::Tensor gy, int64_t slot_chunk,
+                         c10::optional<torch::Tensor> out) {
   TORCH_CHECK(h.dim() == 2 && x.dim() == 3 && gy.dim() == 3 && x.size(0) == h.size(0) && gy.size(0) == h.size(0) &&
                   gy.size(1) == x.size(1),
               "expected h [P, K], x [P, R, I], gy [P, R, O]");
@@ -296,7 +297,9 @@ torch::Tensor so2_grad_w(torch::Tensor h, torch::Tensor x, torch::Tensor gy, int
   TORCH_CHECK(K % VW == 0 && K <= 8 * VW && I % VW == 0 && R >= 1 && R <= 4,
               "needs K % ", VW, " == 0, K <= ", 8 * VW, ", I % ", VW, " == 0 and 1 <= R <= 4");
   TORCH_CHECK(slot_chunk >= 1, "slot_chunk must be positive");
-  auto gw = torch::empty({O, I, K}, x.options());
+  auto gw = out.has_value() ? *out : torch::empty({O, I, K}, x.options());  // out: e.g. a block of the weight's gradient
+  TORCH_CHECK(gw.sizes() == at::IntArrayRef({O, I, K}) && gw.is_contiguous() && gw.scalar_type() == at::kFloat,
+              "out must be contiguous float32 [", O, ", ", I, ", ", K, "], got ", gw.sizes());
   const float *hp = h.data_ptr<float>(), *xp = x.data_ptr<float>(), *gp = gy.data_ptr<float>();
   float* wp = gw.data_ptr<float>();
   if (P == 0) return gw.zero_();
@@ -361,7 +364,8 @@ static void grad_h_units(const float* w, const float* x, const float* gy, float*
       for (int v = 0; v < KV; ++v) vstore(dh + u * K + v * VW, vzero());
 }
 
-torch::Tensor so2_grad_h(torch::Tensor w, torch::Tensor x, torch::Tensor gy, bool split, int64_t o_block) {
+torch::Tensor so2_grad_h(torch::Tensor w, torch::Tensor x, torch::Tensor gy, bool split, int64_t o_block,
+                         c10::optional<torch::Tensor> out, bool accumulate) {
   TORCH_CHECK(w.dim() == 3 && x.dim() == 3 && gy.dim() == 3 && x.size(0) == gy.size(0) && x.size(1) == gy.size(1) &&
                   w.size(0) == gy.size(2) && w.size(1) == x.size(2),
               "expected w [O, I, K], x [P, R, I], gy [P, R, O]");
@@ -373,7 +377,10 @@ torch::Tensor so2_grad_h(torch::Tensor w, torch::Tensor x, torch::Tensor gy, boo
               "needs K % ", VW, " == 0, K <= ", 8 * VW, ", I % ", VW, " == 0, 1 <= R <= 4 (even with split)");
   TORCH_CHECK(o_block >= 1, "o_block must be positive");
   const int64_t U = split ? 2 * P : P;  // units: slots, or (slot, edge) pairs
-  auto gh = torch::empty({U, K}, x.options());
+  TORCH_CHECK(out.has_value() || !accumulate, "accumulate needs out");
+  auto gh = out.has_value() ? *out : torch::empty({U, K}, x.options());  // out: the sum over the blocks so far
+  TORCH_CHECK(gh.sizes() == at::IntArrayRef({U, K}) && gh.is_contiguous() && gh.scalar_type() == at::kFloat,
+              "out must be contiguous float32 [", U, ", ", K, "], got ", gh.sizes());
   const float *wp = w.data_ptr<float>(), *xp = x.data_ptr<float>(), *gp = gy.data_ptr<float>();
   float* hp = gh.data_ptr<float>();
   with_kv(K / VW, [&](auto kv) {
@@ -385,6 +392,7 @@ torch::Tensor so2_grad_h(torch::Tensor w, torch::Tensor x, torch::Tensor gy, boo
       for (int64_t ob = 0; ob < O; ob += o_block)
         for (int64_t group = begin; group < end; ++group) {
           const int64_t u0 = group * UA, n = std::min<int64_t>(UA, U - u0), o1 = std::min(O, ob + o_block);
+          const bool first = ob == 0 && !accumulate;  // the first sum into dh overwrites it
           int64_t slot[UA], r0[UA], r1[UA];
           for (int u = 0; u < UA; ++u) {
             const int64_t unit = std::min(u0 + u, U - 1);
@@ -393,10 +401,10 @@ torch::Tensor so2_grad_h(torch::Tensor w, torch::Tensor x, torch::Tensor gy, boo
             r1[u] = split ? r0[u] + R / 2 : R;
           }
           if (n == UA) {
-            grad_h_units<KV, UA>(wp, xp, gp, hp + u0 * K, R, K, O, I, ob, o1, slot, r0, r1, ob == 0);
+            grad_h_units<KV, UA>(wp, xp, gp, hp + u0 * K, R, K, O, I, ob, o1, slot, r0, r1, first);
           } else {
             for (int64_t u = 0; u < n; ++u)
-              grad_h_units<KV, 1>(wp, xp, gp, hp + (u0 + u) * K, R, K, O, I, ob, o1, slot + u, r0 + u, r1 + u, ob == 0);
+              grad_h_units<KV, 1>(wp, xp, gp, hp + (u0 + u) * K, R, K, O, I, ob, o1, slot + u, r0 + u, r1 + u, first);
           }
         }
     });
@@ -670,9 +678,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y = x W(h)^T per slot (h [P, K], theta [O, K, I], x [P, R, I], variant, o_tile, slot_chunk) -> [P, R, O]");
   m.def("so2_grad_x", &so2_grad_x,
         "dx = dy W(h) per slot (h [P, K], theta [O, K, I], gy [P, R, O], variant, o_tile, slot_chunk) -> [P, R, I]");
-  m.def("so2_grad_w", &so2_grad_w, "dw (h [P, K], x [P, R, I], gy [P, R, O], slot_chunk) -> [O, I, K]");
+  m.def("so2_grad_w", &so2_grad_w, "dw (h [P, K], x [P, R, I], gy [P, R, O], slot_chunk, out) -> [O, I, K] (out)",
+        py::arg("h"), py::arg("x"), py::arg("gy"), py::arg("slot_chunk"), py::arg("out") = py::none());
   m.def("so2_grad_h", &so2_grad_h,
-        "dh per slot, or per edge with split (w [O, I, K], x [P, R, I], gy [P, R, O], split, o_block) -> [P or 2P, K]");
+        "dh per slot, or per edge with split (w [O, I, K], x [P, R, I], gy [P, R, O], split, o_block, out, accumulate)"
+        " -> [P or 2P, K] (out, to which dh is added with accumulate)",
+        py::arg("w"), py::arg("x"), py::arg("gy"), py::arg("split"), py::arg("o_block"), py::arg("out") = py::none(),
+        py::arg("accumulate") = false);
   m.def("frame_rotate_rows", &frame_rotate_rows,
         "row k: D[d_index[k]] x[x_index[k]] (or D^T); x and the result rows first (0), channels first (1) or in "
         "columns of a 2-D buffer (2) (D, x, transpose, d_index, x_index, x_layout, x_columns, out_layout, out, "
