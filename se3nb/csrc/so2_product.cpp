@@ -42,6 +42,9 @@ static inline vec vset1(float x) { return _mm512_set1_ps(x); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+// the first n < VW floats only (masked: nothing past them is read or written)
+static inline vec vload_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
+static inline void vstore_first(float* p, vec v, int64_t n) { _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), v); }
 #define IN_REGISTER(v) asm("" : "+v"(v))  // a loaded vector stays in a register (no reload for each use)
 #elif defined(__AVX2__) && defined(__FMA__)
 using vec = __m256;
@@ -58,6 +61,11 @@ static inline float vsum(vec v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
+static inline __m256i first_lanes(int64_t n) {  // all bits set in the first n of 8 lanes
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+static inline vec vload_first(const float* p, int64_t n) { return _mm256_maskload_ps(p, first_lanes(n)); }
+static inline void vstore_first(float* p, vec v, int64_t n) { _mm256_maskstore_ps(p, first_lanes(n), v); }
 #define IN_REGISTER(v) asm("" : "+x"(v))
 #else
 #error "se3nb's SO(2) kernels need AVX-512F, or AVX2 and FMA"
@@ -429,10 +437,10 @@ static void rotate_one(const float* d, const float* xe, float* ye, int64_t A, in
       for (int64_t b = 0; b < B; ++b) acc = vfma(vset1(d[a * sa + b * sb]), vload(xe + b * C + c), acc);
       vstore(ye + a * C + c, acc);
     }
-    for (; c < C; ++c) {  // channels past the last full vector
-      float acc = 0.0f;
-      for (int64_t b = 0; b < B; ++b) acc += d[a * sa + b * sb] * xe[b * C + c];
-      ye[a * C + c] = acc;
+    if (c < C) {  // channels past the last full vector (e.g. 8 with AVX-512): masked, not one at a time
+      vec acc = vzero();
+      for (int64_t b = 0; b < B; ++b) acc = vfma(vset1(d[a * sa + b * sb]), vload_first(xe + b * C + c, C - c), acc);
+      vstore_first(ye + a * C + c, acc, C - c);
     }
   }
 }
@@ -647,7 +655,9 @@ std::vector<torch::Tensor> frame_rotate_from_blocks(std::vector<torch::Tensor> D
         int64_t c = 0;
         for (; c + VW <= C; c += VW)
           vstore(acc + b * C + c, vfma(vset1(coef), vload(g + q * W + c), vload(acc + b * C + c)));
-        for (; c < C; ++c) acc[b * C + c] += coef * g[q * W + c];
+        if (c < C)
+          vstore_first(acc + b * C + c,
+                       vfma(vset1(coef), vload_first(g + q * W + c, C - c), vload_first(acc + b * C + c, C - c)), C - c);
       }
   });
   return gx;
