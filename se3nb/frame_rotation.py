@@ -202,7 +202,7 @@ class _GatherRows(torch.autograd.Function):
 
 # %% ../nbs/03c_frame_rotation.ipynb #4b78d199
 class _FrameRotationIntoBlocks(torch.autograd.Function):
-    "The blocks in the C++ kernel; the input gradient is rotated back per edge and added to each source row."
+    "The blocks in the C++ kernel; the input gradient is rotated back and summed per source row in one C++ pass."
 
     @staticmethod
     def forward(ctx, sources: Tensor | None, orders: list, degrees: list, Ds: tuple, *xs: Tensor) -> tuple:
@@ -227,10 +227,11 @@ class _FrameRotationIntoBlocks(torch.autograd.Function):
             return (None,) * 4 + tuple(differentiable_backward(reference, zeros, [True] * len(zeros), grads))
         grads = [g.contiguous() for g in grads]
         channels = [shape[2] for shape in ctx.shapes]
-        per_edge = _native_so2()[0].frame_rotate_from_blocks(Ds, grads, channels, ctx.orders, ctx.degrees)
-        if ctx.gathered:  # [E, 2l+1, C] rows added to their sources
-            per_edge = [g.new_zeros(shape).index_add_(0, index, g) for g, shape in zip(per_edge, ctx.shapes)]
-        return (None, None, None, None, *per_edge)
+        # per source row: the C++ pass adds each row's edges itself (no per-edge buffer, zero fill or index_add_)
+        rows = _native_so2()[0].frame_rotate_from_blocks(
+            Ds, grads, channels, ctx.orders, ctx.degrees, index, ctx.shapes[0][0]
+        )  # [N, 2l+1, C] per degree
+        return (None, None, None, None, *rows)
 
 
 def frame_rotation_into_blocks(

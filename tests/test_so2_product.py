@@ -278,8 +278,14 @@ def test_frame_rotation_into_blocks_refuses_what_does_not_fit(isa):
         native.frame_rotate_into_blocks([D1], [x1], torch.empty(0, dtype=torch.long), [1], [[0]])
     with pytest.raises(RuntimeError, match=r"x must be contiguous float32 \[N, 2l\+1, C\]"):
         native.frame_rotate_into_blocks([D1], [torch.randn(4, 2, 3)], torch.zeros(E, dtype=torch.long), [1], [[0]])
+    no_index = torch.empty(0, dtype=torch.long)
     with pytest.raises(RuntimeError, match="gradient must be contiguous float32"):
-        native.frame_rotate_from_blocks([D1], [torch.randn(E, 2, 5)], [2], [1], [[0]])
+        native.frame_rotate_from_blocks([D1], [torch.randn(E, 2, 5)], [2], [1], [[0]], no_index, E)
+    g1 = torch.randn(E, 2, 4)
+    with pytest.raises(RuntimeError, match="one source row per edge"):
+        native.frame_rotate_from_blocks([D1], [g1], [2], [1], [[0]], no_index, E + 1)
+    with pytest.raises(RuntimeError, match=r"index out of range \[0, 3\)"):
+        native.frame_rotate_from_blocks([D1], [g1], [2], [1], [[0]], torch.full((E,), 3), 3)
 
 
 def test_frame_rotate_rows_refuses_indices_out_of_range(isa):

@@ -568,7 +568,7 @@ static std::vector<T*> pointers(const std::vector<torch::Tensor>& ts) {  // raw 
 }
 
 // f(e, d, D_e, row of D_e for q = 0 of block j, j, column offset, s, W) for every edge (in parallel), every degree d
-// and every block j that reads d: the loop both directions of frame_rotate_into_blocks share
+// and every block j that reads d
 template <typename F>
 static void for_each_read(const Blocks& layout, const std::vector<torch::Tensor>& Ds, const std::vector<int64_t>& m,
                           F&& f) {
@@ -621,12 +621,14 @@ std::vector<torch::Tensor> frame_rotate_into_blocks(std::vector<torch::Tensor> D
   return out;
 }
 
-// The input gradient of frame_rotate_into_blocks per edge, rows first like x: gx_d[e, b, c] = sum over the blocks j
-// that read d and their rows q of D_d[e, row of q, b] g_j[e, row q at d's columns, c]. The caller adds the rows of
-// each source node (index_add_).
+// The input gradient of frame_rotate_into_blocks, rows first like x: per edge, gx_d[e, b, c] = sum over the blocks j
+// that read d and their rows q of D_d[e, row of q, b] g_j[e, row q at d's columns, c]; with `index` (the source row of
+// each edge) summed into the `rows` source rows instead, each row by one thread over its edges in ascending order (the
+// order index_add_ adds them): no per-edge buffer, zero fill or scatter.
 std::vector<torch::Tensor> frame_rotate_from_blocks(std::vector<torch::Tensor> Ds, std::vector<torch::Tensor> grads,
                                                     std::vector<int64_t> channels, std::vector<int64_t> m,
-                                                    std::vector<std::vector<int64_t>> degrees) {
+                                                    std::vector<std::vector<int64_t>> degrees, torch::Tensor index,
+                                                    int64_t rows) {
   TORCH_CHECK(Ds.size() == channels.size() && grads.size() == m.size() && !Ds.empty(),
               "one D per degree, one gradient per block");
   const int64_t E = Ds[0].size(0);
@@ -639,26 +641,54 @@ std::vector<torch::Tensor> frame_rotate_from_blocks(std::vector<torch::Tensor> D
                 "block ", j, ": gradient must be contiguous float32 [", E, ", ", s, ", ", s * layout.width[j],
                 "], got ", grads[j].sizes());
   }
+  const bool per_edge = index.numel() == 0 && rows == E;  // edge e adds to row e
+  TORCH_CHECK(per_edge || index.numel() == E, "one source row per edge (", E,
+              "), or no index and one row per edge; got ", index.numel(), " indices for ", rows, " rows");
+  const int64_t* src = per_edge ? nullptr : checked_index(index, rows, "index");  // nullptr also when E = 0
+  std::vector<int64_t> start(rows + 1, 0), order(E);  // the edges of each row: a counting sort by source
+  if (src) {
+    for (int64_t e = 0; e < E; ++e) ++start[src[e] + 1];
+    for (int64_t n = 0; n < rows; ++n) start[n + 1] += start[n];
+    std::vector<int64_t> next(start.begin(), start.end() - 1);
+    for (int64_t e = 0; e < E; ++e) order[next[src[e]]++] = e;
+  }
   std::vector<torch::Tensor> gx;
-  for (size_t d = 0; d < Ds.size(); ++d) gx.push_back(torch::zeros({E, Ds[d].size(2), channels[d]}, Ds[d].options()));
+  for (size_t d = 0; d < Ds.size(); ++d) gx.push_back(torch::empty({rows, Ds[d].size(2), channels[d]}, Ds[d].options()));
   const auto gp = pointers<const float>(grads);
   const auto xp = pointers<float>(gx);
-  // each edge's rows are written by one thread only: the blocks of an edge are summed in place
-  for_each_read(layout, Ds, m, [&](int64_t e, size_t d, const float* D, int64_t j, int64_t offset, int64_t s,
-                                   int64_t W) {
-    const int64_t B = Ds[d].size(2), C = channels[d];
-    float* acc = xp[d] + e * B * C;  // [B, C]
-    const float* g = gp[j] + e * s * s * W + offset;
-    for (int64_t q = 0; q < s * s; ++q)
-      for (int64_t b = 0; b < B; ++b) {  // acc[b, :] += D[q, b] g[q, :]
-        const float coef = D[q * B + b];
-        int64_t c = 0;
-        for (; c + VW <= C; c += VW)
-          vstore(acc + b * C + c, vfma(vset1(coef), vload(g + q * W + c), vload(acc + b * C + c)));
-        if (c < C)
-          vstore_first(acc + b * C + c,
-                       vfma(vset1(coef), vload_first(g + q * W + c, C - c), vload_first(acc + b * C + c, C - c)), C - c);
+  const auto Dp = pointers<const float>(Ds);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) {
+      for (size_t d = 0; d < Ds.size(); ++d) {
+        const int64_t size = Ds[d].size(2) * channels[d];  // [2l+1, C] of row n
+        std::fill_n(xp[d] + n * size, size, 0.0f);
       }
+      const int64_t e0 = per_edge ? n : start[n], e1 = per_edge ? n + 1 : start[n + 1];
+      for (int64_t k = e0; k < e1; ++k) {
+        const int64_t e = per_edge ? k : order[k];
+        for (size_t d = 0; d < Ds.size(); ++d) {
+          const int64_t B = Ds[d].size(2), C = channels[d];
+          const float* De = Dp[d] + e * (2 * B - 1) * B;
+          float* acc = xp[d] + n * B * C;  // [B, C]
+          for (const auto& [j, offset] : layout.readers[d]) {
+            const int64_t s = m[j] ? 2 : 1, W = layout.width[j];
+            const float* D = De + first_row(m[j]) * B;
+            const float* g = gp[j] + e * s * s * W + offset;
+            for (int64_t q = 0; q < s * s; ++q)
+              for (int64_t b = 0; b < B; ++b) {  // acc[b, :] += D[q, b] g[q, :]
+                const float coef = D[q * B + b];
+                int64_t c = 0;
+                for (; c + VW <= C; c += VW)
+                  vstore(acc + b * C + c, vfma(vset1(coef), vload(g + q * W + c), vload(acc + b * C + c)));
+                if (c < C)
+                  vstore_first(acc + b * C + c,
+                               vfma(vset1(coef), vload_first(g + q * W + c, C - c), vload_first(acc + b * C + c, C - c)),
+                               C - c);
+              }
+          }
+        }
+      }
+    }
   });
   return gx;
 }
@@ -704,6 +734,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "per block j: rows of order m[j] of D_d[e] x_d[index[e]] for its degrees side by side (Ds [E, 4l+1, 2l+1], "
         "xs [N, 2l+1, C], index [E], m, degrees) -> per block [E, s, s * W]");
   m.def("frame_rotate_from_blocks", &frame_rotate_from_blocks,
-        "the input gradient of frame_rotate_into_blocks per edge (Ds, grads, channels, m, degrees) -> per degree "
-        "[E, 2l+1, C]");
+        "the input gradient of frame_rotate_into_blocks, per edge or summed into each edge's source row (Ds, grads, "
+        "channels, m, degrees, index [E] or empty, rows) -> per degree [rows, 2l+1, C]");
 }
