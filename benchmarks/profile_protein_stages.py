@@ -23,7 +23,7 @@ from compare_nvidia_protein import BLOCKS, backbone  # noqa: E402 (the benchmark
 STAGES = {
     'geometry': ['se3nb.model:SE3Transformer.geometry', 'se3nb.basis:Bases.get'],
     'radial_mlp': ['se3nb.conv:RadialProfile.hidden', 'se3nb.conv:RadialProfile.forward'],
-    'kernel': ['se3nb.conv:TFNConv.messages', 'se3nb.so2:so2_messages'],
+    'kernel': ['se3nb.conv:TFNConv.messages', 'se3nb.so2_conv:so2_messages'],
     'fused_conv_pass': ['se3nb.so2_conv:_fused_messages'],  # gather, frames, radial MLP, SO(2) product, rotate back
     'aggregation': ['se3nb.graph:DestinationCSR.sum'],
     'attention': ['se3nb.attention:SE3Attention.forward', 'se3nb.attention:segment_attention'],

@@ -66,6 +66,8 @@ OPS: dict[str, dict[str, str]] = {
         'torch': "a batched product of the fold matrix per channel pair, then the rows moved into block order",
     },
 }  # {op: {backend: what it is}}, each op's backends in the order of the automatic choice
+
+# %% ../nbs/00a_backends.ipynb #registeredby01
 REGISTERED_BY = {
     'conv': 'se3nb.so2_conv',
     'so2_product': 'se3nb.so2_product',

@@ -238,7 +238,7 @@ def loglog_slope(x: list[float], y: list[float]) -> float:
 STAGES = {
     'geometry': ['se3nb.model:SE3Transformer.geometry', 'se3nb.basis:Bases.get'],
     'radial_mlp': ['se3nb.conv:RadialProfile.hidden', 'se3nb.conv:RadialProfile.forward'],
-    'kernel': ['se3nb.conv:TFNConv.messages', 'se3nb.so2:so2_messages', 'se3nb.so2_conv:_fused_messages'],
+    'kernel': ['se3nb.conv:TFNConv.messages', 'se3nb.so2_conv:so2_messages', 'se3nb.so2_conv:_fused_messages'],
     'aggregation': ['se3nb.graph:DestinationCSR.sum'],
     'attention': ['se3nb.attention:SE3Attention.forward'],
     'norm': ['se3nb.norm:NormNonlinearity.forward'],

@@ -285,6 +285,17 @@ def _backward_native(
         grad_w.view(O, I, H).copy_(native.so2_grad_w(hc, xc, gy, plan['grad_w'])[:, :I])
     return gx, grad_h
 
+
+def _with_kernel_sums(
+    grad_hs: list[Tensor | None],  # per edge of the slot: [P, H] torch's blocks' sum, or None
+    summed: Tensor | None,  # [P or 2P, H] the kernels' sum over the native blocks, per slot or per (slot, edge)
+    needs: tuple[bool, ...],  # per edge of the slot: its gradient is needed
+) -> list[Tensor | None]:  # per edge of the slot [P, H]: both sums (a view of `summed` where torch added nothing)
+    if summed is None:
+        return grad_hs
+    parts = summed.view(summed.shape[0] // len(needs), len(needs), summed.shape[1]).unbind(1)
+    return [g if not need else part if g is None else g + part for g, part, need in zip(grad_hs, parts, needs)]
+
 # %% ../nbs/03b_so2_product.ipynb #9b647f78
 def _product_reference(h, h_second, weight, sizes, xs) -> tuple[Tensor, ...]:  # per m-block [P, R, O]
     "The products by differentiable torch operations, W(h) of every slot stored: the reference of second derivatives."
@@ -357,12 +368,8 @@ class _SO2Product(torch.autograd.Function):
                 grad_xs.append(_backward_torch(h, w, x, gy, grad_hs, gw, split=ctx.split, low=acc != weight.dtype))
         if grad_w is not None and h.shape[0] == 0:
             grad_w.zero_()
-        if summed is not None:  # per edge of the slot: a view each, added to torch's blocks if there were any
-            parts = summed.view(h.shape[0], len(needs), h.shape[1]).unbind(1)
-            grad_hs = [
-                g if not need else part if g is None else g + part for g, part, need in zip(grad_hs, parts, needs)
-            ]
-        grad_hs = [None if g is None else g.to(h.dtype) for g in grad_hs] + [None] * (1 - ctx.split)
+        grad_hs = [None if g is None else g.to(h.dtype) for g in _with_kernel_sums(grad_hs, summed, needs)]
+        grad_hs += [None] * (1 - ctx.split)
         return (*grad_hs, None if grad_w is None else grad_w.to(ctx.weight_dtype), None, None, *grad_xs)
 
 # %% ../nbs/03b_so2_product.ipynb #eade7853

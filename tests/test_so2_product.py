@@ -348,6 +348,67 @@ def test_frame_rotation_to_columns_writes_every_degree_into_its_columns(E, backe
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("E", [0, 1, 300])
+@pytest.mark.parametrize("backend", ['native', 'torch'])
+def test_frame_rotation_blocks_to_columns_assembles_rotates_and_writes(E, backend, isa):
+    """Degrees 0-2 assembled from parts of three blocks (degree 1's m = 1 from two blocks, added; degree 2's m = 1 from
+    none: zeros; block 2 has a column no part reads: zero gradient), rotated back, moved to another edge order and
+    written into interleaved columns, against the same built by hand in float64; gradients of every block too."""
+    g = torch.Generator().manual_seed(E)
+    channels = {0: 6, 1: 4, 2: 3}
+    Ds = [torch.randn(E, 2 * l + 1, 2 * l + 1, generator=g, dtype=F64) for l in channels]
+    widths = [(1, 6 + 4 + 3), (2, 4 + 3), (2, 4 + 3 + 1)]  # (s, W): m = 0 | m = 1 | m = 1 and m = 2, one spare column
+    ys = [torch.randn(E, s, W, generator=g, dtype=F64, requires_grad=True) for s, W in widths]
+    parts = [(0, 0, 0, 0), (1, 0, 0, 6), (2, 0, 0, 10), (1, 1, 1, 0), (2, 2, 1, 4), (1, 1, 2, 1), (2, 2, 2, 5)]
+    width = sum(c * (2 * l + 1) for l, c in channels.items())
+    starts = torch.randperm(sum(channels.values()), generator=g)  # channels in a shuffled order, each 2l+1 wide
+    sizes = torch.tensor([2 * l + 1 for l, c in channels.items() for _ in range(c)])
+    begin = torch.cumsum(sizes[starts], 0) - sizes[starts]
+    columns = list(torch.split(torch.empty_like(begin).index_copy_(0, starts, begin), list(channels.values())))
+    index = torch.randperm(E, generator=g)
+    inverse = torch.empty_like(index).index_copy_(0, index, torch.arange(E))
+    truth = torch.zeros(E, width, dtype=F64)
+    for d, (l, C) in enumerate(channels.items()):
+        y = torch.zeros(E, 2 * l + 1, C, dtype=F64)  # rows by m: 0, then +m, -m
+        for dp, m, j, first in parts:
+            if dp == d:
+                rows = [0] if m == 0 else [2 * m - 1, 2 * m]
+                y = y.index_add(1, torch.tensor(rows), ys[j][:, :, first : first + C])
+        part = (Ds[d].transpose(1, 2) @ y).transpose(1, 2)[index]  # [E, C, 2l+1]
+        for c, start in enumerate(columns[d].tolist()):
+            truth = truth.index_copy(1, torch.arange(start, start + 2 * l + 1), part[:, c])
+    gy = torch.randn(E, width, generator=g, dtype=F64)
+    g_truth = torch.autograd.grad(truth, ys, gy)
+    assert not g_truth[2][:, :, 0].any()  # the spare column of block 2 (its first) reaches nothing
+    y32 = [y.detach().float().requires_grad_() for y in ys]
+    with override(frame_rotation=backend):
+        out = fr.frame_rotation_blocks_to_columns([D.float() for D in Ds], y32, parts, (index, inverse), columns, width)
+    if backend == 'native':
+        assert 'BlocksToColumns' in type(out.grad_fn).__name__  # the kernel ran, not torch
+    torch.testing.assert_close(out.double(), truth, rtol=1e-5, atol=1e-5)
+    for got, want in zip(torch.autograd.grad(out, y32, gy.float()), g_truth):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_frame_rotation_blocks_to_columns_refuses_parts_that_do_not_fit(isa):
+    native, E = _native_kernels(), 4
+    Ds, ys, cols = [torch.randn(E, 3, 3)], [torch.randn(E, 2, 4)], [torch.tensor([0, 3])]  # degree 1, 2 channels
+    index, fit = torch.arange(E), ([0], [1], [0], [0])
+    assert native.frame_rotate_blocks_to_columns(Ds, ys, *fit, cols, index, 6).shape == (E, 6)
+    with pytest.raises(RuntimeError, match="order 2 exceeds its degree's 3 rows"):
+        native.frame_rotate_blocks_to_columns(Ds, ys, [0], [2], [0], [0], cols, index, 6)
+    with pytest.raises(RuntimeError, match="2 channels from column 3 exceed its block's 4"):
+        native.frame_rotate_blocks_to_columns(Ds, ys, [0], [1], [0], [3], cols, index, 6)
+    with pytest.raises(RuntimeError, match="order 0 needs a block of 1 rows"):
+        native.frame_rotate_blocks_to_columns(Ds, ys, [0], [0], [0], [0], cols, index, 6)
+    with pytest.raises(RuntimeError, match=r"columns out of range \[0, 4\)"):
+        native.frame_rotate_blocks_to_columns(Ds, ys, *fit, [torch.tensor([0, 4])], index, 6)
+    with pytest.raises(RuntimeError, match=r"inverse out of range \[0, 4\)"):
+        native.frame_rotate_blocks_to_columns(Ds, ys, *fit, cols, torch.tensor([0, 1, 2, 4]), 6)
+    with pytest.raises(RuntimeError, match="one row per edge"):
+        native.frame_rotate_blocks_to_columns(Ds, ys, *fit, cols, torch.arange(E - 1), 6)
+
+
 def test_frames_that_take_gradients_rotate_in_torch():
     "Frames with `requires_grad` (forces: positions with gradients) take torch's product, so their gradient exists."
     D = torch.randn(10, 5, 3, requires_grad=True)

@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -43,8 +44,9 @@ static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
 static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
 // the first n < VW floats only (masked: nothing past them is read or written)
-static inline vec vload_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
-static inline void vstore_first(float* p, vec v, int64_t n) { _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), v); }
+static inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
+static inline vec vload_first(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first_lanes(n), p); }
+static inline void vstore_first(float* p, vec v, int64_t n) { _mm512_mask_storeu_ps(p, first_lanes(n), v); }
 #define IN_REGISTER(v) asm("" : "+v"(v))  // a loaded vector stays in a register (no reload for each use)
 #elif defined(__AVX2__) && defined(__FMA__)
 using vec = __m256;
@@ -305,7 +307,7 @@ torch::Tensor so2_grad_w(torch::Tensor h, torch::Tensor x, torch::Tensor gy, int
   TORCH_CHECK(K % VW == 0 && K <= 8 * VW && I % VW == 0 && R >= 1 && R <= 4,
               "needs K % ", VW, " == 0, K <= ", 8 * VW, ", I % ", VW, " == 0 and 1 <= R <= 4");
   TORCH_CHECK(slot_chunk >= 1, "slot_chunk must be positive");
-  auto gw = out.has_value() ? *out : torch::empty({O, I, K}, x.options());  // out: e.g. a block of the weight's gradient
+  auto gw = out.has_value() ? *out : torch::empty({O, I, K}, x.options());  // out: a block of the weight's gradient
   TORCH_CHECK(gw.sizes() == at::IntArrayRef({O, I, K}) && gw.is_contiguous() && gw.scalar_type() == at::kFloat,
               "out must be contiguous float32 [", O, ", ", I, ", ", K, "], got ", gw.sizes());
   const float *hp = h.data_ptr<float>(), *xp = x.data_ptr<float>(), *gp = gy.data_ptr<float>();
@@ -533,12 +535,13 @@ torch::Tensor frame_rotate_rows(torch::Tensor D, torch::Tensor x, bool transpose
 static int64_t first_row(int64_t m) { return m == 0 ? 0 : 1 + 4 * (m - 1); }  // of order m in D_in
 
 struct Blocks {  // the blocks' layout, checked: per block its width, and per degree the (block, column offset) pairs
-  std::vector<int64_t> width;
+  std::vector<int64_t> width, dim;  // dim: 2l+1 per degree, read in the loops without a tensor's size()
   std::vector<std::vector<std::pair<int64_t, int64_t>>> readers;
   Blocks(const std::vector<torch::Tensor>& Ds, const std::vector<int64_t>& channels, const std::vector<int64_t>& m,
          const std::vector<std::vector<int64_t>>& degrees)
       : readers(Ds.size()) {
     TORCH_CHECK(m.size() == degrees.size(), "one order m per block");
+    for (const auto& D : Ds) dim.push_back(D.size(2));
     for (size_t j = 0; j < m.size(); ++j) {
       int64_t w = 0;
       for (int64_t d : degrees[j]) {
@@ -576,7 +579,7 @@ static void for_each_read(const Blocks& layout, const std::vector<torch::Tensor>
   at::parallel_for(0, Ds[0].size(0), 64, [&](int64_t begin, int64_t end) {
     for (int64_t e = begin; e < end; ++e)
       for (size_t d = 0; d < Ds.size(); ++d) {
-        const int64_t B = Ds[d].size(2);
+        const int64_t B = layout.dim[d];
         const float* De = Dp[d] + e * (2 * B - 1) * B;
         for (const auto& [j, offset] : layout.readers[d]) {
           const int64_t s = m[j] ? 2 : 1;
@@ -613,7 +616,7 @@ std::vector<torch::Tensor> frame_rotate_into_blocks(std::vector<torch::Tensor> D
   const auto yp = pointers<float>(out);
   for_each_read(layout, Ds, m, [&](int64_t e, size_t d, const float* D, int64_t j, int64_t offset, int64_t s,
                                    int64_t W) {
-    const int64_t B = Ds[d].size(2), C = channels[d];
+    const int64_t B = layout.dim[d], C = channels[d];
     const float* xe = xp[d] + (src ? src[e] : e) * B * C;
     float* row = yp[j] + e * s * s * W + offset;
     for (int64_t q = 0; q < s * s; ++q) rotate_one(D + q * B, xe, row + q * W, 1, B, C, B, 1);  // a row of D times x
@@ -653,21 +656,22 @@ std::vector<torch::Tensor> frame_rotate_from_blocks(std::vector<torch::Tensor> D
     for (int64_t e = 0; e < E; ++e) order[next[src[e]]++] = e;
   }
   std::vector<torch::Tensor> gx;
-  for (size_t d = 0; d < Ds.size(); ++d) gx.push_back(torch::empty({rows, Ds[d].size(2), channels[d]}, Ds[d].options()));
+  for (size_t d = 0; d < Ds.size(); ++d)
+    gx.push_back(torch::empty({rows, layout.dim[d], channels[d]}, Ds[d].options()));
   const auto gp = pointers<const float>(grads);
   const auto xp = pointers<float>(gx);
   const auto Dp = pointers<const float>(Ds);
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
       for (size_t d = 0; d < Ds.size(); ++d) {
-        const int64_t size = Ds[d].size(2) * channels[d];  // [2l+1, C] of row n
+        const int64_t size = layout.dim[d] * channels[d];  // [2l+1, C] of row n
         std::fill_n(xp[d] + n * size, size, 0.0f);
       }
       const int64_t e0 = per_edge ? n : start[n], e1 = per_edge ? n + 1 : start[n + 1];
       for (int64_t k = e0; k < e1; ++k) {
         const int64_t e = per_edge ? k : order[k];
         for (size_t d = 0; d < Ds.size(); ++d) {
-          const int64_t B = Ds[d].size(2), C = channels[d];
+          const int64_t B = layout.dim[d], C = channels[d];
           const float* De = Dp[d] + e * (2 * B - 1) * B;
           float* acc = xp[d] + n * B * C;  // [B, C]
           for (const auto& [j, offset] : layout.readers[d]) {
@@ -680,10 +684,11 @@ std::vector<torch::Tensor> frame_rotate_from_blocks(std::vector<torch::Tensor> D
                 int64_t c = 0;
                 for (; c + VW <= C; c += VW)
                   vstore(acc + b * C + c, vfma(vset1(coef), vload(g + q * W + c), vload(acc + b * C + c)));
-                if (c < C)
-                  vstore_first(acc + b * C + c,
-                               vfma(vset1(coef), vload_first(g + q * W + c, C - c), vload_first(acc + b * C + c, C - c)),
-                               C - c);
+                if (c < C) {
+                  const int64_t n = C - c;
+                  const vec sum = vfma(vset1(coef), vload_first(g + q * W + c, n), vload_first(acc + b * C + c, n));
+                  vstore_first(acc + b * C + c, sum, n);
+                }
               }
           }
         }
@@ -708,6 +713,144 @@ bool same_bits(torch::Tensor a, torch::Tensor b) {
   return same;
 }
 
+// The way back out of the edge frames for attention (nbs/04b_so2_conv.ipynb): the outputs of the SO(2) products, per
+// m-block j y_j [E, s, W_j], are parts of each output degree's rows in the edge frame, y_d [2l+1, C_d] per edge: part
+// p puts y_j[e, comp, offset_p + c] into row (m_p = 0: 0, else 2 m_p - 1 + comp) of degree d_p, parts of one row
+// added, rows no part reaches zero. Row inverse[e] of the result is D_d[e]^T y_d of every degree, component a of
+// channel c at column columns_d[c] + a. One pass instead of splitting the blocks by degree, adding, concatenating the
+// orders and rotating.
+struct BlockParts {  // the parts, checked: per degree its parts (block, order m, column offset)
+  std::vector<std::vector<std::tuple<int64_t, int64_t, int64_t>>> of_degree;
+  std::vector<const int64_t*> columns;
+  std::vector<int64_t> n, C;  // per degree 2l+1 and its channels, read in the loops without a tensor's size()
+  int64_t most = 1;  // the largest (2l+1) C_d: the size of one degree's rows
+  BlockParts(const std::vector<torch::Tensor>& Ds, const std::vector<int64_t>& widths,
+             const std::vector<int64_t>& degree, const std::vector<int64_t>& m, const std::vector<int64_t>& block,
+             const std::vector<int64_t>& offset, const std::vector<torch::Tensor>& cols, int64_t width)
+      : of_degree(Ds.size()) {
+    TORCH_CHECK(degree.size() == m.size() && m.size() == block.size() && block.size() == offset.size(),
+                "one degree, order, block and offset per part");
+    TORCH_CHECK(cols.size() == Ds.size(), "one set of columns per degree");
+    for (size_t d = 0; d < Ds.size(); ++d) {
+      const int64_t n = Ds[d].size(2);
+      TORCH_CHECK(Ds[d].scalar_type() == torch::kFloat && Ds[d].dim() == 3 && Ds[d].is_contiguous() &&
+                      Ds[d].size(1) == n && Ds[d].size(0) == Ds[0].size(0) && n % 2 == 1,
+                  "D must be contiguous float32 [E, 2l+1, 2l+1], got ", Ds[d].sizes());
+      columns.push_back(checked_index(cols[d], width - n + 1, "columns"));
+      most = std::max(most, n * cols[d].numel());
+      this->n.push_back(n), C.push_back(cols[d].numel());
+    }
+    for (size_t p = 0; p < degree.size(); ++p) {
+      TORCH_CHECK(degree[p] >= 0 && degree[p] < static_cast<int64_t>(Ds.size()) && block[p] >= 0 &&
+                      block[p] < static_cast<int64_t>(widths.size()),
+                  "part ", p, ": degree or block out of range");
+      const int64_t n = Ds[degree[p]].size(2), C = cols[degree[p]].numel();
+      TORCH_CHECK(m[p] >= 0 && 2 * m[p] < n, "part ", p, ": order ", m[p], " exceeds its degree's ", n, " rows");
+      TORCH_CHECK(offset[p] >= 0 && offset[p] + C <= widths[block[p]], "part ", p, ": ", C, " channels from column ",
+                  offset[p], " exceed its block's ", widths[block[p]]);
+      of_degree[degree[p]].emplace_back(block[p], m[p], offset[p]);
+    }
+  }
+};
+
+static int64_t row_of(int64_t m, int64_t comp) { return m == 0 ? 0 : 2 * m - 1 + comp; }  // in D_out's rows by m
+
+torch::Tensor frame_rotate_blocks_to_columns(std::vector<torch::Tensor> Ds, std::vector<torch::Tensor> ys,
+                                             std::vector<int64_t> degree, std::vector<int64_t> m,
+                                             std::vector<int64_t> block, std::vector<int64_t> offset,
+                                             std::vector<torch::Tensor> columns, torch::Tensor inverse, int64_t width) {
+  TORCH_CHECK(!Ds.empty(), "at least one degree");
+  const int64_t E = Ds[0].size(0);
+  std::vector<int64_t> widths;
+  for (const auto& y : ys) {
+    TORCH_CHECK(y.scalar_type() == torch::kFloat && y.is_contiguous() && y.dim() == 3 && y.size(0) == E &&
+                    (y.size(1) == 1 || y.size(1) == 2),
+                "block outputs must be contiguous float32 [", E, ", 1 or 2, W], got ", y.sizes());
+    widths.push_back(y.size(2));
+  }
+  const BlockParts parts(Ds, widths, degree, m, block, offset, columns, width);
+  for (size_t p = 0; p < m.size(); ++p)
+    TORCH_CHECK(ys[block[p]].size(1) == (m[p] ? 2 : 1), "part ", p, ": order ", m[p], " needs a block of ",
+                m[p] ? 2 : 1, " rows");
+  TORCH_CHECK(inverse.numel() == E, "one row per edge: ", inverse.numel(), " rows for ", E, " edges");
+  const int64_t* rows = checked_index(inverse, E, "inverse");
+  auto out = torch::empty({E, width}, Ds[0].options());
+  const auto Dp = pointers<const float>(Ds);
+  const auto yp = pointers<const float>(ys);
+  float* op = out.data_ptr<float>();
+  // edges in their order, rows written where they go: the reads (blocks, D) stream, only the writes jump
+  at::parallel_for(0, E, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> y(parts.most), z(parts.most);  // [2l+1, C] in the edge frame, and rotated back
+    for (int64_t e = begin; e < end; ++e) {
+      const int64_t k = rows[e];
+      for (size_t d = 0; d < Ds.size(); ++d) {
+        const int64_t n = parts.n[d], C = parts.C[d];
+        std::fill_n(y.data(), n * C, 0.0f);
+        for (const auto& [j, mp, off] : parts.of_degree[d]) {
+          const int64_t s = mp ? 2 : 1;
+          for (int64_t comp = 0; comp < s; ++comp) {
+            const float* src = yp[j] + (e * s + comp) * widths[j] + off;
+            float* dst = y.data() + row_of(mp, comp) * C;
+            for (int64_t c = 0; c < C; ++c) dst[c] += src[c];
+          }
+        }
+        rotate_one(Dp[d] + e * n * n, y.data(), z.data(), n, n, C, 1, n);  // D^T y
+        float* r = op + k * width;
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t a = 0; a < n; ++a) r[parts.columns[d][c] + a] = z[a * C + c];
+      }
+    }
+  });
+  return out;
+}
+
+// Its gradient: per block j [E, s, W_j], each part's rows of D_d g_d for edge e = index[k], g_d gathered from the
+// columns of row k; block columns no part reads get zeros.
+std::vector<torch::Tensor> frame_rotate_columns_to_blocks(std::vector<torch::Tensor> Ds, torch::Tensor grad,
+                                                          std::vector<int64_t> rows_of_blocks,
+                                                          std::vector<int64_t> widths, std::vector<int64_t> degree,
+                                                          std::vector<int64_t> m, std::vector<int64_t> block,
+                                                          std::vector<int64_t> offset,
+                                                          std::vector<torch::Tensor> columns, torch::Tensor index) {
+  TORCH_CHECK(!Ds.empty() && rows_of_blocks.size() == widths.size(), "at least one degree; rows and width per block");
+  TORCH_CHECK(grad.scalar_type() == torch::kFloat && grad.is_contiguous() && grad.dim() == 2,
+              "grad must be contiguous float32 [K, W]");
+  const int64_t E = Ds[0].size(0), width = grad.size(1);
+  const BlockParts parts(Ds, widths, degree, m, block, offset, columns, width);
+  TORCH_CHECK(index.numel() == E && grad.size(0) == E, "one row of grad per edge: ", index.numel(), " indices and ",
+              grad.size(0), " rows for ", E, " edges");
+  const int64_t* edge = checked_index(index, E, "index");
+  std::vector<int64_t> covered(widths.size(), 0);
+  for (size_t p = 0; p < m.size(); ++p) covered[block[p]] += columns[degree[p]].numel();
+  std::vector<torch::Tensor> gys;
+  for (size_t j = 0; j < widths.size(); ++j) {
+    const auto shape = std::vector<int64_t>{E, rows_of_blocks[j], widths[j]};
+    gys.push_back(covered[j] == widths[j] ? torch::empty(shape, grad.options()) : torch::zeros(shape, grad.options()));
+  }
+  const auto Dp = pointers<const float>(Ds);
+  const auto gp = pointers<float>(gys);
+  const float* gr = grad.data_ptr<float>();
+  at::parallel_for(0, E, 64, [&](int64_t begin, int64_t end) {  // rows in order: the reads stream, the writes jump
+    std::vector<float> z(parts.most), y(parts.most);  // [2l+1, C] gathered from the columns, and rotated
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t e = edge[k];
+      const float* r = gr + k * width;
+      for (size_t d = 0; d < Ds.size(); ++d) {
+        const int64_t n = parts.n[d], C = parts.C[d];
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t a = 0; a < n; ++a) z[a * C + c] = r[parts.columns[d][c] + a];
+        rotate_one(Dp[d] + e * n * n, z.data(), y.data(), n, n, C, n, 1);  // D g
+        for (const auto& [j, mp, off] : parts.of_degree[d]) {
+          const int64_t s = mp ? 2 : 1;
+          for (int64_t comp = 0; comp < s; ++comp)
+            std::copy_n(y.data() + row_of(mp, comp) * C, C, gp[j] + (e * s + comp) * widths[j] + off);
+        }
+      }
+    }
+  });
+  return gys;
+}
+
 std::string isa() { return kIsa; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -729,6 +872,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "row k: D[d_index[k]] x[x_index[k]] (or D^T); x and the result rows first (0), channels first (1) or in "
         "columns of a 2-D buffer (2) (D, x, transpose, d_index, x_index, x_layout, x_columns, out_layout, out, "
         "out_columns) -> [K, A, C], [K, C, A] or out");
+  m.def("frame_rotate_blocks_to_columns", &frame_rotate_blocks_to_columns,
+        "row inverse[e]: D_d[e]^T y_d of every degree d into its columns, y_d assembled from parts of the blocks' "
+        "outputs (Ds [E, 2l+1, 2l+1], ys [E, s, W], part degree, m, block, offset, columns, inverse [E], width) -> "
+        "[E, W]");
+  m.def("frame_rotate_columns_to_blocks", &frame_rotate_columns_to_blocks,
+        "its gradient (Ds, grad [K, W], rows and width per block, part degree, m, block, offset, columns, "
+        "index [E]) -> per block [E, s, W]");
   m.def("same_bits", &same_bits, "whether two contiguous CPU tensors of one shape and dtype hold the same bytes");
   m.def("frame_rotate_into_blocks", &frame_rotate_into_blocks,
         "per block j: rows of order m[j] of D_d[e] x_d[index[e]] for its degrees side by side (Ds [E, 4l+1, 2l+1], "
