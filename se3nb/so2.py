@@ -262,6 +262,22 @@ def _slot_kinds(
     ids = torch.arange(graph.num_edges, device=zero.device)
     return a, b, ids[lone & ~zero], ids[zero]
 
+# %% ../nbs/04a_so2.ipynb #slotlayout01
+def _slot_layout(
+    graph: Graph,
+    invariants: Tensor,  # [E, C_edge_0 + 1]
+) -> tuple[Tensor, Tensor, Tensor, Tensor, int, int]:  # first [P], second [pairs], slot_edges [E], position [E], counts
+    "The slots of `EdgeFrames`: pairs, lone and zero-length edges, each slot's rows; one C++ pass on CPUs."
+    if choose('edge_frames', device=invariants.device, dtype=invariants.dtype) == 'native':
+        src, dst, rel_pos = (t.detach().contiguous() for t in (graph.src, graph.dst, graph.rel_pos))
+        return _native_frames()[0].slot_layout(src, dst, rel_pos, invariants.detach().contiguous(), graph.num_nodes)
+    zero = graph.rel_pos.norm(dim=-1) <= 1e-12  # [E] zero-length edges, as `edge_rotations` finds them
+    a, b, singles, zeros = _slot_kinds(graph, invariants, zero)
+    slot_edges = torch.cat([torch.stack([a, b], 1).flatten(), singles, zeros])  # [E]
+    ids = torch.arange(graph.num_edges, device=zero.device)
+    position = torch.empty_like(ids).index_copy_(0, slot_edges, ids)  # [E]
+    return torch.cat([a, singles, zeros]), b, slot_edges, position, a.shape[0], zeros.shape[0]
+
 # %% ../nbs/04a_so2.ipynb #4420e25b
 def _m_rows(l: int) -> tuple[list[int], list[int], list[float]]:
     "Rows of D_l ordered by m (0, +1, -1, +2, ...), and per m > 0 the rows [+m, -m, -m, +m] with signs [+, -, +, +]."
@@ -355,14 +371,12 @@ class EdgeFrames:
     def _build(self, graph: Graph, invariants: Tensor) -> None:
         self._pending, self.deferred = None, False
         with torch.autocast(graph.rel_pos.device.type, enabled=False):  # frames stay in full precision under AMP
-            zero = graph.rel_pos.norm(dim=-1) <= 1e-12  # [E] zero-length edges, as `edge_rotations` finds them
-            a, b, singles, zeros = _slot_kinds(graph, invariants, zero)
-            self.num_pairs, self.num_zero = a.shape[0], zeros.shape[0]  # pair slots first, zero-length slots last
-            self.first = torch.cat([a, singles, zeros])  # [P] the edge whose invariants feed the radial MLP
-            self.num_slots, self.second = self.first.shape[0], b  # second: [P_pairs] the partner of each pair
-            self.slot_edges = torch.cat([torch.stack([a, b], 1).flatten(), singles, zeros])  # [E] the edge of each row
-            ids = torch.arange(self.num_edges, device=zero.device)
-            self.position = torch.empty_like(ids).index_copy_(0, self.slot_edges, ids)  # [E] row of each edge
+            # first [P]: the edge whose invariants feed the radial MLP; second [P_pairs]: the partner of each pair;
+            # slot_edges [E]: the edge of each row; position [E]: the row of each edge
+            self.first, self.second, self.slot_edges, self.position, self.num_pairs, self.num_zero = _slot_layout(
+                graph, invariants
+            )  # pair slots first, zero-length slots last
+            self.num_slots = self.first.shape[0]
             self.src = graph.src[self.slot_edges]  # [E]
             self.D_in, self.D_out = _frames_of_rows(graph.rel_pos, self.slot_edges, self.max_degree)  # row order
 

@@ -10,7 +10,7 @@ from se3nb.conv import FUSE_LEVELS, TFNConv, edge_invariants, random_features
 from se3nb.fiber import Fiber
 from se3nb.graph import Graph, radius_graph
 from se3nb.model import SE3Transformer
-from se3nb.so2 import EdgeFrames, SO2Plan, _native_frames, edge_rotations, reverse_edge_pairs
+from se3nb.so2 import EdgeFrames, SO2Plan, _native_frames, _slot_layout, edge_rotations, reverse_edge_pairs
 from se3nb.so2_conv import SO2Conv
 from se3nb.benchmark import random_molecule_batch
 from se3nb.backends import override
@@ -187,6 +187,30 @@ def test_reverse_edge_pairing_handles_duplicates_self_loops_and_one_way_edges():
     assert sorted(frames.first.tolist()) == [0, 2, 4, 5, 6, 7] and frames.num_pairs == 2
     assert sorted(frames.slot_edges.tolist()) == list(range(8))  # one row per edge: a lone edge is not duplicated
     assert torch.equal(frames.slot_edges[frames.position], torch.arange(8))
+
+
+@pytest.mark.skipif(_native_frames()[0] is None, reason="the C++ kernels did not build here")
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_native_slot_layout_equals_torch(dtype):
+    """The C++ slots are torch's, tensor for tensor and in the same order: random multigraphs with duplicated edges,
+    one-way edges, self loops, zero-length edges and reverse edges whose invariants differ (or are NaN)."""
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        N, E = 12, 90
+        src, dst = torch.randint(0, N, (E,), generator=g), torch.randint(0, N, (E,), generator=g)
+        pos = torch.randn(N, 3, generator=g, dtype=dtype)
+        pos[1] = pos[0]  # edges between nodes 0 and 1 have length 0
+        graph = Graph(torch.stack([src, dst]), N, pos=pos)
+        feats = torch.randint(0, 2, (E, 1), generator=g).to(dtype)  # reverse edges with other features: no pair
+        feats[:3] = float('nan')
+        invariants = edge_invariants(graph.rel_pos, {0: feats[:, :, None]})
+        layouts = []
+        for backend in ('native', 'torch'):
+            with override(edge_frames=backend):
+                layouts.append(_slot_layout(graph, invariants))
+        for native, reference in zip(*layouts):
+            assert native == reference if isinstance(reference, int) else torch.equal(native, reference), seed
+        assert 0 < layouts[0][4] < E // 2 and layouts[0][5] > 0  # pairs and zero-length slots were there to find
 
 
 @pytest.mark.parametrize("l_in,l_out", [(l_in, l_out) for l_in in range(5) for l_out in range(5)])

@@ -10,7 +10,9 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
+#include <tuple>
 #include <vector>
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -148,6 +150,85 @@ std::vector<std::vector<torch::Tensor>> frame_matrices(torch::Tensor rel_pos, to
     });
   });
   return {D_in, D_out};
+}
+
+// The slots of the SO(2) path (EdgeFrames): each edge j -> i paired with a reverse edge i -> j whose invariants are
+// equal (bit for bit; the k-th copy of a duplicated edge meets the k-th reverse copy), pairs in the order of the
+// reverse edges by (unordered node pair, copy); then the lone edges and the zero-length edges, each in edge order.
+// Returns first [P] (the edge whose invariants feed a slot), second [pairs] (its partner), slot_edges [E] (the edge of
+// each slot row: a pair's two edges, then lone, then zero-length), position [E] (the row of each edge) and the numbers
+// of pairs and zero-length slots: the sorts, searches and masks of the torch version in one pass.
+template <typename T>
+bool same_row(const T* a, const T* b, int64_t n) {
+  for (int64_t k = 0; k < n; ++k)
+    if (!(a[k] == b[k])) return false;  // NaN is never equal, as torch's ==
+  return true;
+}
+
+std::tuple<torch::Tensor, torch::Tensor, torch::Tensor, torch::Tensor, int64_t, int64_t> slot_layout(
+    torch::Tensor src, torch::Tensor dst, torch::Tensor rel_pos, torch::Tensor invariants, int64_t num_nodes) {
+  const int64_t E = src.numel();
+  TORCH_CHECK(src.scalar_type() == at::kLong && dst.scalar_type() == at::kLong && src.is_contiguous() &&
+                  dst.is_contiguous() && dst.numel() == E && src.device().is_cpu(),
+              "expected contiguous int64 CPU src [E] and dst [E]");
+  TORCH_CHECK(rel_pos.dim() == 2 && rel_pos.size(0) == E && rel_pos.size(1) == 3 && rel_pos.is_contiguous() &&
+                  invariants.dim() == 2 && invariants.size(0) == E && invariants.is_contiguous() &&
+                  invariants.scalar_type() == rel_pos.scalar_type(),
+              "expected contiguous rel_pos [E, 3] and invariants [E, F] of one dtype");
+  const int64_t *s = src.data_ptr<int64_t>(), *d = dst.data_ptr<int64_t>();
+  bool inside = true;
+  for (int64_t e = 0; e < E; ++e) inside &= s[e] >= 0 && s[e] < num_nodes && d[e] >= 0 && d[e] < num_nodes;
+  TORCH_CHECK(inside, "src and dst must be nodes in [0, ", num_nodes, ")");
+  std::vector<char> zero(E), paired(E, 0);
+  std::vector<std::pair<int64_t, int64_t>> fwd, bwd;  // (unordered node pair, edge), then sorted
+  AT_DISPATCH_FLOATING_TYPES(rel_pos.scalar_type(), "slot_layout", [&] {
+    const scalar_t* p = rel_pos.data_ptr<scalar_t>();
+    for (int64_t e = 0; e < E; ++e) {
+      const scalar_t x = p[3 * e], y = p[3 * e + 1], z = p[3 * e + 2];
+      zero[e] = std::sqrt(x * x + y * y + z * z) <= scalar_t(1e-12);  // as edge_rotations finds them
+    }
+  });
+  for (int64_t e = 0; e < E; ++e) {
+    if (zero[e] || s[e] == d[e]) continue;
+    const int64_t key = std::min(s[e], d[e]) * num_nodes + std::max(s[e], d[e]);
+    (s[e] < d[e] ? fwd : bwd).emplace_back(key, e);
+  }
+  std::sort(fwd.begin(), fwd.end());  // by key, then edge id: copies of one edge in edge order
+  std::sort(bwd.begin(), bwd.end());
+  std::vector<int64_t> a, b;
+  size_t i = 0, run = 0;  // i: where the forward edges of the key start; run: where the reverse edges of the key start
+  for (size_t k = 0; k < bwd.size(); ++k) {
+    const int64_t key = bwd[k].first;
+    if (k == 0 || key != bwd[k - 1].first) run = k;
+    while (i < fwd.size() && fwd[i].first < key) ++i;
+    const size_t j = i + (k - run);  // the forward copy with the same rank among the key's edges
+    if (j < fwd.size() && fwd[j].first == key) a.push_back(fwd[j].second), b.push_back(bwd[k].second);
+  }
+  std::vector<int64_t> first, second, rows;
+  AT_DISPATCH_FLOATING_TYPES(invariants.scalar_type(), "slot_layout", [&] {
+    const scalar_t* v = invariants.data_ptr<scalar_t>();
+    const int64_t F = invariants.size(1);
+    for (size_t k = 0; k < a.size(); ++k)
+      if (same_row(v + a[k] * F, v + b[k] * F, F)) {
+        first.push_back(a[k]), second.push_back(b[k]), rows.push_back(a[k]), rows.push_back(b[k]);
+        paired[a[k]] = paired[b[k]] = 1;
+      }
+  });
+  const int64_t pairs = static_cast<int64_t>(second.size());
+  for (int64_t e = 0; e < E; ++e)
+    if (!paired[e] && !zero[e]) first.push_back(e), rows.push_back(e);
+  int64_t zeros = 0;
+  for (int64_t e = 0; e < E; ++e)
+    if (zero[e]) first.push_back(e), rows.push_back(e), ++zeros;
+  auto as_tensor = [](const std::vector<int64_t>& v) {
+    auto t = torch::empty({static_cast<int64_t>(v.size())}, torch::kLong);
+    std::copy(v.begin(), v.end(), t.data_ptr<int64_t>());
+    return t;
+  };
+  auto position = torch::empty({E}, torch::kLong);
+  int64_t* pos = position.data_ptr<int64_t>();
+  for (int64_t r = 0; r < E; ++r) pos[rows[r]] = r;
+  return {as_tensor(first), as_tensor(second), as_tensor(rows), position, pairs, zeros};
 }
 
 }  // namespace frames
@@ -888,6 +969,9 @@ torch::Tensor combine_rows(torch::Tensor x, torch::Tensor index, torch::Tensor c
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("frame_matrices", &frames::frame_matrices,
         "(D_in, D_out) per degree (rel_pos [E, 3], slot_edges [E], couplings, extended rows, signs, rows by m)");
+  m.def("slot_layout", &frames::slot_layout,
+        "(first [P], second [pairs], slot_edges [E], position [E], pairs, zero-length slots) of the SO(2) slots "
+        "(src [E], dst [E], rel_pos [E, 3], invariants [E, F], num_nodes)");
   m.def("radial_hidden_forward", &radial::radial_hidden_forward,
         "h [P, M] (x [P, K], [W1, W1t, b1, g1, s1, W2, W2t, b2, g2, s2], norm, eps)");
   m.def("radial_hidden_backward", &radial::radial_hidden_backward,
