@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['OPS', 'REGISTERED_BY', 'ENV_VAR', 'register', 'cpu_float32_or_float64', 'parse_backends', 'override', 'choose',
-           'add_report_line', 'backend_report', 'differentiable_backward']
+           'choice_epoch', 'add_report_line', 'backend_report', 'differentiable_backward']
 
 # %% ../nbs/00a_backends.ipynb #9a614aee
 import importlib
@@ -285,6 +285,11 @@ def choose(
         _seen.setdefault(op, {})[key[1:]] = (name, why)
     _last[op] = key[1:]
     return cached[2]
+
+
+def choice_epoch() -> tuple[int, str]:
+    "Changes whenever an answer of `choose` may change (rules, `override`, `SE3NB_BACKENDS`): for callers' own caches."
+    return _generation, os.environ.get(ENV_VAR, '')
 
 # %% ../nbs/00a_backends.ipynb #40a8c8bf
 _REPORT_LINES: dict[str, Callable[[], str]] = {}  # topic -> its line, e.g. the CPU memory policy (`00b_extensions`)

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from .backends import choose, differentiable_backward, register
+from .backends import choice_epoch, choose, differentiable_backward, register
 from .extensions import cpu_id, cpu_isa, load_extension, read_tuning, record_tuning
 
 # %% ../nbs/03b_so2_product.ipynb #54434cf0
@@ -250,8 +250,21 @@ register(
 register('so2_product', 'torch')
 
 
+_CHOICES: dict[tuple, tuple] = {}  # (choice epoch, ISA, device, dtype, H, split, block shapes) -> _choose_products
+
+
 def _choose_products(h: Tensor, xs: Sequence[Tensor], sizes: Sequence[int], split: bool) -> tuple[tuple, ...]:
-    "Per m-block: (forward backend, backward backend, the measured plan or None)."
+    "Per m-block: (forward backend, backward backend, the measured plan or None); kept per shapes until an epoch ends."
+    shapes = tuple((x.shape[1], x.shape[2], n) for x, n in zip(xs, sizes))
+    key = (choice_epoch(), cpu_isa(), h.device, h.dtype, h.shape[1], split, shapes)
+    if key not in _CHOICES:  # ~40 us of registry calls and plan lookups per product otherwise
+        if len(_CHOICES) > 256:  # e.g. many override blocks: old epochs' entries
+            _CHOICES.clear()
+        _CHOICES[key] = _measured_choices(h, xs, sizes, split)
+    return _CHOICES[key]
+
+
+def _measured_choices(h: Tensor, xs: Sequence[Tensor], sizes: Sequence[int], split: bool) -> tuple[tuple, ...]:
     H, choices = h.shape[1], []
     for x, n in zip(xs, sizes):
         R, I = x.shape[1], x.shape[2]

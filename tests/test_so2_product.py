@@ -521,6 +521,7 @@ def test_the_automatic_choice_follows_the_measurements_per_shape_and_requests_do
     assert key == f"{isa} R=2 O=4 I=64 H=32 split=0"
     try:
         sp._PLANS[key] = {**plan, 'ms': {'forward': [2.0, 1.0], 'backward': [1.0, 2.0]}}  # torch wins forward only
+        sp._CHOICES.clear()  # choices are kept per shapes: the measurement was edited behind their back
         assert _backends(h, [x]) == [('torch', 'native')]
         report = backend_report()
         assert 'cpu, float32, kernel measured slower: torch (not native: measured slower than torch' in report
@@ -529,6 +530,7 @@ def test_the_automatic_choice_follows_the_measurements_per_shape_and_requests_do
             assert _backends(h, [x]) == [('native', 'native')]
     finally:
         sp._PLANS[key] = plan
+        sp._CHOICES.clear()
         backends._clear()
 
 
