@@ -42,7 +42,7 @@ def cpu_isa() -> str | None:  # 'avx512', 'avx2', or None (ARM, x86 without AVX2
     return 'avx512' if capability.startswith('AVX512') else 'avx2' if capability == 'AVX2' else None
 
 # %% ../nbs/00b_extensions.ipynb #fa7112f1
-_BASE_FLAGS = ('-O3', '-fopenmp')  # at::parallel_for runs on torch's OpenMP threads
+_BASE_FLAGS = ('-O3', '-fopenmp', '-fno-math-errno')  # OpenMP: at::parallel_for's threads; no errno: sqrt vectorizes
 
 
 def _flags(isa: str | None) -> list[str]:  # None: portable C++, no vector instruction set
