@@ -15,6 +15,19 @@
 #include <tuple>
 #include <vector>
 
+// f(D) with D = 2l+1 as a compile-time constant: loops over a vector's components unrolled
+template <typename F>
+void with_components(int64_t D, F&& f) {  // D = 2l+1 as a compile-time constant, l <= 4
+  switch (D) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    case 9: f(std::integral_constant<int, 9>{}); break;
+    default: TORCH_CHECK(false, "D = 2l+1 must be 1, 3, 5, 7 or 9 (degrees up to 4), not ", D);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------------------
 // 1. The edge frames (nbs/04a_so2.ipynb, backend `native` of the op `edge_frames`): for every row r of the SO(2)
 // layout and its edge e = slot_edges[r], the rotation R taking the edge direction to y (rows: x, y, z axes of the
@@ -488,8 +501,8 @@ std::vector<torch::Tensor> radial_hidden_backward(torch::Tensor x, std::vector<t
 // and degree l, with x_l [N, C_l, D_l] and its channels c:
 //   r_c = |x_c|,  v_c = max(r_c, clamp),  z_c = (v_c - mean_c v) / sqrt(var_c v + eps),  a_c = gamma_c z_c + beta_c,
 //   y_c = x_c relu(a_c) / v_c
-// (the per-degree layer norm of the norms, ReLU, each vector rescaled to its new norm), in one pass per node for all
-// degrees and no intermediate tensor. Backward recomputes the statistics from x. float32 and float64; plain C++.
+// (the per-degree layer norm of the norms, ReLU, each vector rescaled to its new norm), node by node for each degree
+// of a thread's nodes, no intermediate tensor. Backward recomputes the statistics from x. float32 and float64.
 
 namespace norms {
 
@@ -508,90 +521,116 @@ void check(const std::vector<torch::Tensor>& xs, const torch::Tensor& gamma, con
               "expected gamma and beta [sum C_l] of the features' dtype");
 }
 
-constexpr int64_t LANES = 16;  // nodes side by side: every per-channel step is a vector operation across nodes
-
-template <typename T>
-struct Degrees {  // raw pointers and sizes, looked up once
-  std::vector<const T*> x, gy;
-  std::vector<T*> out;
-  std::vector<int64_t> C, D;
-  Degrees(const std::vector<torch::Tensor>& xs, const std::vector<torch::Tensor>& outs,
-          const std::vector<torch::Tensor>& grads) {
-    for (size_t l = 0; l < xs.size(); ++l) {
-      x.push_back(xs[l].data_ptr<T>()), out.push_back(outs[l].data_ptr<T>());
-      gy.push_back(grads.empty() ? nullptr : grads[l].data_ptr<T>());
-      C.push_back(xs[l].size(1)), D.push_back(xs[l].size(2));
-    }
+// One node's rows of one degree, x [C, D] (D = 2l+1): r_c = |x_c|, v_c = max(r_c, clamp), their layer norm over the C
+// channels (z, a = gamma z + beta, 1 / std), and s_c = relu(a_c) / v_c, the factor of x_c. Node by node: the C channels
+// of a node are side by side in memory, so every per-channel step is a vector loop over c and x is read in order (16
+// nodes side by side, read with a stride of C D floats, were 1.3-2.8x slower at QM9's 32 channels of degrees 0-3 and
+// about as fast at 16 channels of degrees 0-2, Zen 5).
+template <typename T, int D, int CC>
+inline T channel_stats(const T* x, int64_t C, const T* gamma, const T* beta, T eps, T clamp, T* r, T* v, T* z, T* a,
+                       T* s) {  // returns 1 / std
+  if constexpr (CC > 0) C = CC;  // a compile-time count: loops unrolled, no remainder
+  for (int64_t c = 0; c < C; ++c) {  // x in order; no vector pragma on loops with stride D: gathers, scatters
+    T sq = 0;
+    for (int d = 0; d < D; ++d) sq += x[c * D + d] * x[c * D + d];
+    r[c] = sq;
   }
-};
-
-// One degree of nodes n0..n0+nb (lane n): r = |x_c|, v = max(r, clamp), z, a = gamma z + beta per channel ([C][LANES]
-// each), and 1 / std per lane. x of node n0 + n is at x + n * C * D (lanes read with stride C * D).
-template <typename T>
-void degree_stats(const T* x, int64_t nb, int64_t C, int64_t D, const T* gamma, const T* beta, T eps, T clamp, T* r,
-                  T* v, T* z, T* a, T* rstd) {
-  const int64_t CD = C * D;
-  T mean[LANES] = {}, var[LANES] = {};
+  T mean = 0, var = 0;
+#pragma omp simd reduction(+ : mean)
   for (int64_t c = 0; c < C; ++c) {
-    T* rc = r + c * LANES;
-#pragma omp simd
-    for (int64_t n = 0; n < LANES; ++n) rc[n] = 0;
-    for (int64_t d = 0; d < D; ++d)
-#pragma omp simd
-      for (int64_t n = 0; n < nb; ++n) rc[n] += x[n * CD + c * D + d] * x[n * CD + c * D + d];
-#pragma omp simd
-    for (int64_t n = 0; n < LANES; ++n) {
-      rc[n] = std::sqrt(rc[n]);
-      v[c * LANES + n] = rc[n] > clamp ? rc[n] : clamp;
-      mean[n] += v[c * LANES + n];
-    }
+    r[c] = std::sqrt(r[c]);
+    v[c] = r[c] > clamp ? r[c] : clamp;
+    mean += v[c];
   }
+  mean /= C;
+#pragma omp simd reduction(+ : var)
+  for (int64_t c = 0; c < C; ++c) var += (v[c] - mean) * (v[c] - mean);
+  const T rstd = T(1) / std::sqrt(var / C + eps);
 #pragma omp simd
-  for (int64_t n = 0; n < LANES; ++n) mean[n] /= C;
-  for (int64_t c = 0; c < C; ++c)
-#pragma omp simd
-    for (int64_t n = 0; n < LANES; ++n) var[n] += (v[c * LANES + n] - mean[n]) * (v[c * LANES + n] - mean[n]);
-#pragma omp simd
-  for (int64_t n = 0; n < LANES; ++n) rstd[n] = T(1) / std::sqrt(var[n] / C + eps);
-  for (int64_t c = 0; c < C; ++c)
-#pragma omp simd
-    for (int64_t n = 0; n < LANES; ++n) {
-      z[c * LANES + n] = (v[c * LANES + n] - mean[n]) * rstd[n];
-      a[c * LANES + n] = gamma[c] * z[c * LANES + n] + beta[c];
+  for (int64_t c = 0; c < C; ++c) {
+    z[c] = (v[c] - mean) * rstd;
+    a[c] = gamma[c] * z[c] + beta[c];
+    s[c] = (a[c] > 0 ? a[c] : T(0)) / v[c];  // new norm / old norm
+  }
+  return rstd;
+}
+
+template <typename T, int D, int CC>
+void forward_rows(const T* x, T* y, int64_t n0, int64_t n1, int64_t C, const T* gamma, const T* beta, T eps, T clamp,
+                  T* buf) {  // nodes n0..n1 of one degree; buf: 5 C scratch values
+  if constexpr (CC > 0) C = CC;
+  T *r = buf, *v = r + C, *z = v + C, *a = z + C, *s = a + C;
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* xn = x + n * C * D;
+    T* yn = y + n * C * D;
+    channel_stats<T, D, CC>(xn, C, gamma, beta, eps, clamp, r, v, z, a, s);
+    for (int64_t c = 0; c < C; ++c)
+      for (int d = 0; d < D; ++d) yn[c * D + d] = xn[c * D + d] * s[c];
+  }
+}
+
+// The same rows' backward: gx, and the gamma and beta gradients added to sums[0..C) and sums[channels..+C)
+template <typename T, int D, int CC>
+void backward_rows(const T* x, const T* gy, T* gx, int64_t n0, int64_t n1, int64_t C, const T* gamma, const T* beta,
+                   T eps, T clamp, T* sums, int64_t channels, T* buf) {  // buf: 7 C scratch values
+  if constexpr (CC > 0) C = CC;
+  T *r = buf, *v = r + C, *z = v + C, *a = z + C, *s = a + C, *gv = s + C, *gz = gv + C;
+  for (int64_t n = n0; n < n1; ++n) {
+    const T *xn = x + n * C * D, *gyn = gy + n * C * D;
+    T* gxn = gx + n * C * D;
+    const T rstd = channel_stats<T, D, CC>(xn, C, gamma, beta, eps, clamp, r, v, z, a, s);
+    for (int64_t c = 0; c < C; ++c) {  // d/ds of y = x s: sum over the components of gy x
+      T dot = 0;
+      for (int d = 0; d < D; ++d) dot += gyn[c * D + d] * xn[c * D + d];
+      gv[c] = dot;
     }
+    T mean_gz = 0, mean_gzz = 0;
+#pragma omp simd reduction(+ : mean_gz, mean_gzz)
+    for (int64_t c = 0; c < C; ++c) {
+      const T dot = gv[c];
+      const T ga = a[c] > 0 ? dot / v[c] : T(0);  // through s = relu(a) / v
+      gv[c] = -dot * s[c] / v[c];
+      sums[c] += ga * z[c], sums[channels + c] += ga;
+      gz[c] = ga * gamma[c];
+      mean_gz += gz[c], mean_gzz += gz[c] * z[c];
+    }
+    mean_gz /= C, mean_gzz /= C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {  // layer norm's backward, then d|x|/dx = x / |x| (none where clamped)
+      const T grad_v = gv[c] + rstd * (gz[c] - mean_gz - z[c] * mean_gzz);
+      gv[c] = r[c] >= clamp ? grad_v / r[c] : T(0);
+    }
+    for (int64_t c = 0; c < C; ++c)
+      for (int d = 0; d < D; ++d) gxn[c * D + d] = gyn[c * D + d] * s[c] + xn[c * D + d] * gv[c];
+  }
+}
+
+constexpr int64_t NODES = 16;  // nodes per task of at::parallel_for
+
+template <typename F>
+void with_layout(int64_t D, int64_t C, F&& f) {  // f(D, CC): CC = C for the usual 16 or 32 channels, else 0
+  with_components(D, [&](auto d) {
+    if (C == 16) return f(d, std::integral_constant<int, 16>{});
+    if (C == 32) return f(d, std::integral_constant<int, 32>{});
+    f(d, std::integral_constant<int, 0>{});
+  });
 }
 
 template <typename T>
 void forward_kernel(const std::vector<torch::Tensor>& xs, const std::vector<torch::Tensor>& ys,
                     const torch::Tensor& gamma, const torch::Tensor& beta, T eps, T clamp, int64_t max_c) {
-  const int64_t N = xs[0].size(0), blocks = (N + LANES - 1) / LANES;
-  const Degrees<T> deg(xs, ys, {});
+  const int64_t N = xs[0].size(0);
   const T *gp = gamma.data_ptr<T>(), *bp = beta.data_ptr<T>();
-  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
-    std::vector<T> buf(4 * max_c * LANES + LANES);
-    T *r = buf.data(), *v = r + max_c * LANES, *z = v + max_c * LANES, *a = z + max_c * LANES;
-    T* rstd = a + max_c * LANES;
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * LANES, nb = std::min(LANES, N - n0);
-      int64_t off = 0;
-      for (size_t l = 0; l < deg.C.size(); ++l) {
-        const int64_t C = deg.C[l], D = deg.D[l], CD = C * D;
-        const T* x = deg.x[l] + n0 * CD;
-        T* y = deg.out[l] + n0 * CD;
-        degree_stats<T>(x, nb, C, D, gp + off, bp + off, T(eps), T(clamp), r, v, z, a, rstd);
-        for (int64_t c = 0; c < C; ++c) {
-          T s[LANES];
-#pragma omp simd
-          for (int64_t n = 0; n < LANES; ++n) {
-            const int64_t k = c * LANES + n;
-            s[n] = (a[k] > 0 ? a[k] : T(0)) / v[k];  // new norm / old norm
-          }
-          for (int64_t d = 0; d < D; ++d)
-#pragma omp simd
-            for (int64_t n = 0; n < nb; ++n) y[n * CD + c * D + d] = x[n * CD + c * D + d] * s[n];
-        }
-        off += C;
-      }
+  at::parallel_for(0, N, NODES, [&](int64_t n0, int64_t n1) {
+    std::vector<T> buf(5 * max_c);
+    int64_t off = 0;
+    for (size_t l = 0; l < xs.size(); ++l) {  // degree by degree over this thread's nodes
+      const int64_t C = xs[l].size(1);
+      with_layout(xs[l].size(2), C, [&](auto D, auto CC) {
+        forward_rows<T, D(), CC()>(xs[l].data_ptr<T>(), ys[l].data_ptr<T>(), n0, n1, C, gp + off, bp + off, eps, clamp,
+                                   buf.data());
+      });
+      off += C;
     }
   });
 }
@@ -600,67 +639,23 @@ template <typename T>
 void backward_kernel(const std::vector<torch::Tensor>& xs, const std::vector<torch::Tensor>& gxs,
                      const std::vector<torch::Tensor>& grads, const torch::Tensor& gamma, const torch::Tensor& beta,
                      const torch::Tensor& partial, T eps, T clamp, int64_t max_c) {
-  const int64_t N = xs[0].size(0), channels = gamma.size(0), blocks = (N + LANES - 1) / LANES;
-  const Degrees<T> deg(xs, gxs, grads);
+  const int64_t N = xs[0].size(0), channels = gamma.size(0);
   const T *gp = gamma.data_ptr<T>(), *bp = beta.data_ptr<T>();
   T* partial_p = partial.data_ptr<T>();
-  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
-    std::vector<T> buf(6 * max_c * LANES + LANES);
-    T *r = buf.data(), *v = r + max_c * LANES, *z = v + max_c * LANES, *a = z + max_c * LANES;
-    T *gv = a + max_c * LANES, *gz = gv + max_c * LANES, *rstd = gz + max_c * LANES;
+  at::parallel_for(0, N, NODES, [&](int64_t n0, int64_t n1) {
+    std::vector<T> buf(7 * max_c);
     T* sums = partial_p + at::get_thread_num() * 2 * channels;  // [2, channels]
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * LANES, nb = std::min(LANES, N - n0);
-      int64_t off = 0;
-      for (size_t l = 0; l < deg.C.size(); ++l) {
-        const int64_t C = deg.C[l], D = deg.D[l], CD = C * D;
-        const T *x = deg.x[l] + n0 * CD, *gy = deg.gy[l] + n0 * CD, *g = gp + off;
-        T* gx = deg.out[l] + n0 * CD;
-        degree_stats<T>(x, nb, C, D, g, bp + off, T(eps), T(clamp), r, v, z, a, rstd);
-        T mean_gz[LANES] = {}, mean_gzz[LANES] = {};
-        for (int64_t c = 0; c < C; ++c) {
-          T dot[LANES] = {};  // d/ds of y = x s: sum over the components of gy x
-          for (int64_t d = 0; d < D; ++d)
-#pragma omp simd
-            for (int64_t n = 0; n < nb; ++n) dot[n] += gy[n * CD + c * D + d] * x[n * CD + c * D + d];
-          T sum_gz = 0, sum_ga = 0;
-#pragma omp simd reduction(+ : sum_gz, sum_ga)
-          for (int64_t n = 0; n < LANES; ++n) {
-            const int64_t k = c * LANES + n;
-            const T ga = a[k] > 0 ? dot[n] / v[k] : T(0);  // through s = relu(a) / v
-            gv[k] = -dot[n] * (a[k] > 0 ? a[k] : T(0)) / (v[k] * v[k]);
-            sum_gz += n < nb ? ga * z[k] : T(0);
-            sum_ga += n < nb ? ga : T(0);
-            gz[k] = ga * g[c];
-            mean_gz[n] += gz[k];
-            mean_gzz[n] += gz[k] * z[k];
-          }
-          sums[off + c] += sum_gz, sums[channels + off + c] += sum_ga;
-        }
-#pragma omp simd
-        for (int64_t n = 0; n < LANES; ++n) mean_gz[n] /= C, mean_gzz[n] /= C;
-        for (int64_t c = 0; c < C; ++c) {
-          T s[LANES], k[LANES];
-#pragma omp simd
-          for (int64_t n = 0; n < LANES; ++n) {
-            const int64_t i = c * LANES + n;  // layer norm's backward, then d|x|/dx = x / |x| (none where clamped)
-            const T grad_v = gv[i] + rstd[n] * (gz[i] - mean_gz[n] - z[i] * mean_gzz[n]);
-            k[n] = r[i] >= clamp ? grad_v / r[i] : T(0);
-            s[n] = (a[i] > 0 ? a[i] : T(0)) / v[i];
-          }
-          for (int64_t d = 0; d < D; ++d)
-#pragma omp simd
-            for (int64_t n = 0; n < nb; ++n) {
-              const int64_t e = n * CD + c * D + d;
-              gx[e] = gy[e] * s[n] + x[e] * k[n];
-            }
-        }
-        off += C;
-      }
+    int64_t off = 0;
+    for (size_t l = 0; l < xs.size(); ++l) {
+      const int64_t C = xs[l].size(1);
+      with_layout(xs[l].size(2), C, [&](auto D, auto CC) {
+        backward_rows<T, D(), CC()>(xs[l].data_ptr<T>(), grads[l].data_ptr<T>(), gxs[l].data_ptr<T>(), n0, n1, C,
+                                    gp + off, bp + off, eps, clamp, sums + off, channels, buf.data());
+      });
+      off += C;
     }
   });
 }
-
 
 std::vector<torch::Tensor> norm_nonlinearity_forward(std::vector<torch::Tensor> xs, torch::Tensor gamma,
                                                      torch::Tensor beta, double eps, double clamp) {
@@ -786,18 +781,6 @@ void mix_nodes(const T* x, int64_t N, int64_t C, const T* M, int64_t O, int64_t 
       }
     }
   });
-}
-
-template <typename F>
-void with_components(int64_t D, F&& f) {  // D = 2l+1 as a compile-time constant, l <= 4
-  switch (D) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-    case 9: f(std::integral_constant<int, 9>{}); break;
-    default: TORCH_CHECK(false, "channel_mix: D = 2l+1 must be 1, 3, 5, 7 or 9, not ", D);
-  }
 }
 
 inline int64_t padded(int64_t n) { return (n + L - 1) / L * L; }
