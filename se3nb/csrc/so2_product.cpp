@@ -422,6 +422,93 @@ torch::Tensor so2_grad_h(torch::Tensor w, torch::Tensor x, torch::Tensor gy, boo
   return gh;
 }
 
+// ---------------------------------------------------------------------------------------------------------------------
+// Every m-block of one product in one call (se3nb/so2_product.py's per-block Python, about 20-30 us a block for views,
+// transposes, pads and the kernel calls, was ~5 % of a `small` training step). `sizes`: O*I per block (its rows of
+// `weight` [n, K]); `plans`: per block (variant, tile) of the forward, or of grad_x then (o_block of grad_h, slot_chunk of
+// grad_w) in backward. Inputs and weights whose I is not a multiple of VW are zero-padded here.
+
+static torch::Tensor padded_to(const torch::Tensor& t, int64_t dim, int64_t size) {  // zeros appended along dim
+  if (t.size(dim) == size) return t.contiguous();
+  std::vector<int64_t> pad(2 * (t.dim() - dim), 0);
+  pad[pad.size() - 1] = size - t.size(dim);  // constant_pad_nd's pairs run from the last dimension back
+  return at::constant_pad_nd(t, pad);
+}
+
+static std::vector<int64_t> checked_blocks(const torch::Tensor& weight, const std::vector<int64_t>& widths,
+                                           const std::vector<int64_t>& sizes, const std::vector<int64_t>& plans,
+                                           int64_t per_block) {  // the blocks' rows of weight: their offsets
+  TORCH_CHECK(sizes.size() == widths.size() && plans.size() == per_block * widths.size(), "one size and ", per_block,
+              " plan entries per block");
+  std::vector<int64_t> offsets;
+  int64_t off = 0;
+  for (size_t b = 0; b < widths.size(); ++b) {
+    TORCH_CHECK(widths[b] > 0 && sizes[b] % widths[b] == 0, "block ", b, ": ", sizes[b], " weights are not O * I for ",
+                widths[b], " inputs");
+    offsets.push_back(off), off += sizes[b];
+  }
+  TORCH_CHECK(weight.dim() == 2 && weight.size(0) == off, "weight must be [", off, ", K], got ", weight.sizes());
+  return offsets;
+}
+
+// (ys [P, R, O] per block, thetas [O, K, I'] per block, inputs [P, R, I'] per block); thetas_in: kept ones, or empty
+std::vector<std::vector<torch::Tensor>> so2_forward_blocks(torch::Tensor h, torch::Tensor weight,
+                                                          std::vector<torch::Tensor> xs, std::vector<int64_t> sizes,
+                                                          std::vector<int64_t> plans,
+                                                          std::vector<torch::Tensor> thetas_in) {
+  std::vector<int64_t> widths;
+  for (const auto& x : xs) {
+    TORCH_CHECK(x.dim() == 3, "inputs must be [P, R, I], got ", x.sizes());
+    widths.push_back(x.size(2));
+  }
+  const auto offsets = checked_blocks(weight, widths, sizes, plans, 2);
+  TORCH_CHECK(thetas_in.empty() || thetas_in.size() == xs.size(), "no kept weights, or one per block");
+  std::vector<torch::Tensor> ys, thetas, inputs;
+  h = h.contiguous();
+  for (size_t b = 0; b < xs.size(); ++b) {
+    const int64_t I = xs[b].size(2), O = sizes[b] / I, Ip = (I + VW - 1) / VW * VW;
+    const auto w = weight.narrow(0, offsets[b], sizes[b]).view({O, I, -1});
+    thetas.push_back(thetas_in.empty() ? padded_to(w.transpose(1, 2), 2, Ip) : thetas_in[b]);
+    inputs.push_back(padded_to(xs[b], 2, Ip));
+    ys.push_back(so2_forward(h, thetas[b], inputs[b], plans[2 * b], plans[2 * b + 1], 64));
+  }
+  return {ys, thetas, inputs};
+}
+
+// (dx [P, R, I] per block, then dh [P or 2P, K] summed over the blocks if need_h); grad_w [n, K] (or an empty tensor)
+// gets every block's dTheta
+std::vector<torch::Tensor> so2_backward_blocks(torch::Tensor h, torch::Tensor weight, std::vector<torch::Tensor> thetas,
+                                               std::vector<torch::Tensor> inputs, std::vector<int64_t> widths,
+                                               std::vector<torch::Tensor> gys, std::vector<int64_t> sizes,
+                                               std::vector<int64_t> plans, bool split, bool need_h,
+                                               torch::Tensor grad_w) {
+  const auto offsets = checked_blocks(weight, widths, sizes, plans, 4);
+  TORCH_CHECK(thetas.size() == inputs.size() && widths.size() == inputs.size() && gys.size() == inputs.size(),
+              "one weight block, input width and gradient per block");
+  h = h.contiguous();
+  const int64_t K = h.size(1);
+  std::vector<torch::Tensor> out;
+  c10::optional<torch::Tensor> dh;
+  for (size_t b = 0; b < inputs.size(); ++b) {
+    const int64_t I = widths[b], Ip = inputs[b].size(2), O = sizes[b] / I;
+    TORCH_CHECK(inputs[b].dim() == 3 && Ip == (I + VW - 1) / VW * VW, "block ", b, ": inputs ", inputs[b].sizes(),
+                " are not ", I, " wide, padded to a multiple of ", VW);
+    const auto gy = gys[b].contiguous();
+    const int64_t* plan = plans.data() + 4 * b;
+    out.push_back(so2_grad_x(h, thetas[b], gy, plan[0], plan[1], 64).narrow(2, 0, I));
+    const auto w = weight.narrow(0, offsets[b], sizes[b]).view({O, I, K});
+    if (need_h) dh = so2_grad_h(padded_to(w, 1, Ip), inputs[b], gy, split, plan[2], dh, dh.has_value());
+    if (grad_w.numel() == 0) continue;
+    auto gw = grad_w.narrow(0, offsets[b], sizes[b]).view({O, I, K});
+    if (Ip == I)
+      so2_grad_w(h, inputs[b], gy, plan[3], gw);
+    else
+      gw.copy_(so2_grad_w(h, inputs[b], gy, plan[3], c10::nullopt).narrow(1, 0, I));
+  }
+  out.push_back(dh.has_value() ? *dh : torch::Tensor());
+  return out;
+}
+
 // frame_rotate_rows: the rotations between the global frame and the edge frames (se3nb/so2.py), y[e] = D[e] x[e] for
 // D [E, A, B] and x [E, B, C], or y[e] = D[e]^T x[e] for D [E, B, A] (`transpose`). A and B are 2l+1 or 4l+1, so a
 // product is a few dozen FMAs per vector of C channels; torch's batched matrix product spends more than that on the
@@ -880,6 +967,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         " -> [P or 2P, K] (out, to which dh is added with accumulate)",
         py::arg("w"), py::arg("x"), py::arg("gy"), py::arg("split"), py::arg("o_block"), py::arg("out") = py::none(),
         py::arg("accumulate") = false);
+  m.def("so2_forward_blocks", &so2_forward_blocks,
+        "so2_forward of every m-block (h [P, K], weight [n, K], xs, sizes O*I, plans (variant, tile) per block, kept "
+        "thetas or []) -> (ys, thetas, padded inputs)");
+  m.def("so2_backward_blocks", &so2_backward_blocks,
+        "grad_x, grad_h, grad_w of every m-block (h, weight, thetas, padded inputs, widths I, gys, sizes, plans "
+        "(variant, tile, o_block, slot_chunk) per block, split, need_h, grad_w [n, K] or empty) -> (dxs..., dh)");
   m.def("frame_rotate_rows", &frame_rotate_rows,
         "row k: D[d_index[k]] x[x_index[k]] (or D^T); x and the result rows first (0), channels first (1) or in "
         "columns of a 2-D buffer (2) (D, x, transpose, d_index, x_index, x_layout, x_columns, out_layout, out, "
