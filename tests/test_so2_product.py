@@ -98,9 +98,11 @@ def _backends(h, xs, split=False):  # (forward, backward) backend of each block,
     return [c[:2] for c in sp._choose_products(h, xs, [4 * x.shape[2] for x in xs], split)]
 
 
+@pytest.mark.parametrize("torch_block", [False, True])
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("P", [0, 1, 7, 130])
-def test_fused_cpu_kernels_equal_the_torch_products(P, split, isa):
+def test_fused_cpu_kernels_equal_the_torch_products(P, split, torch_block, isa):
+    "All blocks native (one C++ call each way), or one block past the kernels' limits (torch; the rest block by block)."
     torch.manual_seed(P)
     H = 32
     blocks = [
@@ -109,8 +111,7 @@ def test_fused_cpu_kernels_equal_the_torch_products(P, split, isa):
         (4, 32, 128),
         (2, 8, 24),
         (2, 16, 6),
-        (5, 8, 16),
-    ]  # (rows, O, I): the kernels pad I = 24 and 6 with zero columns; 5 rows are past their limit (torch)
+    ] + [(5, 8, 16)] * torch_block  # (rows, O, I): the kernels pad I = 24 and 6; 5 rows are past their limit (torch)
     sizes = tuple(O * I for _, O, I in blocks)
     h = torch.relu(torch.randn(P, H, dtype=F64))
     inputs = [h, h.clone() if split else None, torch.randn(sum(sizes), H, dtype=F64) / 6] + [
@@ -185,6 +186,37 @@ def test_gradient_kernels_write_into_and_add_to_given_tensors(split, isa):
         native.so2_grad_h(w3, x, gy, split, 8, None, True)
     with pytest.raises(RuntimeError, match="out must be contiguous float32"):
         native.so2_grad_w(h, x, gy, 64, torch.zeros(O, I, H).transpose(0, 1))
+
+
+def test_all_blocks_in_one_call_equal_the_calls_per_block_and_check_their_layout(isa):
+    native, (P, H) = _native_kernels(), (37, 32)
+    g = torch.Generator().manual_seed(3)
+    shapes = [(2, 20, 48), (2, 8, 6)]  # (R, O, I): the second block's inputs and weights padded to the vector width
+    sizes = [O * I for _, O, I in shapes]
+    h, weight = torch.rand(P, H, generator=g), torch.randn(sum(sizes), H, generator=g) / H**0.5
+    xs = [torch.randn(P, R, I, generator=g) for R, _, I in shapes]
+    gys = [torch.randn(P, R, O, generator=g) for R, O, _ in shapes]
+    ys, thetas, inputs = native.so2_forward_blocks(h, weight, xs, sizes, [0, 4] * 2, [])
+    grad_w, plans = torch.empty_like(weight), [0, 8, 8, 64] * 2
+    *gxs, dh = native.so2_backward_blocks(h, weight, thetas, inputs, [48, 6], gys, sizes, plans, False, True, grad_w)
+    dh_sum = torch.zeros(P, H)
+    for (off, n), x, gy, y, gx, (R, O, I) in zip(sp._blocks(sizes), xs, gys, ys, gxs, shapes):
+        w = weight[off : off + n]
+        theta, xp = sp._theta(w, O, I), sp._pad_inputs(x)
+        assert torch.equal(y, native.so2_forward(h, theta, xp, 0, 4, 64))
+        assert torch.equal(gx, native.so2_grad_x(h, theta, gy, 0, 8, 64)[..., :I]) and gx.shape == x.shape
+        w3 = torch.nn.functional.pad(w.view(O, I, H), (0, 0, 0, xp.shape[2] - I))
+        dh_sum += native.so2_grad_h(w3, xp, gy, False, 8)
+        assert torch.equal(grad_w[off : off + n].view(O, I, H), native.so2_grad_w(h, xp, gy, 64)[:, :I])
+    assert torch.allclose(dh, dh_sum, atol=1e-5)
+    with pytest.raises(RuntimeError, match="weights are not O \\* I"):
+        native.so2_forward_blocks(h, weight, xs, [sizes[0] + 1, sizes[1]], [0, 4] * 2, [])
+    with pytest.raises(RuntimeError, match="weight must be"):
+        native.so2_forward_blocks(h, weight[1:], xs, sizes, [0, 4] * 2, [])
+    with pytest.raises(RuntimeError, match="plan entries per block"):
+        native.so2_forward_blocks(h, weight, xs, sizes, [0, 4], [])
+    with pytest.raises(RuntimeError, match="padded to a multiple"):
+        native.so2_backward_blocks(h, weight, thetas, xs, [48, 6], gys, sizes, plans, False, True, grad_w)
 
 
 @pytest.mark.parametrize("E", [0, 1, 300])
