@@ -739,6 +739,7 @@ struct Terms {  // the terms' outputs, column offsets and sizes, checked once
 
 constexpr int L = 16;  // output channels per accumulator row: a multiple of every vector width, a compile-time loop
 constexpr int BLOCK = 16;  // nodes per block of the weight gradient
+constexpr int OB = 8;  // outputs per pass of the weight gradient
 
 // acc[n * D + d][0..L) = sum_c x_n[c][d] M[c][0..L) for NB nodes x_n (x_n [C][D]; nodes past the block's end read
 // its last one, their rows are not stored): every row of M loaded once for NB * D rows of accumulators
@@ -806,19 +807,25 @@ void weight_gradient(const T* x, const T* gy, int64_t n0, int64_t n1, int64_t C,
     for (int64_t n = 0; n < nb; ++n)
       for (int64_t c = 0; c < C; ++c)
         for (int d = 0; d < D; ++d) xt[(n * D + d) * Cp + c] = x[((b + n) * C + c) * D + d];
-    for (int64_t o = 0; o < O; ++o)
+    for (int64_t o0 = 0; o0 < O; o0 += OB) {
+      const int64_t no = std::min<int64_t>(OB, O - o0);  // outputs past O repeat the last one, not stored
       for (int64_t c0 = 0; c0 < Cp; c0 += L) {
-        T acc[L] = {};
+        T acc[OB][L] = {};  // OB outputs per loaded vector of x: OB FMAs per load, not one
         for (int64_t n = 0; n < nb; ++n)
           for (int d = 0; d < D; ++d) {
-            const T g = gy[((b + n) * O + o) * D + d];
             const T* xv = xt.data() + (n * D + d) * Cp + c0;
+            for (int k = 0; k < OB; ++k) {
+              const T g = gy[((b + n) * O + o0 + std::min<int64_t>(k, no - 1)) * D + d];
 #pragma omp simd
-            for (int v = 0; v < L; ++v) acc[v] += g * xv[v];
+              for (int v = 0; v < L; ++v) acc[k][v] += g * xv[v];
+            }
           }
-        T* s = sums + o * ss + c0;
-        for (int64_t v = 0; v < std::min<int64_t>(L, C - c0); ++v) s[v] += acc[v];
+        for (int64_t k = 0; k < no; ++k) {
+          T* s = sums + (o0 + k) * ss + c0;
+          for (int64_t v = 0; v < std::min<int64_t>(L, C - c0); ++v) s[v] += acc[k][v];
+        }
       }
+    }
   }
 }
 
