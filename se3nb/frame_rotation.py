@@ -149,14 +149,25 @@ def frame_rotation(
     return y if rows is None else _RowPermutation.apply(y.transpose(1, 2), *rows)
 
 # %% ../nbs/03c_frame_rotation.ipynb #4ac64258
+_CHECKED_COLUMNS: dict[tuple, tuple] = {}  # (ids, versions, dims, width) -> the columns: layouts that passed
+
+
 def _check_columns(columns: Sequence[Tensor], dims: Sequence[int], width: int) -> None:
     "The columns of all degrees (channel c: dims[l] wide from columns[l][c]) cover a row of `width` once."
+    # a layer's columns are the same tensors at every call: checked once (~50-150 us a call otherwise); the cache holds
+    # them, so their ids are not reused, and an in-place change moves their version
+    key = (tuple(map(id, columns)), tuple(c._version for c in columns), tuple(dims), width)
+    if key in _CHECKED_COLUMNS:
+        return
     count, full = sum(cols.numel() * d for cols, d in zip(columns, dims)), True
     if count == width and columns and columns[0].device.type == 'cpu':  # on GPUs the full check would wait for them
         at = torch.cat([(cols[:, None] + torch.arange(d)).flatten() for cols, d in zip(columns, dims)])
         full = torch.equal(at.sort().values, torch.arange(width))
     if count != width or not full:
         raise ValueError(f"columns {[c.tolist() for c in columns]} must cover a row of {width} once, 2l+1 per channel")
+    if len(_CHECKED_COLUMNS) > 256:  # e.g. columns made anew at every call
+        _CHECKED_COLUMNS.clear()
+    _CHECKED_COLUMNS[key] = tuple(columns)
 
 
 def frame_rotation_to_columns(
@@ -167,7 +178,7 @@ def frame_rotation_to_columns(
     width: int,  # row length; the columns cover it
 ) -> Tensor:  # [E, width], row k from edge index[k]
     "`frame_rotation(D, y, True, rows)` of every degree, each channel written into its columns of one row per edge."
-    _check_columns(columns, [D.shape[-1] for D in Ds], width)  # ~20 us on CPU; on GPUs only their count
+    _check_columns(columns, [D.shape[-1] for D in Ds], width)  # once per set of columns; on GPUs only their count
     if _native_rotations(Ds, ys):
         Ds, ys = tuple(D.contiguous() for D in Ds), tuple(y.contiguous() for y in ys)
         return _FrameRotationToColumns.apply(width, *rows, tuple(columns), Ds, *ys)

@@ -343,6 +343,10 @@ def test_frame_rotation_to_columns_refuses_columns_that_do_not_tile_the_row():
         fr.frame_rotation_to_columns(Ds, ys, rows, [torch.tensor([0, 4]), torch.tensor([1, 3])], 8)
     with pytest.raises(ValueError, match="must cover a row of 9 once"):  # one column short
         fr.frame_rotation_to_columns(Ds, ys, rows, good, 9)
+    fr.frame_rotation_to_columns(Ds, ys, rows, good, 8)  # checked once per set of columns...
+    good[1][1] = 3  # ...until they change in place
+    with pytest.raises(ValueError, match="must cover a row of 8 once"):
+        fr.frame_rotation_to_columns(Ds, ys, rows, good, 8)
 
 
 @pytest.mark.parametrize("E", [0, 1, 300])
