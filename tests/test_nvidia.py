@@ -127,16 +127,22 @@ def input_gradients_match(fx, model, atol, gtol):
     return same_routing
 
 
+TORCH_LAYERS = dict(radial_hidden="torch", norm_nonlinearity="torch")
+ALL_TORCH = dict(TORCH_LAYERS, so2_product="torch", so2_fold="torch", frame_rotation="torch", channel_mix="torch")
+
+
 def routed_as_nvidia(fx, model, atol, gtol) -> None:
     """`input_gradients_match`; where rounding routed a tie unlike NVIDIA's, once more with torch's layers for the
-    radial MLPs and norms (the C++ passes round differently; their gradients equal torch's: `test_conv`, `test_norm`).
-    The parameter gradients of the run that routed as NVIDIA's did stay in the model; if neither did, the test skips."""
+    radial MLPs and norms, then with torch for every C++ pass (they round differently; their gradients equal torch's:
+    `test_conv`, `test_norm`, `test_so2_product`, `test_channel_mix`). The parameter gradients of the run that routed
+    as NVIDIA's did stay in the model; if none did, the test skips."""
     if input_gradients_match(dict(fx), model, atol, gtol):
         return
-    model.zero_grad(set_to_none=True)
-    with override(radial_hidden="torch", norm_nonlinearity="torch"):
-        if input_gradients_match(dict(fx), model, atol, gtol):
-            return
+    for layers in (TORCH_LAYERS, ALL_TORCH):
+        model.zero_grad(set_to_none=True)
+        with override(**layers):
+            if input_gradients_match(dict(fx), model, atol, gtol):
+                return
     skip_rerouted(model, fx, atol)
 
 
