@@ -425,8 +425,8 @@ torch::Tensor so2_grad_h(torch::Tensor w, torch::Tensor x, torch::Tensor gy, boo
 // ---------------------------------------------------------------------------------------------------------------------
 // Every m-block of one product in one call (se3nb/so2_product.py's per-block Python, about 20-30 us a block for views,
 // transposes, pads and the kernel calls, was ~5 % of a `small` training step). `sizes`: O*I per block (its rows of
-// `weight` [n, K]); `plans`: per block (variant, tile) of the forward, or of grad_x then (o_block of grad_h, slot_chunk of
-// grad_w) in backward. Inputs and weights whose I is not a multiple of VW are zero-padded here.
+// `weight` [n, K]); `plans`: per block (variant, tile) of the forward, or in backward (variant, tile) of grad_x,
+// o_block of grad_h and slot_chunk of grad_w. Inputs and weights whose I is not a multiple of VW are zero-padded here.
 
 static torch::Tensor padded_to(const torch::Tensor& t, int64_t dim, int64_t size) {  // zeros appended along dim
   if (t.size(dim) == size) return t.contiguous();
