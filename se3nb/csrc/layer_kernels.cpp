@@ -574,6 +574,7 @@ template <typename T, int D, int CC>
 void backward_rows(const T* x, const T* gy, T* gx, int64_t n0, int64_t n1, int64_t C, const T* gamma, const T* beta,
                    T eps, T clamp, T* sums, int64_t channels, T* buf) {  // buf: 7 C scratch values
   if constexpr (CC > 0) C = CC;
+  // gv holds per channel, in turn: sum_d gy x, the gradient of v, the factor of x in gx (one buffer in L1)
   T *r = buf, *v = r + C, *z = v + C, *a = z + C, *s = a + C, *gv = s + C, *gz = gv + C;
   for (int64_t n = n0; n < n1; ++n) {
     const T *xn = x + n * C * D, *gyn = gy + n * C * D;
