@@ -146,20 +146,22 @@ def _kept_theta(weight: Tensor, off: int, O: int, I: int) -> Tensor:  # [O, H, I
 _TUNE_SLOTS = 256  # slots of the synthetic m-block the candidates are timed on
 
 
-def _seconds(run, repeats: int = 3) -> float:  # CPU seconds of this thread: the best of `repeats` calls, after one
-    run()
-    best = float('inf')
-    for _ in range(repeats):
-        start = time.thread_time()
+def _fastest(candidates: dict, rounds: int = 4) -> tuple:  # (the key of the fastest call, its CPU seconds)
+    "Each candidate once per round, in turn, after a warm-up call each: a machine whose speed drifts slows all alike."
+    for run in candidates.values():
         run()
-        best = min(best, time.thread_time() - start)
-    return best
+    best = dict.fromkeys(candidates, float('inf'))
+    for _ in range(rounds):
+        for key, run in candidates.items():
+            start = time.thread_time()  # CPU seconds of this thread
+            run()
+            best[key] = min(best[key], time.thread_time() - start)
+    key = min(best, key=best.get)
+    return key, best[key]
 
 
-def _fastest(candidates: dict) -> tuple:  # (the key of the fastest call, its seconds)
-    times = {key: _seconds(run) for key, run in candidates.items()}
-    best = min(times, key=times.get)
-    return best, times[best]
+def _seconds(run) -> float:  # CPU seconds of this thread: the best of a few calls
+    return _fastest({None: run})[1]
 
 
 @contextmanager

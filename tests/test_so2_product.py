@@ -586,6 +586,24 @@ def test_measured_parameters_are_recorded_beside_the_extension(tmp_path, isa):
     assert extensions.read_tuning(fake) == {}
 
 
+@pytest.mark.parametrize('burst', range(40))
+def test_a_slow_spell_during_the_tuning_does_not_change_its_choice(burst, monkeypatch):
+    "The candidates are timed in turn, round by round: a spell of slowness shorter than a round hits each one once."
+    clock, calls = [0.0], [0]
+
+    def candidate(seconds):
+        def run():  # one call on a clock that runs twice as fast during the 6 calls from `burst` on
+            calls[0] += 1
+            clock[0] += seconds * (2 if burst <= calls[0] < burst + 6 else 1)
+
+        return run
+
+    monkeypatch.setattr(sp.time, 'thread_time', lambda: clock[0])
+    candidates = {k: candidate(1.0) for k in range(6)} | {'fastest': candidate(0.9)}
+    key, seconds = sp._fastest(candidates)
+    assert key == 'fastest' and seconds == pytest.approx(0.9)
+
+
 def test_a_read_only_extension_cache_does_not_stop_the_product(isa, monkeypatch):
     def refuse(module, entries):
         raise PermissionError("read-only file system")
