@@ -127,26 +127,30 @@ def _pad_inputs(x: Tensor) -> Tensor:  # [P, R, I] -> [P, R, _padded(I)] contigu
     return x.contiguous() if pad == 0 else torch.nn.functional.pad(x, (0, pad))
 
 
-def _theta(w: Tensor, O: int, I: int) -> Tensor:  # [O, H, _padded(I)] an m-block of the folded weights, i contiguous
-    theta = w.view(O, I, -1).transpose(1, 2)  # [O, H, I]
+def _theta(w: Tensor, O: int, I: int, transposed: bool = False) -> Tensor:  # an m-block of the folded weights w
+    "[O, H, I'], I' = `_padded(I)`, i contiguous; `transposed` (the forward as the input gradient of W^T): [I', H, O]"
     pad = _padded(I) - I
+    if transposed:
+        theta = w.view(O, I, -1).permute(1, 2, 0)  # [I, H, O]
+        return theta.contiguous() if pad == 0 else torch.nn.functional.pad(theta, (0, 0, 0, 0, 0, pad))
+    theta = w.view(O, I, -1).transpose(1, 2)  # [O, H, I]
     return theta.contiguous() if pad == 0 else torch.nn.functional.pad(theta, (0, pad))
 
 
-def _kept_theta(weight: Tensor, off: int, O: int, I: int) -> Tensor:  # [O, H, I] the m-block at row `off`
+def _kept_theta(weight: Tensor, off: int, O: int, I: int, transposed: bool = False) -> Tensor:  # the block at `off`
     "`_theta` of a block, kept on the folds `SO2Plan.fold` caches for inference (it marks them), else made anew."
     kept = getattr(weight, '_se3nb_thetas', None)  # lives and dies with the folded weight
     if kept is None:  # training (a new fold every step), or any other weight: nothing known to stay unchanged
-        return _theta(weight[off : off + O * I], O, I)
-    if (off, O, I) not in kept:  # a transposed copy: ~2 % of a QM9 forward when redone at every call
-        kept[off, O, I] = _theta(weight[off : off + O * I], O, I)
-    return kept[off, O, I]
+        return _theta(weight[off : off + O * I], O, I, transposed)
+    if (off, O, I, transposed) not in kept:  # a transposed copy: ~2 % of a QM9 forward when redone at every call
+        kept[off, O, I, transposed] = _theta(weight[off : off + O * I], O, I, transposed)
+    return kept[off, O, I, transposed]
 
 # %% ../nbs/03b_so2_product.ipynb #6dc1ecf3
 _TUNE_SLOTS = 256  # slots of the synthetic m-block the candidates are timed on
 
 
-def _fastest(candidates: dict, rounds: int = 4) -> tuple:  # (the key of the fastest call, its CPU seconds)
+def _timings(candidates: dict, rounds: int = 4) -> dict:  # {key: the best CPU seconds of its calls}
     "Each candidate once per round, in turn, after a warm-up call each: a machine whose speed drifts slows all alike."
     for run in candidates.values():
         run()
@@ -156,12 +160,13 @@ def _fastest(candidates: dict, rounds: int = 4) -> tuple:  # (the key of the fas
             start = time.thread_time()  # CPU seconds of this thread
             run()
             best[key] = min(best[key], time.thread_time() - start)
+    return best
+
+
+def _fastest(candidates: dict) -> tuple:  # (the key of the fastest call, its CPU seconds)
+    best = _timings(candidates)
     key = min(best, key=best.get)
     return key, best[key]
-
-
-def _seconds(run) -> float:  # CPU seconds of this thread: the best of a few calls
-    return _fastest({None: run})[1]
 
 
 @contextmanager
@@ -181,24 +186,36 @@ def _tune(native, R: int, O: int, I: int, H: int, split: bool) -> dict:  # the f
     theta, variants = _theta(w, O, I), range(native.variants())  # [O, H, I'] with I' = _padded(I)
     x_torch, x = x, _pad_inputs(x)  # torch's products take I columns, the kernels I' (padding is part of their cost)
     w3 = torch.nn.functional.pad(w.view(O, I, H), (0, 0, 0, x.shape[2] - I))  # [O, I', H]
-    fwd, fwd_s = _fastest(
-        {(v, t): lambda v=v, t=t: native.so2_forward(h, theta, x, v, t, 64) for v in variants for t in {1, 4, O}}
-    )
+    forward = {(v, t, 0): (theta, x, v, t) for v in variants for t in {1, 4, O}}
+    if O % native.vector_width() == 0:  # also as the input gradient of W^T: sums in lanes, over 16 (8) outputs at once
+        theta_t = _theta(w, O, I, True)  # [I', H, O]
+        forward |= {(v, t, 1): (theta_t, x, v, t) for v in variants for t in {8, 16, x.shape[2]}}
+    times = _timings({key: lambda a=a, k=key: native.so2_forward_planned(h, *a, k[2]) for key, a in forward.items()})
+    fwd = min(times, key=times.get)  # inference
+    normal = min((key for key in times if not key[2]), key=times.get)
+    retransposed = _fastest({0: lambda: _theta(w, O, I)})[1] if fwd[2] else 0  # training: backward builds [O, H, I']
+    trained = fwd if times[fwd] + retransposed < times[normal] else normal
     gx, gx_s = _fastest(
         {(v, t): lambda v=v, t=t: native.so2_grad_x(h, theta, gy, v, t, 64) for v in variants for t in {8, 16, O}}
     )
     gw, gw_s = _fastest({c: lambda c=c: native.so2_grad_w(h, x, gy, c) for c in (16, 64, 256)})
     gh, gh_s = _fastest({b: lambda b=b: native.so2_grad_h(w3, x, gy, split, b) for b in {2, 8, O}})
-    torch_fwd = _seconds(lambda: _forward_torch(h, w, x_torch, O))
     grad_hs, grad_w = [torch.zeros(P, H) for _ in range(1 + split)], torch.empty_like(w)
-    torch_bwd = _seconds(lambda: _backward_torch(h, w, x_torch, gy, grad_hs, grad_w, split=split, low=False))
+    torch_s = _timings(
+        {
+            'forward': lambda: _forward_torch(h, w, x_torch, O),
+            'backward': lambda: _backward_torch(h, w, x_torch, gy, grad_hs, grad_w, split=split, low=False),
+        }
+    )
+    ms = {'forward': [times[fwd], torch_s['forward']], 'backward': [gx_s + gw_s + gh_s, torch_s['backward']]}
     return {
-        'forward': list(fwd),
+        'forward': list(fwd),  # (variant, tile, transposed)
+        'forward_trained': list(trained),  # when backward follows
         'grad_x': list(gx),
         'grad_w': gw,
         'grad_h': gh,  # (variant, tile) or block sizes
-        'ms': {'forward': [fwd_s * 1e3, torch_fwd * 1e3], 'backward': [(gx_s + gw_s + gh_s) * 1e3, torch_bwd * 1e3]},
-    }  # ms: [native, torch] on the synthetic block
+        'ms': {key: [s * 1e3 for s in pair] for key, pair in ms.items()},  # [native, torch] on the synthetic block
+    }
 
 # %% ../nbs/03b_so2_product.ipynb #2ee1e77c
 _PLANS: dict[str, dict] = {}  # tuning key -> plan, in this process
@@ -207,7 +224,7 @@ _PLANS: dict[str, dict] = {}  # tuning key -> plan, in this process
 def _plan(native, R: int, O: int, I: int, H: int, split: bool) -> dict:  # the measured plan of one block shape
     key = f"{native.isa()} R={R} O={O} I={I} H={H} split={int(split)}"
     plan = _PLANS.get(key) or read_tuning(native).get(key)
-    if plan is None:
+    if plan is None or 'forward_trained' not in plan:  # never measured, or before the transposed forward existed
         shape = f"R={R} O={O} I={I} H={H}"
         print(f"se3nb: timing the SO(2) kernels against torch for {shape} (once per CPU)", file=sys.stderr, flush=True)
         with _one_thread():
@@ -230,8 +247,8 @@ def _tuning_lines() -> list[str]:  # for backend_report: the ISA and what was me
     for key, plan in sorted(_PLANS.items()):
         (nf, tf), (nb, tb) = plan['ms']['forward'], plan['ms']['backward']
         lines.append(
-            f"{key}: forward {nf:.2f} ms (variant, tile {plan['forward']}) vs torch {tf:.2f}; backward {nb:.2f} ms "
-            f"(grad_x {plan['grad_x']}, grad_w {plan['grad_w']}, grad_h {plan['grad_h']}) vs torch {tb:.2f}"
+            f"{key}: forward {nf:.2f} ms (variant, tile, transposed {plan['forward']}) vs torch {tf:.2f}; backward "
+            f"{nb:.2f} ms (grad_x {plan['grad_x']}, grad_w {plan['grad_w']}, grad_h {plan['grad_h']}) vs torch {tb:.2f}"
         )
     return lines
 
@@ -252,21 +269,21 @@ register(
 register('so2_product', 'torch')
 
 
-_CHOICES: dict[tuple, tuple] = {}  # (choice epoch, ISA, device, dtype, H, split, block shapes) -> _choose_products
+_CHOICES: dict[tuple, tuple] = {}  # (epoch, ISA, device, dtype, H, split, recorded, block shapes) -> _choose_products
 
 
-def _choose_products(h: Tensor, xs: Sequence[Tensor], sizes: Sequence[int], split: bool) -> tuple[tuple, ...]:
+def _choose_products(h: Tensor, xs: Sequence[Tensor], sizes: Sequence[int], split: bool, recorded: bool) -> tuple:
     "Per m-block: (forward backend, backward backend, the measured plan or None); kept per shapes until an epoch ends."
     shapes = tuple((x.shape[1], x.shape[2], n) for x, n in zip(xs, sizes))
-    key = (choice_epoch(), cpu_isa(), h.device, h.dtype, h.shape[1], split, shapes)
+    key = (choice_epoch(), cpu_isa(), h.device, h.dtype, h.shape[1], split, recorded, shapes)
     if key not in _CHOICES:  # ~40 us of registry calls and plan lookups per product otherwise
         if len(_CHOICES) > 256:  # e.g. many override blocks: old epochs' entries
             _CHOICES.clear()
-        _CHOICES[key] = _measured_choices(h, xs, sizes, split)
+        _CHOICES[key] = _measured_choices(h, xs, sizes, split, recorded)
     return _CHOICES[key]
 
 
-def _measured_choices(h: Tensor, xs: Sequence[Tensor], sizes: Sequence[int], split: bool) -> tuple[tuple, ...]:
+def _measured_choices(h: Tensor, xs: Sequence[Tensor], sizes: Sequence[int], split: bool, recorded: bool) -> tuple:
     H, choices = h.shape[1], []
     for x, n in zip(xs, sizes):
         R, I = x.shape[1], x.shape[2]
@@ -275,6 +292,7 @@ def _measured_choices(h: Tensor, xs: Sequence[Tensor], sizes: Sequence[int], spl
             choices.append(('torch', 'torch', None))
             continue
         plan = _plan(_native_so2()[0], R, n // I, I, H, split)
+        plan = {**plan, 'forward': plan['forward_trained']} if recorded else plan  # recorded: a backward follows
         choices.append((*(choose('so2_product', **where, faster=f) for f in _faster(plan)), plan))
     return tuple(choices)
 
@@ -284,7 +302,7 @@ def _backward_native(
 ) -> tuple[Tensor, Tensor | None]:  # dx [P, R, I], the sum of dh so far [P or 2P, H] (per edge of the slot with split)
     "One m-block with the C++ kernels: returns dx and `grad_h` plus this block's dh; writes dTheta into `grad_w`."
     H, (O, I) = h.shape[1], (gy.shape[2], x.shape[2])
-    theta = _theta(w, O, I) if theta is None else theta  # [O, H, I'], the forward's when it ran the kernels
+    theta = theta if theta is not None and theta.numel() else _theta(w, O, I)  # [O, H, I'] unless forward had it
     hc, xc = h.contiguous(), _pad_inputs(x)  # [P, H], [P, R, I']: I' = _padded(I), zero columns appended
     gx = native.so2_grad_x(hc, theta, gy, *plan['grad_x'], 64)[..., :I]  # [P, R, I]
     if need_h:  # the kernel adds to the previous blocks' sum: no zero fill, no separate addition
@@ -330,19 +348,20 @@ def _product_reference(h, h_second, weight, sizes, xs) -> tuple[Tensor, ...]:  #
 
 # %% ../nbs/03b_so2_product.ipynb #so2blocks01
 def _forward_blocks(native, h, weight, sizes, backends, xs) -> tuple[list, list, list | None]:
-    "Per m-block y [P, R, O] and the kernels' weights [O, H, I'] (reused by backward); their padded inputs, or None."
+    "Per m-block y [P, R, O]; weights [O, H, I'] for backward (None/empty after a transposed forward); padded inputs"
     if all(c[0] == 'native' for c in backends):  # one C++ call for all blocks: ~20-30 us of Python a block saved
         kept = getattr(weight, '_se3nb_thetas', None) is not None  # inference: transposed blocks kept on the fold
-        blocks = zip(xs, _blocks(sizes))
-        thetas = [_kept_theta(weight, off, n // x.shape[2], x.shape[2]) for x, (off, n) in blocks] if kept else []
+        blocks = zip(xs, _blocks(sizes), [plan['forward'][2] for *_, plan in backends])  # t: theta [I', H, O]
+        thetas = [_kept_theta(weight, off, n // x.shape[2], x.shape[2], t) for x, (off, n), t in blocks] if kept else []
         plans = [v for *_, plan in backends for v in plan['forward']]
         return native.so2_forward_blocks(h, weight, list(xs), list(sizes), plans, thetas)
     ys, thetas = [], []
     for x, (off, n), (backend, _, plan) in zip(xs, _blocks(sizes), backends):  # one m-block at a time
         w, O = weight[off : off + n], n // x.shape[2]  # [O*I, H]
         if backend == 'native':  # W(h) in registers only
-            theta = _kept_theta(weight, off, O, x.shape[2])  # [O, H, I']
-            ys.append(native.so2_forward(h.contiguous(), theta, _pad_inputs(x), *plan['forward'], 64))  # [P, R, O]
+            theta = _kept_theta(weight, off, O, x.shape[2], plan['forward'][2])  # [O, H, I'] or [I', H, O]
+            ys.append(native.so2_forward_planned(h.contiguous(), theta, _pad_inputs(x), *plan['forward']))  # [P, R, O]
+            theta = None if plan['forward'][2] else theta  # backward needs [O, H, I']
         else:
             theta = None
             ys.append(_forward_torch(h, w, x, O))  # [P, R, O]
@@ -426,5 +445,6 @@ def so2_product(
             f"expected one input [P, R, I] per block of `sizes` {list(sizes)} (summing to weight's {weight.shape[0]} "
             f"rows) with P = {h.shape[0]}; got inputs {[list(x.shape) for x in xs]}"
         )
-    backends = _choose_products(h, xs, sizes, h_second is not None)  # (forward, backward, plan) per m-block
+    recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, h_second, weight, *xs))
+    backends = _choose_products(h, xs, sizes, h_second is not None, recorded)  # (forward, backward, plan) per m-block
     return _SO2Product.apply(h, h_second, weight, tuple(sizes), backends, *xs)

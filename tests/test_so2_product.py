@@ -95,14 +95,28 @@ def isa(request, monkeypatch):
 
 
 def _backends(h, xs, split=False):  # (forward, backward) backend of each block, for blocks with 4 outputs
-    return [c[:2] for c in sp._choose_products(h, xs, [4 * x.shape[2] for x in xs], split)]
+    return [c[:2] for c in sp._choose_products(h, xs, [4 * x.shape[2] for x in xs], split, False)]
 
 
+@pytest.mark.parametrize("forward", ['measured', 'transposed'])
 @pytest.mark.parametrize("torch_block", [False, True])
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("P", [0, 1, 7, 130])
-def test_fused_cpu_kernels_equal_the_torch_products(P, split, torch_block, isa):
-    "All blocks native (one C++ call each way), or one block past the kernels' limits (torch; the rest block by block)."
+def test_fused_cpu_kernels_equal_the_torch_products(P, split, torch_block, forward, isa, monkeypatch):
+    """All blocks native (one C++ call each way), or one block past the kernels' limits (torch, the others one by one).
+    `transposed`: every block with O % VW == 0 forced to the forward as the input gradient of W^T, with backward too,
+    all forwards in one C++ call and the backwards one by one (a block's backward measured faster in torch)."""
+    if forward == 'transposed':
+        measured = sp._plan
+
+        def transposed_plan(native, R, O, I, H, split):
+            plan = measured(native, R, O, I, H, split)
+            chosen = [3, 16, 1] if O % native.vector_width() == 0 else plan['forward']
+            ms = {'forward': [1.0, 2.0], 'backward': [2.0, 1.0] if (R, O, I) == (4, 32, 128) else [1.0, 2.0]}
+            return {**plan, 'forward': chosen, 'forward_trained': chosen, 'ms': ms}  # one block's backward in torch
+
+        monkeypatch.setattr(sp, '_plan', transposed_plan)
+        backends._clear()  # a new choice epoch: the choices kept per shapes are made again
     torch.manual_seed(P)
     H = 32
     blocks = [
@@ -132,6 +146,13 @@ def test_fused_cpu_kernels_equal_the_torch_products(P, split, torch_block, isa):
         ]
         grads = torch.autograd.grad(ys, [t for t in args if t is not None], cotangents, allow_unused=True)
         results[name] = [t.double() for t in ys] + [g.double() for g in grads]
+        with (
+            torch.no_grad(),
+            override(so2_product=backend),
+        ):  # inference: the plans' `forward` (may sum in another order)
+            for y, y_inferred in zip(ys, sp.so2_product(args[0], args[2], args[3:], sizes=sizes)):
+                assert y.shape == y_inferred.shape
+                assert not y.numel() or (y - y_inferred).abs().max() <= 1e-5 * y.abs().max()
     # the fused kernels sum in another order: as close to the float64 truth as the float32 torch products are
     for truth, torch_f32, fused in zip(results['truth'], results['torch'], results['fused']):
         assert fused.shape == truth.shape
@@ -164,6 +185,28 @@ def test_every_register_tile_computes_the_same_products(R, isa):
                 assert (got.double() - want).abs().max() < 1e-4 * want.abs().max(), (variant, tile)
 
 
+@pytest.mark.parametrize("R", [1, 2, 4])
+def test_the_forward_as_the_input_gradient_of_the_transposed_weights(R, isa):
+    "y = x W^T computed by the input-gradient kernel on theta [I', H, O], every tile, against float64; O % VW only."
+    native, (P, O, I, H) = _native_kernels(), (37, 32, 40, 32)  # I = 40: theta's rows and the inputs padded to I'
+    g = torch.Generator().manual_seed(R)
+    h, w = torch.rand(P, H, generator=g), torch.randn(O * I, H, generator=g) / H**0.5  # [P, H], [O*I, H]
+    x = torch.randn(P, R, I, generator=g)  # [P, R, I]
+    y = x.double() @ (h.double() @ w.double().T).view(P, O, I).transpose(1, 2)  # [P, R, O]
+    theta_t, xp = sp._theta(w, O, I, transposed=True), sp._pad_inputs(x)  # [I', H, O], [P, R, I']
+    assert theta_t.shape == (xp.shape[2], H, O) and not theta_t[I:].any()
+    for variant in range(native.variants()):
+        for tile in (1, 3, xp.shape[2]):
+            got = native.so2_forward_planned(h, theta_t, xp, variant, tile, True)
+            assert (got.double() - y).abs().max() < 1e-4 * y.abs().max(), (variant, tile)
+    assert torch.equal(
+        native.so2_forward_planned(h, sp._theta(w, O, I), xp, 0, 4, False),
+        native.so2_forward(h, sp._theta(w, O, I), xp, 0, 4, 64),
+    )
+    with pytest.raises(RuntimeError, match="a transposed forward needs theta \\[I, K, O\\] with O %"):
+        native.so2_forward_planned(h, theta_t[:, :, :20].contiguous(), xp, 0, 4, True)
+
+
 @pytest.mark.parametrize("split", [False, True])
 def test_gradient_kernels_write_into_and_add_to_given_tensors(split, isa):
     "dh added to the previous blocks' sum (`accumulate`), dTheta written into a block of the weight's gradient."
@@ -191,32 +234,36 @@ def test_gradient_kernels_write_into_and_add_to_given_tensors(split, isa):
 def test_all_blocks_in_one_call_equal_the_calls_per_block_and_check_their_layout(isa):
     native, (P, H) = _native_kernels(), (37, 32)
     g = torch.Generator().manual_seed(3)
-    shapes = [(2, 20, 48), (2, 8, 6)]  # (R, O, I): the second block's inputs and weights padded to the vector width
-    sizes = [O * I for _, O, I in shapes]
+    # (R, O, I, transposed forward): the second block's inputs and weights padded to the vector width
+    shapes = [(2, 20, 48, 0), (2, 8, 6, 0), (4, 16, 24, 1)]
+    sizes = [O * I for _, O, I, _ in shapes]
     h, weight = torch.rand(P, H, generator=g), torch.randn(sum(sizes), H, generator=g) / H**0.5
-    xs = [torch.randn(P, R, I, generator=g) for R, _, I in shapes]
-    gys = [torch.randn(P, R, O, generator=g) for R, O, _ in shapes]
-    ys, thetas, inputs = native.so2_forward_blocks(h, weight, xs, sizes, [0, 4] * 2, [])
-    grad_w, plans = torch.empty_like(weight), [0, 8, 8, 64] * 2
-    *gxs, dh = native.so2_backward_blocks(h, weight, thetas, inputs, [48, 6], gys, sizes, plans, False, True, grad_w)
+    xs = [torch.randn(P, R, I, generator=g) for R, _, I, _ in shapes]
+    gys = [torch.randn(P, R, O, generator=g) for R, O, _, _ in shapes]
+    ys, thetas, inputs = native.so2_forward_blocks(h, weight, xs, sizes, [0, 4, 0, 0, 4, 0, 3, 16, 1], [])
+    assert thetas[2].numel() == 0  # after a transposed forward backward builds its own
+    grad_w, plans, widths = torch.empty_like(weight), [0, 8, 8, 64] * 3, [I for _, _, I, _ in shapes]
+    *gxs, dh = native.so2_backward_blocks(h, weight, thetas, inputs, widths, gys, sizes, plans, False, True, grad_w)
     dh_sum = torch.zeros(P, H)
-    for (off, n), x, gy, y, gx, (R, O, I) in zip(sp._blocks(sizes), xs, gys, ys, gxs, shapes):
+    for (off, n), x, gy, y, gx, (R, O, I, t) in zip(sp._blocks(sizes), xs, gys, ys, gxs, shapes):
         w = weight[off : off + n]
         theta, xp = sp._theta(w, O, I), sp._pad_inputs(x)
-        assert torch.equal(y, native.so2_forward(h, theta, xp, 0, 4, 64))
+        forward = (3, 16, 1) if t else (0, 4, 0)
+        assert torch.equal(y, native.so2_forward_planned(h, sp._theta(w, O, I, t), xp, *forward))
         assert torch.equal(gx, native.so2_grad_x(h, theta, gy, 0, 8, 64)[..., :I]) and gx.shape == x.shape
         w3 = torch.nn.functional.pad(w.view(O, I, H), (0, 0, 0, xp.shape[2] - I))
         dh_sum += native.so2_grad_h(w3, xp, gy, False, 8)
         assert torch.equal(grad_w[off : off + n].view(O, I, H), native.so2_grad_w(h, xp, gy, 64)[:, :I])
     assert torch.allclose(dh, dh_sum, atol=1e-5)
-    with pytest.raises(RuntimeError, match="weights are not O \\* I"):
-        native.so2_forward_blocks(h, weight, xs, [sizes[0] + 1, sizes[1]], [0, 4] * 2, [])
-    with pytest.raises(RuntimeError, match="weight must be"):
-        native.so2_forward_blocks(h, weight[1:], xs, sizes, [0, 4] * 2, [])
-    with pytest.raises(RuntimeError, match="plan entries per block"):
-        native.so2_forward_blocks(h, weight, xs, sizes, [0, 4], [])
     with pytest.raises(RuntimeError, match="padded to a multiple"):
-        native.so2_backward_blocks(h, weight, thetas, xs, [48, 6], gys, sizes, plans, False, True, grad_w)
+        native.so2_backward_blocks(h, weight, thetas, xs, widths, gys, sizes, plans, False, True, grad_w)
+    xs, sizes, weight = xs[:2], sizes[:2], weight[: sizes[0] + sizes[1]]
+    with pytest.raises(RuntimeError, match="weights are not O \\* I"):
+        native.so2_forward_blocks(h, weight, xs, [sizes[0] + 1, sizes[1]], [0, 4, 0] * 2, [])
+    with pytest.raises(RuntimeError, match="weight must be"):
+        native.so2_forward_blocks(h, weight[1:], xs, sizes, [0, 4, 0] * 2, [])
+    with pytest.raises(RuntimeError, match="plan entries per block"):
+        native.so2_forward_blocks(h, weight, xs, sizes, [0, 4] * 2, [])
 
 
 @pytest.mark.parametrize("E", [0, 1, 300])
@@ -549,9 +596,9 @@ def test_the_automatic_choice_follows_the_measurements_per_shape_and_requests_do
     "Where torch's products measured faster for a block shape, they run it, unless the kernels are asked for."
     h, x = torch.zeros(3, 32), torch.zeros(3, 2, 64)  # R=2, O=4, I=64, H=32
     plan = sp._plan(sp._native_so2()[0], 2, 4, 64, 32, False)  # measured (or read from the record)
-    assert set(plan) == {'forward', 'grad_x', 'grad_w', 'grad_h', 'ms'} and plan['forward'][0] in range(
-        sp._native_so2()[0].variants()
-    )
+    assert set(plan) == {'forward', 'forward_trained', 'grad_x', 'grad_w', 'grad_h', 'ms'} and plan['forward'][
+        0
+    ] in range(sp._native_so2()[0].variants())
     assert all(ms > 0 for pair in plan['ms'].values() for ms in pair)
     key = next(k for k, v in sp._PLANS.items() if v is plan)
     assert key == f"{isa} R=2 O=4 I=64 H=32 split=0"
@@ -584,6 +631,33 @@ def test_measured_parameters_are_recorded_beside_the_extension(tmp_path, isa):
     assert extensions.read_tuning(fake) == {}  # measured on another CPU: not used
     path.write_text('{"cpu": "torn')
     assert extensions.read_tuning(fake) == {}
+
+
+def test_a_plan_recorded_before_the_transposed_forward_is_measured_again(isa, monkeypatch):
+    "Plans whose forward has no `transposed` entry (older records) are timed anew, the transposed forward included."
+    key, native = f"{isa} R=4 O=16 I=32 H=32 split=0", sp._native_so2()[0]
+    saved = sp._PLANS.pop(key, None)
+    old = {
+        'forward': [0, 4],
+        'grad_x': [0, 8],
+        'grad_w': 64,
+        'grad_h': 8,
+        'ms': {'forward': [1, 2], 'backward': [1, 2]},
+    }
+    monkeypatch.setattr(sp, 'read_tuning', lambda module: {key: old})
+    monkeypatch.setattr(sp, 'record_tuning', lambda module, entries: None)
+    try:
+        plan = sp._plan(native, 4, 16, 32, 32, False)
+        assert (
+            plan is not old
+            and len(plan['forward']) == len(plan['forward_trained']) == 3
+            and plan['forward'][2] in (0, 1)
+        )
+        assert plan['forward'][0] in range(native.variants()) and plan['ms']['forward'][0] != 1
+    finally:
+        sp._PLANS.pop(key, None)
+        if saved is not None:
+            sp._PLANS[key] = saved
 
 
 @pytest.mark.parametrize('burst', range(40))
