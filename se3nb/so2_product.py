@@ -164,9 +164,7 @@ def _timings(candidates: dict, rounds: int = 4) -> dict:  # {key: the best CPU s
 
 
 def _fastest(candidates: dict) -> tuple:  # (the key of the fastest call, its CPU seconds)
-    best = _timings(candidates)
-    key = min(best, key=best.get)
-    return key, best[key]
+    return min(_timings(candidates).items(), key=lambda item: item[1])
 
 
 @contextmanager
@@ -246,9 +244,11 @@ def _tuning_lines() -> list[str]:  # for backend_report: the ISA and what was me
     lines = [f"compiled for {native.isa()} ({native.vector_width()} floats per register); tuned on {cpu_id()}"]
     for key, plan in sorted(_PLANS.items()):
         (nf, tf), (nb, tb) = plan['ms']['forward'], plan['ms']['backward']
+        gx, gw, gh = plan['grad_x'], plan['grad_w'], plan['grad_h']
         lines.append(
-            f"{key}: forward {nf:.2f} ms (variant, tile, transposed {plan['forward']}) vs torch {tf:.2f}; backward "
-            f"{nb:.2f} ms (grad_x {plan['grad_x']}, grad_w {plan['grad_w']}, grad_h {plan['grad_h']}) vs torch {tb:.2f}"
+            f"{key}: forward {nf:.2f} ms ((variant, tile, transposed) {plan['forward']}, trained "
+            f"{plan['forward_trained']}) vs torch {tf:.2f}; backward {nb:.2f} ms (grad_x {gx}, grad_w {gw}, "
+            f"grad_h {gh}) vs torch {tb:.2f}"
         )
     return lines
 

@@ -9,6 +9,7 @@
 //   so2_grad_x   dx        = dy W      the same, VW consecutive i of W for one or more o
 //   so2_grad_w   dw[o,i,k] = sum_p G_p[o, i] h[p, k],      G_p = dy_p^T x_p (rebuilt per block of slots, never stored)
 //   so2_grad_h   dh[u, k]  = sum_o,i G_u[o, i] w[o, i, k]  per slot, or per edge of the slot (`split`)
+// The forward may also run as so2_grad_x of W^T, on theta [I, K, O] (`so2_forward_planned`, where measured faster).
 //
 // Vector ISA: the file compiles for AVX-512 (-mavx512f: 16 floats per register, 32 registers) or AVX2 + FMA (-mavx2
 // -mfma: 8 floats, 16 registers), see `load_extension` (00a_backends); `isa()` says which. Why the register tiles look
