@@ -453,7 +453,6 @@ static std::vector<int64_t> checked_blocks(const torch::Tensor& weight, const st
   return offsets;
 }
 
-// (ys [P, R, O] per block, thetas [O, K, I'] per block, inputs [P, R, I'] per block); thetas_in: kept ones, or empty
 // The weights of one block as the forward kernels read them: theta [O, K, Ip], or its transpose [Ip, K, O]
 static torch::Tensor forward_theta(const torch::Tensor& w, int64_t Ip, bool transposed) {  // w [O, I, K]
   return transposed ? padded_to(w.permute({1, 2, 0}), 0, Ip) : padded_to(w.transpose(1, 2), 2, Ip);
@@ -469,7 +468,8 @@ torch::Tensor so2_forward_planned(torch::Tensor h, torch::Tensor theta, torch::T
   return transposed ? so2_grad_x(h, theta, x, variant, tile, 64) : so2_forward(h, theta, x, variant, tile, 64);
 }
 
-// (ys, thetas, padded inputs): thetas[b] is the forward's [O, K, Ip] for backward, or empty after a transposed one
+// (ys [P, R, O], thetas, inputs [P, R, Ip]) per block: thetas[b] is the forward's [O, K, Ip] for backward, or empty
+// after a transposed one; thetas_in: the kept weights of every block (as the plans read them), or none
 std::vector<std::vector<torch::Tensor>> so2_forward_blocks(torch::Tensor h, torch::Tensor weight,
                                                           std::vector<torch::Tensor> xs, std::vector<int64_t> sizes,
                                                           std::vector<int64_t> plans,
