@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from .backends import apply_function
 from .fiber import Fiber, degree_to_dim
 from .basis import Bases
 from .graph import Graph
@@ -26,7 +27,8 @@ def _to_heads(
     feats: Mapping[int, Tensor], degrees: list[int], num_heads: int
 ) -> Tensor:  # [rows, H, sum_l C_l (2l+1) / H]
     "Features of every degree split into heads, the degrees side by side within a head."
-    return torch.cat([feats[l].flatten(1).unflatten(1, (num_heads, -1)) for l in degrees], dim=-1)
+    heads = [feats[l].flatten(1).unflatten(1, (num_heads, -1)) for l in degrees]  # views of contiguous features
+    return heads[0] if len(heads) == 1 else torch.cat(heads, dim=-1)  # one degree: no copy
 
 # %% ../nbs/05_attention.ipynb #71e7ab24
 class SE3Attention(nn.Module):
@@ -183,7 +185,7 @@ def _attend_in_heads(
     query = _to_heads(block.to_query(node_feats), attention.key_fiber.degrees, H)  # [N, H, d_k]
     u = None if envelope is None else envelope.index_select(0, csr.edge_order)  # [E]
     scale = 1 / math.sqrt(attention.key_fiber.num_features)
-    key, value = _KeyValueViews.apply(kv, d_v)  # [E, H, d_k], [E, H, d_v]: column slices of kv
+    key, value = apply_function(_KeyValueViews, kv, d_v)  # [E, H, d_k], [E, H, d_v]: column slices of kv
     z = segment_attention(key, query, value, csr, scale=scale, envelope=u)  # [N, H, d_v]
     return attention.from_heads(z)
 

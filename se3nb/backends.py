@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['OPS', 'REGISTERED_BY', 'ENV_VAR', 'register', 'cpu_float32_or_float64', 'parse_backends', 'override', 'choose',
-           'choice_epoch', 'add_report_line', 'backend_report', 'differentiable_backward']
+           'choice_epoch', 'add_report_line', 'backend_report', 'differentiable_backward', 'apply_function']
 
 # %% ../nbs/00a_backends.ipynb #9a614aee
 import importlib
@@ -356,3 +356,26 @@ def differentiable_backward(
         found = torch.autograd.grad(ys, wanted, gs, create_graph=True, allow_unused=True)
     found = iter(found)
     return [next(found) if need else None for need in needs]
+
+# %% ../nbs/00a_backends.ipynb #applyfn02
+class _Unrecorded:
+    "The `ctx` of a forward that no backward follows: what it keeps for one is dropped, plain attributes stay."
+
+    def save_for_backward(self, *tensors: Tensor) -> None:
+        pass
+
+    def mark_non_differentiable(self, *tensors: Tensor) -> None:
+        pass
+
+    def set_materialize_grads(self, value: bool) -> None:
+        pass
+
+
+def apply_function(
+    function: type[torch.autograd.Function],  # a Function whose forward uses its ctx only to keep things for backward
+    *args,
+):
+    "`function.apply(*args)`; with gradients off, its forward alone (autograd's wrapper: ~10 us a call)."
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return function.apply(*args)
+    return function.forward(_Unrecorded(), *args)

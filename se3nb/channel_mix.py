@@ -13,7 +13,7 @@ from itertools import accumulate
 import torch
 from torch import Tensor, nn
 
-from .backends import choose, cpu_float32_or_float64, differentiable_backward, register
+from .backends import apply_function, choose, cpu_float32_or_float64, differentiable_backward, register
 from .extensions import cpu_isa, load_extension
 from .fiber import Fiber
 from .frame_rotation import _autocast_enabled
@@ -125,7 +125,7 @@ def channel_mixes(
         for j, parts in enumerate(inputs):  # each part's first column in its weight
             outputs += [j] * len(parts)
             offsets += [0, *accumulate(x.shape[1] for x in parts[:-1])]
-        return list(_NativeChannelMix.apply(tuple(outputs), tuple(offsets), len(weights), *weights, *xs))
+        return list(apply_function(_NativeChannelMix, tuple(outputs), tuple(offsets), len(weights), *weights, *xs))
     return [
         channel_mix(W, parts[0] if len(parts) == 1 else torch.cat(list(parts), 1)) for W, parts in zip(weights, inputs)
     ]

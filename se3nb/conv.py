@@ -13,7 +13,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .backends import choose, cpu_float32_or_float64, differentiable_backward, register
+from .backends import apply_function, choose, cpu_float32_or_float64, differentiable_backward, register
 from .extensions import cpu_isa, load_extension
 from .fiber import Fiber, degree_to_dim
 from .basis import Bases, num_frequencies
@@ -74,7 +74,7 @@ class _NativeRadialHidden(torch.autograd.Function):
 
 @torch.compiler.disable  # a C++ extension: torch.compile runs it as it is, without a warning per call
 def _native_hidden(x: Tensor, native: tuple) -> Tensor:
-    return _NativeRadialHidden.apply(x, *native)
+    return apply_function(_NativeRadialHidden, x, *native)
 
 
 register(
@@ -227,7 +227,7 @@ def radial_kernel_product(
     "Messages $y = R\\,T$ with per-edge radial weights $R = h\\Theta^\\top$ built block by block and never stored."
     dtype = tmp_t.dtype  # under autocast: the low-precision dtype the basis product ran in
     with torch.autocast(tmp_t.device.type, enabled=False):
-        return _RadialKernelProduct.apply(h.to(dtype), weight.to(dtype), tmp_t)
+        return apply_function(_RadialKernelProduct, h.to(dtype), weight.to(dtype), tmp_t)
 
 # %% ../nbs/04_conv.ipynb #726bd681
 def smooth_cutoff(
@@ -285,9 +285,9 @@ def _source_inputs(
     "Inputs of each row (edge): its source node's features, with degree > 0 edge features as more channels."
     inputs = {}
     for l in degrees:
-        x = _GatherRows.apply(node_feats[l], src)  # [R, C_l, 2l+1]
+        x = apply_function(_GatherRows, node_feats[l], src)  # [R, C_l, 2l+1]
         if l > 0 and l in edge_feats:
-            extra = edge_feats[l] if edges is None else _GatherRows.apply(edge_feats[l], edges)
+            extra = edge_feats[l] if edges is None else apply_function(_GatherRows, edge_feats[l], edges)
             x = torch.cat([x, extra], dim=1)
         inputs[l] = x
     return inputs

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .backends import choose, differentiable_backward, override, register
+from .backends import apply_function, choose, differentiable_backward, override, register
 from .so2_product import _native_accepts, _native_so2
 
 # %% ../nbs/03c_frame_rotation.ipynb #d27b5d98
@@ -143,10 +143,10 @@ def frame_rotation(
     also `.transpose(1, 2)[index]`, in the same pass (the way back to the edges, `04a_so2`)."""
     if _native_rotation(D, x):
         if rows is not None:
-            return _FrameRotationToRows.apply(D.contiguous(), x.contiguous(), transpose, *rows)
-        return _FrameRotation.apply(D.contiguous(), x.contiguous(), transpose)
+            return apply_function(_FrameRotationToRows, D.contiguous(), x.contiguous(), transpose, *rows)
+        return apply_function(_FrameRotation, D.contiguous(), x.contiguous(), transpose)
     y = (D.transpose(1, 2) if transpose else D) @ x  # [E, A, C]
-    return y if rows is None else _RowPermutation.apply(y.transpose(1, 2), *rows)
+    return y if rows is None else apply_function(_RowPermutation, y.transpose(1, 2), *rows)
 
 # %% ../nbs/03c_frame_rotation.ipynb #4ac64258
 _CHECKED_COLUMNS: dict[tuple, tuple] = {}  # (ids, versions, dims, width) -> the columns: layouts that passed
@@ -181,7 +181,7 @@ def frame_rotation_to_columns(
     _check_columns(columns, [D.shape[-1] for D in Ds], width)  # once per set of columns; on GPUs only their count
     if _native_rotations(Ds, ys):
         Ds, ys = tuple(D.contiguous() for D in Ds), tuple(y.contiguous() for y in ys)
-        return _FrameRotationToColumns.apply(width, *rows, tuple(columns), Ds, *ys)
+        return apply_function(_FrameRotationToColumns, width, *rows, tuple(columns), Ds, *ys)
     # torch: every degree channels first in the rows' order, side by side, then each column moved to its place
     E, parts, at = rows[0].shape[0], [], []
     for D, y, cols in zip(Ds, ys, columns):
@@ -259,7 +259,7 @@ def frame_rotation_blocks_to_columns(
     if _native_rotations(Ds, ys):
         _check_columns(columns, dims, width)
         Ds, ys = tuple(D.contiguous() for D in Ds), tuple(y.contiguous() for y in ys)
-        return _BlocksToColumns.apply(width, *rows, tuple(columns), tuple(parts), Ds, *ys)
+        return apply_function(_BlocksToColumns, width, *rows, tuple(columns), tuple(parts), Ds, *ys)
     return frame_rotation_to_columns(Ds, _assembled(ys, parts, dims, channels), rows, columns, width)
 
 # %% ../nbs/03c_frame_rotation.ipynb #bdc48f3f
@@ -326,11 +326,11 @@ def frame_rotation_into_blocks(
     orders, degrees = [m for m, _ in blocks], [list(positions) for _, positions in blocks]
     if _native_rotations(Ds, xs):
         Ds, rows = tuple(D.contiguous() for D in Ds), tuple(x.transpose(1, 2).contiguous() for x in xs)
-        return list(_FrameRotationIntoBlocks.apply(sources, orders, degrees, Ds, *rows))
+        return list(apply_function(_FrameRotationIntoBlocks, sources, orders, degrees, Ds, *rows))
     E, frames = Ds[0].shape[0], []
     for D, x in zip(Ds, xs):  # torch: gathered, rotated, split by m (`split`, not slices: its backward is one `cat`)
         rows = x.transpose(1, 2).contiguous()  # [N, 2l+1, C]
-        rows = rows if sources is None else _GatherRows.apply(rows, sources)  # [E, 2l+1, C]
+        rows = rows if sources is None else apply_function(_GatherRows, rows, sources)  # [E, 2l+1, C]
         if D.shape[-1] > 1 or _autocast_enabled(x.device.type):  # D_0 = 1: no product, unless autocast must cast
             rows = frame_rotation(D.to(rows.dtype), rows)  # [E, 4l+1, C]
         frames.append(torch.split(rows, [1] + [4] * (D.shape[-1] // 2), dim=1))  # per m [E, 1 or 4, C]

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from .backends import choose, cpu_float32_or_float64, differentiable_backward, register
+from .backends import apply_function, choose, cpu_float32_or_float64, differentiable_backward, register
 from .extensions import cpu_isa, load_extension
 from .fiber import Fiber
 from .graph import Graph, graph_max_pool, graph_mean_pool
@@ -65,7 +65,7 @@ class _NativeNormNonlinearity(torch.autograd.Function):
 
 @torch.compiler.disable  # a C++ extension: torch.compile runs it as it is, without a warning per call
 def _native_norm_nonlinearity(gamma: Tensor, beta: Tensor, eps: float, xs: list[Tensor]) -> tuple[Tensor, ...]:
-    return _NativeNormNonlinearity.apply(gamma, beta, eps, *xs)
+    return apply_function(_NativeNormNonlinearity, gamma, beta, eps, *xs)
 
 
 register(

@@ -12,7 +12,7 @@ import os
 import torch
 from torch import Tensor
 
-from .backends import choose, cpu_float32_or_float64, differentiable_backward, override, register
+from .backends import apply_function, choose, cpu_float32_or_float64, differentiable_backward, override, register
 from .extensions import load_extension
 from .graph import DestinationCSR
 
@@ -292,14 +292,16 @@ register('segment_attention', 'torch')
 # %% ../nbs/03a_segment_attention.ipynb #2384100b
 @torch.compiler.disable
 def _fused(key, query, value, csr, scale, envelope):
-    return _FusedSegmentAttention.apply(key, query, value, envelope, csr.offsets, scale, csr)
+    return apply_function(_FusedSegmentAttention, key, query, value, envelope, csr.offsets, scale, csr)
 
 
 @torch.compiler.disable
 def _native(key, query, value, csr, scale, envelope):
     dtype = key.dtype
     envelope = None if envelope is None else envelope.to(dtype)
-    return _NativeSegmentAttention.apply(key, query.to(dtype), value.to(dtype), envelope, csr.offsets, scale, csr)
+    return apply_function(
+        _NativeSegmentAttention, key, query.to(dtype), value.to(dtype), envelope, csr.offsets, scale, csr
+    )
 
 
 def segment_attention(

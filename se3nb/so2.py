@@ -14,7 +14,7 @@ from torch import Tensor
 from .fiber import degree_to_dim
 from .basis import _step_coupling, kernel_basis, spherical_harmonics, wigner_D
 from .graph import Graph
-from .backends import choose, cpu_float32_or_float64, register
+from .backends import apply_function, choose, cpu_float32_or_float64, register
 from .extensions import cpu_isa, load_extension
 from .frame_rotation import _RowPermutation
 from .so2_product import _native_so2
@@ -93,7 +93,7 @@ def _permuted_rows(
     index: Tensor,  # [R']
     inverse: Tensor | None,  # [R] from `_row_order`
 ) -> Tensor:  # x[index]; a permutation by `_RowPermutation` (no zero fill and scatter in backward)
-    return x.index_select(0, index) if inverse is None else _RowPermutation.apply(x, index, inverse)
+    return x.index_select(0, index) if inverse is None else apply_function(_RowPermutation, x, index, inverse)
 
 
 def _edge_rows(
@@ -206,9 +206,11 @@ class SO2Plan:
 
         def fold():
             if choose('so2_fold', device=weight.device, dtype=weight.dtype) == 'native':  # one C++ pass
-                return _CombineRows.apply(weight, *tables)
+                return apply_function(_CombineRows, weight, *tables)
             # T per channel pair, then whole rows moved into block order: no transposed copies (slow here: ~4 GB/s)
-            return _RowPermutation.apply(torch.matmul(T, weight.view(-1, T.shape[1], H)).view(-1, H), order, inverse)
+            return apply_function(
+                _RowPermutation, torch.matmul(T, weight.view(-1, T.shape[1], H)).view(-1, H), order, inverse
+            )
 
         # training folds every time, and so do GPUs: a fold is a few kernels there, and a comparison would wait for them
         if (torch.is_grad_enabled() and weight.requires_grad) or weight.device.type != 'cpu':

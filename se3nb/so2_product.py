@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from .backends import choice_epoch, choose, differentiable_backward, register
+from .backends import apply_function, choice_epoch, choose, differentiable_backward, register
 from .extensions import cpu_id, cpu_isa, load_extension, read_tuning, record_tuning
 
 # %% ../nbs/03b_so2_product.ipynb #54434cf0
@@ -447,4 +447,4 @@ def so2_product(
         )
     recorded = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, h_second, weight, *xs))
     backends = _choose_products(h, xs, sizes, h_second is not None, recorded)  # (forward, backward, plan) per m-block
-    return _SO2Product.apply(h, h_second, weight, tuple(sizes), backends, *xs)
+    return apply_function(_SO2Product, h, h_second, weight, tuple(sizes), backends, *xs)
