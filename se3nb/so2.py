@@ -354,14 +354,15 @@ class EdgeFrames:
         invariants: Tensor,  # [E, C_edge_0 + 1]: a reverse edge with equal invariants shares radial weights
         *,
         deferred: bool = False,  # build slots and frames on first use (no-grad inference in blocks needs none)
+        layout: tuple | None = None,  # `_slot_layout(graph, invariants)`, where the caller has it already
     ):
         if invariants.shape[0] != graph.num_edges:
             raise ValueError(f"invariants have {invariants.shape[0]} rows, the graph {graph.num_edges} edges")
         self.max_degree, self.num_edges = max_degree, graph.num_edges
-        self._pending, self.deferred = ((graph, invariants) if deferred else None), deferred  # deferred: not built yet
+        self._pending, self.deferred = ((graph, invariants, layout) if deferred else None), deferred  # not built yet
         self._order = self._order_rows = None  # the last order of `to_edges` and its rows
         if not deferred:
-            self._build(graph, invariants)
+            self._build(graph, invariants, layout)
 
     def __getattr__(self, name: str):  # reached only for attributes not set yet: a deferred layout is built now
         pending = self.__dict__.get('_pending')
@@ -370,14 +371,13 @@ class EdgeFrames:
         self._build(*pending)
         return getattr(self, name)
 
-    def _build(self, graph: Graph, invariants: Tensor) -> None:
+    def _build(self, graph: Graph, invariants: Tensor, layout: tuple | None = None) -> None:
         self._pending, self.deferred = None, False
         with torch.autocast(graph.rel_pos.device.type, enabled=False):  # frames stay in full precision under AMP
             # first [P]: the edge whose invariants feed the radial MLP; second [P_pairs]: the partner of each pair;
             # slot_edges [E]: the edge of each row; position [E]: the row of each edge
-            self.first, self.second, self.slot_edges, self.position, self.num_pairs, self.num_zero = _slot_layout(
-                graph, invariants
-            )  # pair slots first, zero-length slots last
+            layout = _slot_layout(graph, invariants) if layout is None else layout  # pair slots first, zero-length last
+            self.first, self.second, self.slot_edges, self.position, self.num_pairs, self.num_zero = layout
             self.num_slots = self.first.shape[0]
             self.src = graph.src[self.slot_edges]  # [E]
             self.D_in, self.D_out = _frames_of_rows(graph.rel_pos, self.slot_edges, self.max_degree)  # row order

@@ -17,7 +17,7 @@ from .graph import DestinationCSR, Graph
 from .conv import TFNConv, _add_self_interaction, _source_inputs
 from .backends import choose, register
 from .extensions import load_extension
-from .so2 import EdgeFrames, SO2Plan, _edge_rows, _permuted_rows, edge_rotations
+from .so2 import EdgeFrames, SO2Plan, _edge_rows, _permuted_rows, _slot_layout, edge_rotations
 from se3nb.frame_rotation import (
     _autocast_enabled,
     frame_rotation,
@@ -188,7 +188,7 @@ class SO2Conv(TFNConv):
         groups: list[tuple[tuple[int, ...], tuple[int, ...]]],  # unused: every group works from the frames
     ) -> EdgeFrames:
         "Edge frames and slots, once per forward pass for all layers (built on first use for inference in blocks)."
-        return EdgeFrames(graph, max_degree, invariants, deferred=_runs_in_blocks(graph, invariants))
+        return EdgeFrames(graph, max_degree, invariants, **_runs_in_blocks(graph, invariants))
 
     def forward(
         self,
@@ -266,12 +266,14 @@ def _no_grad_plain(x: Tensor) -> bool:  # gradients off and no autocast: the onl
 def _runs_in_blocks(
     graph: Graph,
     invariants: Tensor,  # [E, C_edge_0 + 1]
-) -> bool:
+) -> dict:  # EdgeFrames' `deferred` and `layout` (the slot layout, where it was made to decide)
     "Whether this forward runs in blocks: no grad, no autocast, and `choose('so2_inference')` gives `native`."
     if not _no_grad_plain(invariants):
-        return False
-    faster = _mostly_unpaired(graph, invariants)  # the automatic choice; an explicit request runs blocks regardless
-    return choose('so2_inference', device=invariants.device, dtype=invariants.dtype, faster=faster) == 'native'
+        return dict(deferred=False, layout=None)
+    layout = _slot_layout(graph, invariants)  # the frames take it over unless the blocks run (they need none)
+    faster = _mostly_unpaired(graph, invariants, layout)  # the automatic choice; a request runs blocks regardless
+    blocks = choose('so2_inference', device=invariants.device, dtype=invariants.dtype, faster=faster) == 'native'
+    return dict(deferred=blocks, layout=layout)
 
 
 def _destination_blocks(
@@ -293,21 +295,11 @@ def _block_csr(csr: DestinationCSR, n0: int, n1: int) -> DestinationCSR:  # the 
 def _mostly_unpaired(
     graph: Graph,
     invariants: Tensor,  # [E, C_edge_0 + 1]
-    samples: int = 64,
+    layout: tuple | None = None,  # `_slot_layout(graph, invariants)`, if made already
 ) -> bool:
-    "Whether most of up to `samples` evenly spread edges have no reverse edge with equal invariants (a few ms at most)."
-    E = graph.num_edges
-    ids = torch.linspace(0, E - 1, min(E, samples), device=invariants.device).long().unique()  # [S]
-    csr = graph.csr
-    counts = csr.in_degree[graph.src[ids]]  # candidates: the edges into each sampled edge's source
-    owner = torch.repeat_interleave(torch.arange(len(ids), device=ids.device), counts)  # [C] sample of each candidate
-    first = torch.repeat_interleave(csr.offsets[graph.src[ids]] - (counts.cumsum(0) - counts), counts)
-    candidates = csr.edge_order[first + torch.arange(len(owner), device=ids.device)]  # [C] edge ids
-    reverse = (graph.src[candidates] == graph.dst[ids][owner]) & (candidates != ids[owner])
-    candidates, owner = candidates[reverse], owner[reverse]  # [R] the reverse edges (about one per sample)
-    equal = (invariants[candidates] == invariants[ids[owner]]).all(-1)  # [R]
-    paired = torch.zeros(len(ids), dtype=torch.bool, device=ids.device).index_fill_(0, owner[equal], True)  # [S]
-    return len(ids) > 0 and bool(paired.float().mean() < 0.5)  # no edges: the torch path
+    "Whether fewer than half of the edges share a slot with a reverse edge of equal invariants (no edges: False)."
+    num_pairs = (_slot_layout(graph, invariants) if layout is None else layout)[4]
+    return 4 * num_pairs < graph.num_edges
 
 # %% ../nbs/04b_so2_conv.ipynb #b30ac55c
 def _radial_tensors(radial: nn.Module) -> tuple[list[Tensor], float]:  # W1, b1, g1, beta1, W2, b2, g2, beta2; eps

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import se3nb.segment_attention as sa
+import se3nb.so2 as so2
 import se3nb.so2_conv as so2_conv
 from se3nb.backends import choose, override
 from se3nb.fiber import Fiber
@@ -224,3 +225,30 @@ def test_geometry_decides_the_blocks_once_per_forward():
         with override(so2_inference='native'):  # asked for: blocks even where edges pair
             assert so2_conv.SO2Conv.geometry(graph, paired, 1, []).deferred
     assert not so2_conv.SO2Conv.geometry(graph, unpaired, 1, []).deferred  # gradients on: never blocks
+
+
+def test_the_slot_layout_that_decides_is_the_one_the_frames_keep(monkeypatch):
+    "No-grad geometry makes the slot layout once: it counts the pairs for the choice, and the frames take it over."
+    torch.manual_seed(0)
+    graph = full_graph(torch.cumsum(torch.randn(1, 30, 3), 1), torch.arange(30)[None])[0]
+    paired = graph.rel_pos.norm(dim=-1, keepdim=True)
+    real, made = so2._slot_layout, {'to decide': 0, 'in the frames': 0}
+
+    def counted(where):
+        def layout(*args):
+            made[where] += 1
+            return real(*args)
+
+        return layout
+
+    monkeypatch.setattr(so2_conv, '_slot_layout', counted('to decide'))
+    monkeypatch.setattr(so2, '_slot_layout', counted('in the frames'))
+    with torch.no_grad():
+        frames = so2_conv.SO2Conv.geometry(graph, paired, 2, [])
+    assert not frames.deferred and made == {'to decide': 1, 'in the frames': 0}
+    fresh = so2.EdgeFrames(graph, 2, paired)  # made anew: the same slots and frames
+    assert made['in the frames'] == 1 and (frames.num_pairs, frames.num_zero) == (fresh.num_pairs, fresh.num_zero)
+    assert frames.num_pairs == graph.num_edges // 2
+    for name in ('first', 'second', 'slot_edges', 'position', 'src'):
+        assert torch.equal(getattr(frames, name), getattr(fresh, name)), name
+    assert all(torch.equal(a, b) for a, b in zip(frames.D_in + frames.D_out, fresh.D_in + fresh.D_out))
