@@ -18,7 +18,7 @@ from .extensions import cpu_isa, load_extension
 from .fiber import Fiber, degree_to_dim
 from .basis import Bases, num_frequencies
 from .graph import Graph
-from .frame_rotation import _GatherRows, _autocast_enabled
+from .frame_rotation import _GatherRows, _autocast_enabled, _full_precision
 from .channel_mix import EquivariantLinear, channel_mix, channel_mixes  # noqa: F401 (importable from here too)
 
 # %% ../nbs/04_conv.ipynb #15dafed4
@@ -226,7 +226,7 @@ def radial_kernel_product(
 ) -> Tensor:  # [E, K, C_out]
     "Messages $y = R\\,T$ with per-edge radial weights $R = h\\Theta^\\top$ built block by block and never stored."
     dtype = tmp_t.dtype  # under autocast: the low-precision dtype the basis product ran in
-    with torch.autocast(tmp_t.device.type, enabled=False):
+    with _full_precision(tmp_t.device.type):
         return apply_function(_RadialKernelProduct, h.to(dtype), weight.to(dtype), tmp_t)
 
 # %% ../nbs/04_conv.ipynb #726bd681

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from .backends import apply_function, choose, cpu_float32_or_float64, differentiable_backward, register
 from .extensions import cpu_isa, load_extension
 from .fiber import Fiber
+from .frame_rotation import _full_precision
 from .graph import Graph, graph_max_pool, graph_mean_pool
 
 # %% ../nbs/06_norm.ipynb #00c68acd
@@ -122,7 +123,7 @@ class NormNonlinearity(nn.Module):
             ys = _native_norm_nonlinearity(gamma.to(xs[0].dtype), beta.to(xs[0].dtype), eps, xs)
             return dict(zip(self.fiber.degrees, ys))
         dtype = torch.promote_types(xs[0].dtype, torch.float32)  # norms in float32 under autocast
-        with torch.autocast(xs[0].device.type, enabled=False):
+        with _full_precision(xs[0].device.type):
             norms = [x.to(dtype).norm(dim=-1).clamp(min=NORM_CLAMP) for x in xs]  # [N, C_l]
             new_norms = [self.nonlinearity(n) for n in self._normalize(norms)]  # [N, C_l]
         return {

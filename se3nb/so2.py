@@ -16,7 +16,7 @@ from .basis import _step_coupling, kernel_basis, spherical_harmonics, wigner_D
 from .graph import Graph
 from .backends import apply_function, choose, cpu_float32_or_float64, register
 from .extensions import cpu_isa, load_extension
-from .frame_rotation import _RowPermutation
+from .frame_rotation import _RowPermutation, _full_precision
 from .so2_product import _native_so2
 
 # %% ../nbs/04a_so2.ipynb #f97125ed
@@ -373,7 +373,7 @@ class EdgeFrames:
 
     def _build(self, graph: Graph, invariants: Tensor, layout: tuple | None = None) -> None:
         self._pending, self.deferred = None, False
-        with torch.autocast(graph.rel_pos.device.type, enabled=False):  # frames stay in full precision under AMP
+        with _full_precision(graph.rel_pos.device.type):  # frames stay in full precision under AMP
             # first [P]: the edge whose invariants feed the radial MLP; second [P_pairs]: the partner of each pair;
             # slot_edges [E]: the edge of each row; position [E]: the row of each edge
             layout = _slot_layout(graph, invariants) if layout is None else layout  # pair slots first, zero-length last

@@ -20,6 +20,7 @@ from .extensions import load_extension
 from .so2 import EdgeFrames, SO2Plan, _edge_rows, _permuted_rows, _slot_layout, edge_rotations
 from se3nb.frame_rotation import (
     _autocast_enabled,
+    _full_precision,
     frame_rotation,
     frame_rotation_blocks_to_columns,
     frame_rotation_into_blocks,
@@ -123,7 +124,7 @@ def so2_messages(
         # the groups' rows by `split`: its backward is one `cat`, a slice's fills zeros first (a lone group: no split)
         x_parts = [_split_rows(x, [rows * slots for _, slots, rows, _ in groups]) for x in xs]
         h_parts = _split_rows(h, [slots for _, slots, _, _ in groups])
-        with torch.autocast(h.device.type, enabled=False):
+        with _full_precision(h.device.type):
             for k, (_, slots, rows, zero_length) in enumerate(groups):  # pairs: 2 rows per slot; others: 1
                 ys = so2_product(
                     h_parts[k],

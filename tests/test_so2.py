@@ -306,6 +306,18 @@ def test_bf16_autocast_keeps_float32_sums_and_stays_close():
     assert all((out[l].float() - ref[l]).abs().max() < 0.05 * ref[l].abs().max() for l in ref)
 
 
+def test_full_precision_switches_autocast_off_inside_only_where_it_is_on():
+    from se3nb.frame_rotation import _autocast_enabled, _full_precision
+
+    a = torch.randn(4, 4)
+    with _full_precision('cpu'):  # autocast off already: nothing to switch
+        assert not _autocast_enabled('cpu') and torch.mm(a, a).dtype == torch.float32
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        with _full_precision('cpu'):
+            assert not _autocast_enabled('cpu') and torch.mm(a, a).dtype == torch.float32
+        assert _autocast_enabled('cpu') and torch.mm(a, a).dtype == torch.bfloat16
+
+
 def test_wrong_geometry_gives_clear_error():
     fin, fout = Fiber({0: 2, 1: 2}), Fiber({0: 2})
     conv = SO2Conv(fin, fout)
