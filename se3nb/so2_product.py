@@ -40,9 +40,7 @@ def _slots_per_block(P: int, width: int, like: Tensor) -> int:
     return max(1, min(P, budget // max(width, 1)))
 
 
-def _blocks(
-    sizes: tuple[int, ...],
-) -> list[tuple[int, int]]:  # (offset, size) of each m-block in the rows of the weight
+def _blocks(sizes: tuple[int, ...]) -> list[tuple[int, int]]:  # (offset, size) of each m-block in the weight's rows
     return [(sum(sizes[:i]), n) for i, n in enumerate(sizes)]
 
 # %% ../nbs/03b_so2_product.ipynb #d0c457fd
@@ -148,6 +146,8 @@ def _kept_theta(weight: Tensor, off: int, O: int, I: int, transposed: bool = Fal
 
 # %% ../nbs/03b_so2_product.ipynb #6dc1ecf3
 _TUNE_SLOTS = 256  # slots of the synthetic m-block the candidates are timed on
+_MODEL_SLOTS = 1024  # slots of a model's product (QM9 batches of 64: 700-1,200; RFdiffusion's graphs: thousands)
+_PLAN_VERSION = 2  # 2: the training forward judged at _MODEL_SLOTS; plans of another version are measured again
 
 
 def _timings(candidates: dict, rounds: int = 4) -> dict:  # {key: the best CPU seconds of its calls}
@@ -191,8 +191,9 @@ def _tune(native, R: int, O: int, I: int, H: int, split: bool) -> dict:  # the f
     times = _timings({key: lambda a=a, k=key: native.so2_forward_planned(h, *a, k[2]) for key, a in forward.items()})
     fwd = min(times, key=times.get)  # inference
     normal = min((key for key in times if not key[2]), key=times.get)
-    retransposed = _fastest({0: lambda: _theta(w, O, I)})[1] if fwd[2] else 0  # training: backward builds [O, H, I']
-    trained = fwd if times[fwd] + retransposed < times[normal] else normal
+    # training: backward builds [O, H, I'] too, one more copy per call, which (unlike the gain) does not grow with P
+    copy = _fastest({0: lambda: _theta(w, O, I)})[1] if fwd[2] else 0
+    trained = fwd if (times[normal] - times[fwd]) * _MODEL_SLOTS / P > copy else normal
     gx, gx_s = _fastest(
         {(v, t): lambda v=v, t=t: native.so2_grad_x(h, theta, gy, v, t, 64) for v in variants for t in {8, 16, O}}
     )
@@ -207,6 +208,7 @@ def _tune(native, R: int, O: int, I: int, H: int, split: bool) -> dict:  # the f
     )
     ms = {'forward': [times[fwd], torch_s['forward']], 'backward': [gx_s + gw_s + gh_s, torch_s['backward']]}
     return {
+        'version': _PLAN_VERSION,
         'forward': list(fwd),  # (variant, tile, transposed)
         'forward_trained': list(trained),  # when backward follows
         'grad_x': list(gx),
@@ -222,7 +224,7 @@ _PLANS: dict[str, dict] = {}  # tuning key -> plan, in this process
 def _plan(native, R: int, O: int, I: int, H: int, split: bool) -> dict:  # the measured plan of one block shape
     key = f"{native.isa()} R={R} O={O} I={I} H={H} split={int(split)}"
     plan = _PLANS.get(key) or read_tuning(native).get(key)
-    if plan is None or 'forward_trained' not in plan:  # never measured, or before the transposed forward existed
+    if plan is None or plan.get('version') != _PLAN_VERSION:  # never measured, or by other rules
         shape = f"R={R} O={O} I={I} H={H}"
         print(f"se3nb: timing the SO(2) kernels against torch for {shape} (once per CPU)", file=sys.stderr, flush=True)
         with _one_thread():
@@ -306,11 +308,8 @@ def _backward_native(
     hc, xc = h.contiguous(), _pad_inputs(x)  # [P, H], [P, R, I']: I' = _padded(I), zero columns appended
     gx = native.so2_grad_x(hc, theta, gy, *plan['grad_x'], 64)[..., :I]  # [P, R, I]
     if need_h:  # the kernel adds to the previous blocks' sum: no zero fill, no separate addition
-        w3 = (
-            w.view(O, I, H)
-            if xc.shape[2] == I
-            else torch.nn.functional.pad(w.view(O, I, H), (0, 0, 0, xc.shape[2] - I))
-        )
+        w3 = w.view(O, I, H)  # [O, I', H], zero rows appended where the inputs were padded
+        w3 = w3 if xc.shape[2] == I else torch.nn.functional.pad(w3, (0, 0, 0, xc.shape[2] - I))
         grad_h = native.so2_grad_h(w3, xc, gy, split, plan['grad_h'], grad_h, grad_h is not None)
     if grad_w is not None and xc.shape[2] == I:  # straight into the weight's own layout [O*I, H]
         native.so2_grad_w(hc, xc, gy, plan['grad_w'], grad_w.view(O, I, H))

@@ -596,9 +596,9 @@ def test_the_automatic_choice_follows_the_measurements_per_shape_and_requests_do
     "Where torch's products measured faster for a block shape, they run it, unless the kernels are asked for."
     h, x = torch.zeros(3, 32), torch.zeros(3, 2, 64)  # R=2, O=4, I=64, H=32
     plan = sp._plan(sp._native_so2()[0], 2, 4, 64, 32, False)  # measured (or read from the record)
-    assert set(plan) == {'forward', 'forward_trained', 'grad_x', 'grad_w', 'grad_h', 'ms'} and plan['forward'][
-        0
-    ] in range(sp._native_so2()[0].variants())
+    assert set(plan) == {'version', 'forward', 'forward_trained', 'grad_x', 'grad_w', 'grad_h', 'ms'} and plan[
+        'forward'
+    ][0] in range(sp._native_so2()[0].variants())
     assert all(ms > 0 for pair in plan['ms'].values() for ms in pair)
     key = next(k for k, v in sp._PLANS.items() if v is plan)
     assert key == f"{isa} R=2 O=4 I=64 H=32 split=0"
@@ -633,8 +633,9 @@ def test_measured_parameters_are_recorded_beside_the_extension(tmp_path, isa):
     assert extensions.read_tuning(fake) == {}
 
 
-def test_a_plan_recorded_before_the_transposed_forward_is_measured_again(isa, monkeypatch):
-    "Plans whose forward has no `transposed` entry (older records) are timed anew, the transposed forward included."
+@pytest.mark.parametrize('trained', [False, True])
+def test_a_plan_recorded_by_older_rules_is_measured_again(isa, monkeypatch, trained):
+    "Plans of older records (before the transposed forward, or judging the training forward at 256 slots) are redone."
     key, native = f"{isa} R=4 O=16 I=32 H=32 split=0", sp._native_so2()[0]
     saved = sp._PLANS.pop(key, None)
     old = {
@@ -644,6 +645,8 @@ def test_a_plan_recorded_before_the_transposed_forward_is_measured_again(isa, mo
         'grad_h': 8,
         'ms': {'forward': [1, 2], 'backward': [1, 2]},
     }
+    if trained:  # recorded with the transposed forward, its training forward judged at 256 slots (no version)
+        old = {**old, 'forward': [0, 4, 0], 'forward_trained': [0, 4, 0]}
     monkeypatch.setattr(sp, 'read_tuning', lambda module: {key: old})
     monkeypatch.setattr(sp, 'record_tuning', lambda module, entries: None)
     try:
@@ -652,6 +655,7 @@ def test_a_plan_recorded_before_the_transposed_forward_is_measured_again(isa, mo
             plan is not old
             and len(plan['forward']) == len(plan['forward_trained']) == 3
             and plan['forward'][2] in (0, 1)
+            and plan['version'] == sp._PLAN_VERSION
         )
         assert plan['forward'][0] in range(native.variants()) and plan['ms']['forward'][0] != 1
     finally:
