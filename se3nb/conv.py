@@ -42,17 +42,14 @@ class _NativeRadialHidden(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, norm: bool, eps: float, *weights: Tensor) -> Tensor:  # x [P, K] -> [P, M]
-        W1, b1, g1, s1, W2, b2, g2, s2 = weights
-        params = [W1, W1.t().contiguous(), b1, g1, s1, W2, W2.t().contiguous(), b2, g2, s2]
-        ctx.save_for_backward(x, *params)
+        ctx.save_for_backward(x, *weights)  # W1, b1, g1, s1, W2, b2, g2, s2 (C++ transposes W1 and W2 for itself)
         ctx.norm, ctx.eps = norm, eps
-        return _native_radial()[0].radial_hidden_forward(x, params, norm, eps)
+        return _native_radial()[0].radial_hidden_forward(x, list(weights), norm, eps)
 
     @staticmethod
     def backward(ctx, grad_h: Tensor):
-        x, *params = ctx.saved_tensors
+        x, *weights = ctx.saved_tensors  # W1, b1, g1, s1, W2, b2, g2, s2
         if torch.is_grad_enabled():  # create_graph=True (e.g. training on forces): torch's operations, recorded
-            weights = [params[i] for i in (0, 2, 3, 4, 5, 7, 8, 9)]  # W1, b1, g1, s1, W2, b2, g2, s2
             needs = list(ctx.needs_input_grad[3:])
             if not ctx.norm:  # the norms' places hold the biases again: their gradients come once, as the biases'
                 needs[2:4] = needs[6:8] = False, False
@@ -65,7 +62,7 @@ class _NativeRadialHidden(torch.autograd.Function):
             return grads[0], None, None, *grads[1:]
         need_x = ctx.needs_input_grad[0]
         grad_x, *grads = _native_radial()[0].radial_hidden_backward(
-            x, params, ctx.norm, ctx.eps, grad_h.contiguous(), need_x
+            x, weights, ctx.norm, ctx.eps, grad_h.contiguous(), need_x
         )
         if not ctx.norm:  # the layer norms' places held the biases: no gradient of their own
             grads[2:4] = grads[6:8] = None, None
