@@ -376,6 +376,14 @@ def apply_function(
     *args,
 ):
     "`function.apply(*args)`; with gradients off, its forward alone (autograd's wrapper: ~10 us a call)."
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if torch.is_grad_enabled() or _compiling():
         return function.apply(*args)
     return function.forward(_Unrecorded(), *args)
+
+
+def _compiling() -> bool:  # torch.compiler's check (torch >= 2.3); dynamo's on torch 2.2, the legacy CI leg's
+    if hasattr(torch.compiler, 'is_compiling'):
+        return torch.compiler.is_compiling()
+    from torch import _dynamo
+
+    return _dynamo.is_compiling()
