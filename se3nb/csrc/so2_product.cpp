@@ -43,6 +43,7 @@ static inline void vstore(float* p, vec v) { _mm512_storeu_ps(p, v); }
 static inline vec vset1(float x) { return _mm512_set1_ps(x); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
 static inline vec vadd(vec a, vec b) { return _mm512_add_ps(a, b); }
+static inline vec vmul(vec a, vec b) { return _mm512_mul_ps(a, b); }
 static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
 // the first n < VW floats only (masked: nothing past them is read or written)
 static inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>((1u << n) - 1); }
@@ -59,6 +60,7 @@ static inline void vstore(float* p, vec v) { _mm256_storeu_ps(p, v); }
 static inline vec vset1(float x) { return _mm256_set1_ps(x); }
 static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vec vadd(vec a, vec b) { return _mm256_add_ps(a, b); }
+static inline vec vmul(vec a, vec b) { return _mm256_mul_ps(a, b); }
 static inline float vsum(vec v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -257,14 +259,52 @@ constexpr int tile_rows(int KV) {
   return budget >= 16 ? 16 : budget >= 12 ? 12 : budget >= 8 ? 8 : budget >= 4 ? 4 : budget >= 2 ? 2 : 1;
 }
 
-// G_p[o, i..] = sum_{r0 <= r < r1} dy[p, r, o] x[p, r, i..] for one o, all I inputs, into g
-static inline void gradient_of_W(const float* x, const float* gy, int64_t R, int64_t O, int64_t I, int64_t p,
-                                 int64_t o, int64_t r0, int64_t r1, float* g) {
-  for (int64_t i = 0; i < I; i += VW) {
-    vec acc = vzero();
-    for (int64_t r = r0; r < r1; ++r) acc = vfma(vset1(gy[(p * R + r) * O + o]), vload(x + (p * R + r) * I + i), acc);
-    vstore(g + i, acc);
+template <typename F>
+static void with_rows(int64_t R, F&& f) {  // R (1..4 rows of a slot) as a compile-time constant
+  switch (R) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{});
   }
+}
+
+// G[o, :] = sum_r dy[r, o] x[r, :] for o0 <= o < o1 into g + (o - o0) * I, over R rows of one slot (or of one edge
+// of it): x [R, I] and dy [R, O] from the given rows on. T vectors of each row of x stay in registers while the outputs
+// pass (x is read once, not once per output, and each dy value is broadcast once per T vectors).
+template <int R, int T>
+static inline void gradient_rows_tile(const float* x, const float* gy, int64_t O, int64_t I, int64_t o0, int64_t o1,
+                                      int64_t i, float* g) {
+  vec xv[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) xv[r][t] = vload(x + r * I + i + t * VW);
+  for (int64_t o = o0; o < o1; ++o) {
+    vec acc[T];
+    const vec g0 = vset1(gy[o]);
+    for (int t = 0; t < T; ++t) acc[t] = vmul(g0, xv[0][t]);
+    for (int r = 1; r < R; ++r) {
+      const vec gr = vset1(gy[r * O + o]);
+      for (int t = 0; t < T; ++t) acc[t] = vfma(gr, xv[r][t], acc[t]);
+    }
+    for (int t = 0; t < T; ++t) vstore(g + (o - o0) * I + i + t * VW, acc[t]);
+  }
+}
+
+// vectors per row of x in registers: a power of two up to 8 with R * T (x) + T (sums) + 1 (dy) within the registers
+constexpr int gradient_tile(int R) {
+  int t = 8;
+  while (t > 1 && R * t + t + 1 > NREG) t /= 2;
+  return t;
+}
+
+static void gradient_rows(const float* x, const float* gy, int64_t R, int64_t O, int64_t I, int64_t o0, int64_t o1,
+                          float* g) {
+  with_rows(R, [&](auto r) {
+    constexpr int RR = decltype(r)::value, T = gradient_tile(RR);
+    int64_t i = 0;
+    for (; i + T * VW <= I; i += T * VW) gradient_rows_tile<RR, T>(x, gy, O, I, o0, o1, i, g);
+    for (; i < I; i += VW) gradient_rows_tile<RR, 1>(x, gy, O, I, o0, o1, i, g);
+  });
 }
 
 // dw[o, i, :] += sum_p G_p[o, i] h[p, :] over slots p0..p1, G_p[o, i] at G[(p - p0) * g_stride + i]: IB values of i x
@@ -324,8 +364,7 @@ torch::Tensor so2_grad_w(torch::Tensor h, torch::Tensor x, torch::Tensor gy, int
       for (int64_t p0 = 0; p0 < P; p0 += slot_chunk) {
         const int64_t p1 = std::min(P, p0 + slot_chunk);
         for (int64_t p = p0; p < p1; ++p)
-          for (int64_t o = o0; o < o1; ++o)
-            gradient_of_W(xp, gp, R, O, I, p, o, 0, R, G.data() + ((p - p0) * no + (o - o0)) * I);
+          gradient_rows(xp + p * R * I, gp + p * R * O, R, O, I, o0, o1, G.data() + (p - p0) * no * I);
         for (int64_t o = o0; o < o1; ++o)
           grad_w_rows<KV>(hp, G.data() + (o - o0) * I, no * I, wp + o * I * K, K, I, p0, p1, p0 == 0);
       }
@@ -335,40 +374,45 @@ torch::Tensor so2_grad_w(torch::Tensor h, torch::Tensor x, torch::Tensor gy, int
 }
 
 // dh[u, :] (+)= sum_{o0 <= o < o1} sum_i G_u[o, i] w[o, i, :] for UA units (a slot, or one edge's rows of a slot):
-// UA x KV accumulators; each vector of w loaded once for all UA units. The sum over i of one o is added to dh before
-// the next o (a sum of I terms, then of O partial sums: float32 rounding as small as torch's products have it).
+// UA x KV accumulators; each vector of w loaded once for all UA units. G of all units is built first for OS outputs at a
+// time (gradient_rows, into a buffer of at most ~40 KB, L1-sized), the sums read it back one value at a time: built per
+// output and input vector instead, it cost 10-40 % of the kernel (AMD Zen 5). The sum over i of one o is added to dh
+// before the next o (a sum of I terms, then of O partial sums: float32 rounding as small as torch's products have it).
 template <int KV, int UA>
 static void grad_h_units(const float* w, const float* x, const float* gy, float* dh, int64_t R, int64_t K, int64_t O,
                          int64_t I, int64_t o0, int64_t o1, const int64_t* slot, const int64_t* r0, const int64_t* r1,
                          bool first) {
-  alignas(64) float g[UA][VW];  // G_u[o, i..i+VW) of each unit, read back one value at a time
-  for (int64_t o = o0; o < o1; ++o) {
-    vec acc[UA][KV];
+  int64_t OS = 16;  // outputs per pass of G: 16, 8 or 4, as many as fit
+  while (OS > 4 && UA * OS * I * 4 > 40 * 1024) OS /= 2;
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < static_cast<size_t>(UA * OS * I)) buffer.resize(UA * OS * I);
+  float* G = buffer.data();  // [UA, OS, I]
+  for (int64_t os = o0; os < o1; os += OS) {
+    const int64_t os1 = std::min(o1, os + OS);
     for (int u = 0; u < UA; ++u)
-      for (int v = 0; v < KV; ++v) acc[u][v] = vzero();
-    for (int64_t i = 0; i < I; i += VW) {
-      for (int u = 0; u < UA; ++u) {
-        vec a = vzero();
-        for (int64_t r = r0[u]; r < r1[u]; ++r)
-          a = vfma(vset1(gy[(slot[u] * R + r) * O + o]), vload(x + (slot[u] * R + r) * I + i), a);
-        vstore(g[u], a);
-      }
-      const float* wo = w + (o * I + i) * K;
-      for (int j = 0; j < VW; ++j) {
+      gradient_rows(x + (slot[u] * R + r0[u]) * I, gy + (slot[u] * R + r0[u]) * O, r1[u] - r0[u], O, I, os, os1,
+                    G + u * OS * I);
+    for (int64_t o = os; o < os1; ++o) {
+      vec acc[UA][KV];
+      for (int u = 0; u < UA; ++u)
+        for (int v = 0; v < KV; ++v) acc[u][v] = vzero();
+      const float* wo = w + o * I * K;
+      const float* go = G + (o - os) * I;
+      for (int64_t i = 0; i < I; ++i) {
         vec wv[KV];
-        for (int v = 0; v < KV; ++v) wv[v] = vload(wo + j * K + v * VW);
+        for (int v = 0; v < KV; ++v) wv[v] = vload(wo + i * K + v * VW);
         for (int u = 0; u < UA; ++u) {
-          const vec gu = vset1(g[u][j]);
+          const vec gu = vset1(go[u * OS * I + i]);
           for (int v = 0; v < KV; ++v) acc[u][v] = vfma(gu, wv[v], acc[u][v]);
         }
       }
+      const bool fresh = first && o == o0;
+      for (int u = 0; u < UA; ++u)
+        for (int v = 0; v < KV; ++v) {
+          float* d = dh + u * K + v * VW;
+          vstore(d, fresh ? acc[u][v] : vadd(vload(d), acc[u][v]));
+        }
     }
-    const bool fresh = first && o == o0;
-    for (int u = 0; u < UA; ++u)
-      for (int v = 0; v < KV; ++v) {
-        float* d = dh + u * K + v * VW;
-        vstore(d, fresh ? acc[u][v] : vadd(vload(d), acc[u][v]));
-      }
   }
   if (o0 >= o1 && first)
     for (int u = 0; u < UA; ++u)
