@@ -374,16 +374,16 @@ torch::Tensor so2_grad_w(torch::Tensor h, torch::Tensor x, torch::Tensor gy, int
 }
 
 // dh[u, :] (+)= sum_{o0 <= o < o1} sum_i G_u[o, i] w[o, i, :] for UA units (a slot, or one edge's rows of a slot):
-// UA x KV accumulators; each vector of w loaded once for all UA units. G of all units is built first for OS outputs
-// at a time (gradient_rows, into a buffer of at most ~40 KB, L1-sized), the sums read it back one value at a time:
-// built per output and input vector instead, it cost 10-40 % of the kernel (AMD Zen 5). The sum over i of one o is
-// added to dh before the next o (a sum of I terms, then of O partial sums: float32 rounding as small as torch's
-// products have it).
+// UA x KV accumulators; each vector of w loaded once for all UA units. G of all units is built first for OS = 16, 8
+// or 4 outputs at a time (gradient_rows; fewer outputs where the buffer would pass ~40 KB, about L1), the sums read it
+// back one value at a time: built per output and input vector instead, it cost 10-40 % of the kernel (AMD Zen 5). The
+// sum over i of one o is added to dh before the next o (a sum of I terms, then of O partial sums: float32 rounding as
+// small as torch's products have it).
 template <int KV, int UA>
 static void grad_h_units(const float* w, const float* x, const float* gy, float* dh, int64_t R, int64_t K, int64_t O,
                          int64_t I, int64_t o0, int64_t o1, const int64_t* slot, const int64_t* r0, const int64_t* r1,
                          bool first) {
-  int64_t OS = 16;  // outputs per pass of G: 16, 8 or 4, as many as fit
+  int64_t OS = 16;  // outputs per pass of G
   while (OS > 4 && UA * OS * I * 4 > 40 * 1024) OS /= 2;
   thread_local std::vector<float> buffer;
   if (buffer.size() < static_cast<size_t>(UA * OS * I)) buffer.resize(UA * OS * I);
