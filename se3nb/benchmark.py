@@ -240,9 +240,19 @@ STAGES = {
     'radial_mlp': ['se3nb.conv:RadialProfile.hidden', 'se3nb.conv:RadialProfile.forward'],
     'kernel': ['se3nb.conv:TFNConv.messages', 'se3nb.so2_conv:so2_messages', 'se3nb.so2_conv:_fused_messages'],
     'aggregation': ['se3nb.graph:DestinationCSR.sum'],
-    'attention': ['se3nb.attention:SE3Attention.forward'],
+    'attention': [
+        'se3nb.attention:SE3Attention.forward',
+        'se3nb.attention:_attend_in_heads',
+        'se3nb.attention:_attend_in_blocks',
+        'se3nb.attention:segment_attention',
+    ],
     'norm': ['se3nb.norm:NormNonlinearity.forward'],
-}  # stage -> the callables ('module:qualified.name') whose calls it times
+    'channel_mix': [  # self-interaction, queries and projections; so2_conv calls its own import of the first
+        'se3nb.conv:_add_self_interaction',
+        'se3nb.so2_conv:_add_self_interaction',
+        'se3nb.channel_mix:EquivariantLinear.forward',
+    ],
+}  # stage -> the callables ('module:qualified.name') whose calls it times (a module's own name of a function)
 
 
 def _scoped(function, scope: str):
@@ -279,7 +289,17 @@ def stage_scopes(stages: dict[str, list[str]] = STAGES):
             setattr(owner, name, original)
 
 # %% ../nbs/10_benchmark.ipynb #379cbbc1e968416e875cc15c1202d7eb
-_BACKWARD_STAGES = [
+_BACKWARD_STAGES = [  # (part of an autograd node's name, its stage); the first match counts
+    ('SegmentAttention', 'attention'),  # se3nb's own autograd Functions: the C++ and Triton passes
+    ('KeyValueViews', 'attention'),
+    ('RadialHidden', 'radial_mlp'),
+    ('NormNonlinearity', 'norm'),
+    ('ChannelMix', 'channel_mix'),
+    ('CombineRows', 'kernel'),
+    ('FrameRotation', 'kernel'),
+    ('BlocksToColumns', 'kernel'),
+    ('GatherRows', 'kernel'),
+    ('RowPermutation', 'kernel'),
     ('SO2Product', 'kernel'),
     ('SparseFold', 'radial_mlp'),
     ('RadialKernelProduct', 'kernel'),

@@ -8,7 +8,9 @@ from se3nb.benchmark import (
     STAGES,
     Case,
     loglog_slope,
+    _stage_of,
     machine_info,
+    profile_training_step,
     random_molecule_batch,
     run_case,
     run_case_in_subprocess,
@@ -81,10 +83,46 @@ def test_stage_scopes_wrap_every_stage_and_restore_the_model():
         assert SE3Attention.forward is not forward
         assert isinstance(TFNConv.__dict__['geometry'], staticmethod) and TFNConv.__dict__['geometry'] is not geometry
     assert SE3Attention.forward is forward and TFNConv.__dict__['geometry'] is geometry
-    assert set(STAGES) == {'geometry', 'radial_mlp', 'kernel', 'aggregation', 'attention', 'norm'}
+    assert set(STAGES) == {'geometry', 'radial_mlp', 'kernel', 'aggregation', 'attention', 'norm', 'channel_mix'}
 
 
 def test_stage_scopes_name_a_missing_target():
     with pytest.raises(LookupError, match="stage 'kernel': se3nb.conv:TFNConv.no_such_method"):
         with stage_scopes({'kernel': ['se3nb.conv:TFNConv.no_such_method']}):
             pass
+
+
+def _autograd_functions() -> list[type]:  # every torch.autograd.Function that se3nb's modules define
+    import importlib
+    import pkgutil
+
+    import torch
+
+    import se3nb
+
+    for module in pkgutil.iter_modules(se3nb.__path__):
+        try:
+            importlib.import_module(f"se3nb.{module.name}")
+        except ImportError:  # an optional dependency this environment lacks
+            pass
+    found, todo = [], [torch.autograd.Function]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            todo.append(sub)
+            found += [sub] if sub.__module__.startswith("se3nb.") else []
+    return sorted(set(found), key=lambda f: f"{f.__module__}.{f.__name__}")
+
+
+def test_every_autograd_function_of_se3nb_has_a_backward_stage():
+    """The C++ and Triton passes are autograd Functions; without a rule in `_BACKWARD_STAGES` their backward counts as
+    'other backward' and the stage profile hides where the time goes."""
+    functions = _autograd_functions()
+    assert len(functions) >= 10, [f.__name__ for f in functions]
+    for function in functions:
+        stage = _stage_of([f"autograd::engine::evaluate_function: {function.__name__}Backward"])
+        assert stage in STAGES, f"{function.__module__}.{function.__name__}: backward counted as {stage!r}"
+
+
+def test_stage_profile_of_a_training_step_names_attention_and_channel_mixing():
+    prof = profile_training_step(Case(batch_size=2, num_layers=1, num_degrees=2, num_channels=4, threads=1))
+    assert prof["attention"] > 0 and prof["channel_mix"] > 0 and prof["kernel"] > 0, prof
