@@ -124,6 +124,6 @@ def test_every_autograd_function_of_se3nb_has_a_backward_stage():
 
 
 def test_stage_profile_of_a_training_step_names_attention_and_channel_mixing():
-    case = Case(batch_size=2, num_layers=1, num_degrees=2, num_channels=4)  # threads=None: torch's setting stays as it is
+    case = Case(batch_size=2, num_layers=1, num_degrees=2, num_channels=4)  # threads=None: torch's threads unchanged
     prof = profile_training_step(case)
     assert prof["attention"] > 0 and prof["channel_mix"] > 0 and prof["kernel"] > 0, prof
